@@ -1,0 +1,49 @@
+"""Exception types of dinov3-geo.
+
+Every expected failure is a :class:`DinoGeoError` carrying the file (or option) it concerns and the
+cause in words, so the command line can print one line ``error: <file>: <problem>`` and exit.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class DinoGeoError(Exception):
+    """Base of all expected failures: ``where`` names the file or option, ``problem`` the cause."""
+
+    exit_code = 1
+
+    def __init__(self, where: Optional[os.PathLike | str], problem: str):
+        self.where = None if where is None else str(where)
+        self.problem = problem
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}" if self.where else self.problem
+
+
+class UsageError(DinoGeoError):
+    """A wrong option or argument (exit code 2)."""
+
+    exit_code = 2
+
+
+class InputError(DinoGeoError):
+    """An input raster that cannot be read or used."""
+
+
+class WeightsError(DinoGeoError):
+    """A checkpoint that is missing, damaged, unsafe or of another model."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """No weights were found locally and downloading is not allowed."""
+
+
+class OutputError(DinoGeoError):
+    """An output that cannot be written (folder missing, read-only, exists, is the input)."""
+
+
+class DeviceError(DinoGeoError):
+    """The requested device is not available."""

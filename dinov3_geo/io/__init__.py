@@ -1,0 +1,1 @@
+"""Reading scenes, cutting chips, stitching and writing results."""

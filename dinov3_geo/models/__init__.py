@@ -1,0 +1,1 @@
+"""Backbones, weight loading and heads."""

@@ -1,0 +1,1 @@
+"""Task heads on top of the backbone features."""
