@@ -1,0 +1,298 @@
+"""Opening a scene: band choice, global scaling to 0..1, validity masks, optional resampling.
+
+A :class:`Scene` describes the *working grid* the model sees (the input grid, or the input
+resampled to ``gsd`` metres) and reads chips from it with :meth:`Scene.read`, from any number of
+threads (each thread gets its own rasterio handle).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from dinov3_geo.errors import InputError, UsageError
+
+MIN_SIZE = 16
+#: Longest side of the decimated read used to estimate the percentile stretch.
+STATS_SIDE = 1024
+PERCENTILES = (2.0, 98.0)
+_ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+
+
+def _short(exc: BaseException) -> str:
+    """One short line from a GDAL/rasterio error (no tracebacks, no walls of text)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def metres_per_degree(lat: float) -> tuple[float, float]:
+    """(metres per degree of longitude, of latitude) on the WGS84 ellipsoid at latitude ``lat``."""
+    phi = math.radians(lat)
+    m_lat = 111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
+    m_lon = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    return m_lon, m_lat
+
+
+def _pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+    """Metres per pixel (x, y) of a grid; ``None`` without a CRS."""
+    px, py = math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+    if crs is None:
+        return None
+    if crs.is_geographic:
+        _, lat = transform * (width / 2, height / 2)
+        m_lon, m_lat = metres_per_degree(max(-89.9, min(89.9, lat)))
+        return px * m_lon, py * m_lat
+    factor = crs.linear_units_factor[1] if crs.linear_units else 1.0
+    return px * factor, py * factor
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A raster grid: what the output must match."""
+
+    crs: Any
+    transform: Affine
+    width: int
+    height: int
+
+    def as_dict(self) -> dict:
+        return {"crs": self.crs, "transform": self.transform, "width": self.width, "height": self.height}
+
+
+def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[int], list[str]]:
+    """1-based band indexes to read (length 1 or 3) and warnings."""
+    count = src.count
+    if bands is not None:
+        bands = [int(b) for b in bands]
+        for b in bands:
+            if b < 1 or b > count:
+                raise UsageError("--bands", f"band {b} does not exist: {where} has {count} band(s)")
+        if len(bands) not in (1, 3):
+            raise UsageError("--bands", f"give 1 or 3 bands, got {len(bands)}")
+        picked = bands
+    else:
+        interp = list(src.colorinterp)
+        rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+        if all(ci in interp for ci in rgb):
+            picked = [interp.index(ci) + 1 for ci in rgb]
+        elif count >= 3:
+            picked = [1, 2, 3]
+        elif count == 1:
+            picked = [1]
+        else:
+            raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
+                                    "choose with bands=[...] (1 or 3 bands)")
+    warnings = []
+    if len(picked) == 1:
+        warnings.append(f"single band {picked[0]} (panchromatic?) repeated to 3 channels")
+    return picked, warnings
+
+
+def _open_dataset(path: str):
+    """rasterio.open with failures turned into one-line :class:`InputError`."""
+    if not str(path).startswith("/vsi") and "://" not in str(path) and not os.path.exists(path):
+        raise InputError(path, "file not found")
+    try:
+        return rasterio.open(path)
+    except RasterioError as exc:
+        raise InputError(path, f"not a readable raster ({_short(exc)})") from None
+
+
+class Scene:
+    """An opened scene on its working grid. Use :func:`open_scene`; close with ``close()`` or ``with``.
+
+    Attributes: ``path``, ``height``, ``width``, ``crs``, ``transform`` (working grid), ``bands``
+    (1-based), ``dtype`` (source), ``pixel_size_m`` (x, y metres per working pixel, ``None`` without
+    CRS), ``input_profile`` (dict: crs, transform, width, height of the input grid), ``warnings``,
+    ``resampled`` (True when ``gsd`` changed the grid), ``scaling`` (per-band (lo, hi) or ``None``).
+    """
+
+    def __init__(self, path, bands: Sequence[int] | None = None,
+                 scale: tuple[float, float] | None = None, gsd: float | None = None):
+        self.path = str(path)
+        self._local = threading.local()
+        self._handles: list = []
+        self._lock = threading.Lock()
+        src = _open_dataset(self.path)
+        try:
+            self._inspect(src, bands, scale, gsd)
+        except BaseException:
+            src.close()
+            raise
+        self._register(src)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _inspect(self, src, bands, scale, gsd) -> None:
+        """Fill every attribute from the open source dataset."""
+        self.dtype = src.dtypes[0]
+        if self.dtype not in _ALLOWED_DTYPES:
+            raise InputError(self.path, f"unsupported data type {self.dtype} (need integer or float)")
+        if src.width < MIN_SIZE or src.height < MIN_SIZE:
+            raise InputError(self.path, f"too small: {src.width} x {src.height} px (need >= {MIN_SIZE})")
+        self.bands, self.warnings = _choose_bands(src, bands, self.path)
+        self.crs = src.crs
+        self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
+        if src.crs is None:
+            self.warnings.append("no georeference (no CRS): outputs carry pixel coordinates only")
+        self._probe(src)
+        self.resampled = gsd is not None
+        self._warp = self._working_grid(src, gsd) if gsd is not None else None
+        grid = self._warp or _Grid(src.crs, src.transform, src.width, src.height)
+        self.transform, self.width, self.height = grid.transform, grid.width, grid.height
+        if self.width < MIN_SIZE or self.height < MIN_SIZE:
+            raise InputError(self.path, f"at gsd={gsd} m the scene is only {self.width} x {self.height} px")
+        self.pixel_size_m = _pixel_size_m(self.crs, self.transform, self.width, self.height)
+        self.scaling = self._scaling(src, scale)
+
+    def _probe(self, src) -> None:
+        """Read the last pixel so that truncated files fail now, not in a reader thread."""
+        try:
+            src.read(self.bands[0], window=Window(src.width - 1, src.height - 1, 1, 1))
+        except RasterioError as exc:
+            raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {_short(exc)})") from None
+
+    def _working_grid(self, src, gsd: float) -> _Grid:
+        """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
+        if gsd is None or not gsd > 0:
+            raise UsageError("--gsd", f"gsd must be a positive number of metres, got {gsd!r}")
+        if src.crs is None:
+            raise UsageError("--gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
+        px, py = _pixel_size_m(src.crs, src.transform, src.width, src.height)
+        width = max(1, round(src.width * px / gsd))
+        height = max(1, round(src.height * py / gsd))
+        transform = src.transform * Affine.scale(src.width / width, src.height / height)
+        return _Grid(src.crs, transform, width, height)
+
+    def _scaling(self, src, scale) -> list[tuple[float, float]] | None:
+        """Per-band (lo, hi) of the global stretch; ``None`` for uint8 sources (divide by 255)."""
+        if scale is not None:
+            lo, hi = (float(v) for v in scale)
+            if not hi > lo:
+                raise UsageError("--scale", f"need MIN < MAX, got {scale!r}")
+            return [(lo, hi)] * len(self.bands)
+        if self.dtype == "uint8":
+            return None
+        return [self._band_percentiles(src, b) for b in self.bands]
+
+    def _band_percentiles(self, src, band: int) -> tuple[float, float]:
+        """2nd and 98th percentile of the valid pixels of ``band``, from overviews or a decimated read."""
+        f = max(1.0, max(src.width, src.height) / STATS_SIDE)
+        shape = (max(1, int(src.height / f)), max(1, int(src.width / f)))
+        try:
+            data = src.read(band, out_shape=shape, resampling=Resampling.nearest).astype(np.float64)
+            mask = src.read_masks(band, out_shape=shape, resampling=Resampling.nearest) > 0
+        except RasterioError as exc:
+            raise InputError(self.path, f"unreadable pixels ({_short(exc)})") from None
+        values = data[mask & np.isfinite(data)]
+        if values.size == 0:
+            raise InputError(self.path, f"band {band} has no valid pixel")
+        lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
+        if not hi > lo:
+            hi = lo + 1.0
+        return lo, hi
+
+    # -- handles --------------------------------------------------------------------------------
+    def _register(self, src) -> None:
+        """Make ``src`` (plus its warped views) this thread's handle."""
+        handle = (src,) + (self._warped(src) if self._warp else ())
+        self._local.handle = handle
+        with self._lock:
+            self._handles.append(handle)
+
+    def _warped(self, src) -> tuple:
+        """(data VRT bilinear, mask VRT nearest) on the working grid."""
+        kw = dict(crs=self._warp.crs, transform=self._warp.transform,
+                  width=self._warp.width, height=self._warp.height)
+        return (WarpedVRT(src, resampling=Resampling.bilinear, **kw),
+                WarpedVRT(src, resampling=Resampling.nearest, **kw))
+
+    def _handle(self) -> tuple:
+        """This thread's (src[, data_vrt, mask_vrt]), opened on first use."""
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            if self._handles is None:
+                raise InputError(self.path, "scene is closed")
+            self._register(_open_dataset(self.path))
+            handle = self._local.handle
+        return handle
+
+    # -- reading --------------------------------------------------------------------------------
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Read ``window`` of the working grid.
+
+        Returns ``(chip, valid)``: ``chip`` is uint8 ``[3, h, w]`` for uint8 sources (scale by 1/255
+        on the device) else float32 ``[3, h, w]`` scaled to 0..1 with the scene-wide stretch;
+        ``valid`` is bool ``[h, w]`` (nodata, alpha, masks of every selected band, NaN). Invalid
+        pixels of ``chip`` are 0. Safe to call from several threads at once.
+        """
+        handle = self._handle()
+        data_ds = handle[1] if len(handle) > 1 else handle[0]
+        mask_ds = handle[2] if len(handle) > 1 else handle[0]
+        unique = sorted(set(self.bands))
+        try:
+            data = data_ds.read(self.bands, window=window)
+            valid = np.all(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+        except RasterioError as exc:
+            raise InputError(self.path, f"cannot read window {window} ({_short(exc)})") from None
+        if data.dtype.kind == "f":
+            valid &= np.all(np.isfinite(data), axis=0)
+        chip = self._scale(data)
+        chip[:, ~valid] = 0
+        if chip.shape[0] == 1:
+            chip = np.repeat(chip, 3, axis=0)
+        return chip, valid
+
+    def _scale(self, data: np.ndarray) -> np.ndarray:
+        """uint8 passes through; other types map (lo, hi) per band to 0..1, clipped, float32."""
+        if self.scaling is None:
+            return data.copy() if not data.flags.writeable else data
+        out = np.empty(data.shape, dtype=np.float32)
+        for i, (lo, hi) in enumerate(self.scaling):
+            band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+            np.clip(band, 0.0, 1.0, out=out[i])
+        np.nan_to_num(out, copy=False, nan=0.0)
+        return out
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every handle opened by any thread."""
+        with self._lock:
+            handles, self._handles = self._handles or [], None
+        for handle in handles:
+            for ds in reversed(handle):
+                ds.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Scene({self.path!r}, {self.width}x{self.height}, bands={self.bands}, "
+                f"dtype={self.dtype}, resampled={self.resampled})")
+
+
+def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
+               gsd: float | None = None) -> Scene:
+    """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
+
+    ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
+    first three; one band is repeated. ``scale=(MIN, MAX)`` maps values linearly to 0..1 instead of
+    the default scene-wide 2-98 % stretch (uint8 is always /255). ``gsd``: metres per pixel of the
+    working grid (the input is resampled; outputs go back to the input grid).
+    Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
+    """
+    return Scene(path, bands=bands, scale=scale, gsd=gsd)

@@ -1,0 +1,264 @@
+"""Streaming writer of results as a Cloud-Optimised GeoTIFF on the input grid, written atomically.
+
+Rows arrive with ``write(row_off, array)`` and go into a hidden temporary tiled GeoTIFF beside the
+target (on the working grid). On a clean exit the file is, if the scene was resampled, warped back
+onto the exact input grid, converted by GDAL's COG driver (compression, overviews, 512 blocks) to a
+second temporary file and moved onto the target with ``os.replace``. On any exception (also
+``KeyboardInterrupt``) every temporary file is removed and the target is left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from dinov3_geo.errors import OutputError
+
+BLOCK = 512
+
+
+def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
+    """Fail early with :class:`OutputError` if ``path`` cannot be written: folder missing or not
+    writable, target exists (and not ``overwrite``), target is a folder or one of ``inputs``."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(path, f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(path, f"folder {folder} is not writable")
+    if path.is_dir():
+        raise OutputError(path, "is a folder")
+    for src in inputs:
+        if src is not None and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(path):
+            raise OutputError(path, "is the input file; choose another output")
+    if path.exists() and not overwrite:
+        raise OutputError(path, "exists (use overwrite)")
+    return path
+
+
+def temp_path(target: Path, tag: str = "partial") -> Path:
+    """A new hidden file name beside ``target``: ``.NAME.<tag>-XXXX<suffix>`` (created empty)."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{tag}-", suffix=target.suffix or ".tmp",
+                                dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _remove(path: Path | None) -> None:
+    """Delete ``path`` and GDAL side files (``.aux.xml``, ``.ovr``) if present."""
+    if path is None:
+        return
+    for p in (path, Path(f"{path}.aux.xml"), Path(f"{path}.ovr")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str = "partial") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically, on any
+    exception delete it. Checks as :func:`check_output` first."""
+    target = check_output(path, overwrite, inputs)
+    tmp = temp_path(target, tag)
+    try:
+        yield tmp
+        if target.exists() and not overwrite:
+            raise OutputError(target, "appeared while writing (use overwrite)")
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _cog_options(dtype: str) -> dict:
+    """GDAL COG driver creation options (ZSTD when this GDAL has it, else DEFLATE)."""
+    return {
+        "compress": "ZSTD" if _zstd_works() else "DEFLATE",
+        "predictor": "3" if dtype.startswith("float") else "2",
+        "blocksize": BLOCK,
+        "overviews": "AUTO",
+        "overview_resampling": "NEAREST" if dtype == "uint8" else "AVERAGE",
+        "bigtiff": "IF_SAFER",
+        "num_threads": "ALL_CPUS",
+    }
+
+
+_ZSTD: bool | None = None
+
+
+def _zstd_works() -> bool:
+    """Whether this GDAL writes ZSTD-compressed GeoTIFFs (tried once, in memory)."""
+    global _ZSTD
+    if _ZSTD is None:
+        try:
+            with warnings.catch_warnings(), rasterio.io.MemoryFile() as mem:
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with mem.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8",
+                              compress="ZSTD") as ds:
+                    ds.write(np.zeros((1, 16, 16), np.uint8))
+            _ZSTD = True
+        except RasterioError:
+            _ZSTD = False
+    return _ZSTD
+
+
+class COGSink:
+    """Write result rows into a COG at ``path`` matching ``scene.input_profile`` exactly.
+
+    ``count`` bands of ``dtype`` (``"float32"`` with ``nodata=nan``, or ``"uint8"`` with nodata 255
+    and a ``colormap`` ``{value: (r, g, b[, a])}``). Use as a context manager; ``write(row_off,
+    array)`` takes ``[count, rows, width]`` on the scene's working grid, rows in any order. All
+    checks (folder, overwrite, input file) happen in ``__init__``, before any model work.
+    """
+
+    def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
+                 colormap: dict | None = None, overwrite: bool = False,
+                 band_descriptions: Sequence[str] | None = None):
+        self.path = check_output(path, overwrite, inputs=[getattr(scene, "path", None)])
+        self.scene, self.count, self.dtype = scene, count, np.dtype(dtype).name
+        self.nodata, self.colormap, self.overwrite = nodata, colormap, overwrite
+        self.band_descriptions = list(band_descriptions) if band_descriptions else None
+        self._tmp: Path | None = None
+        self._ds = None
+        self._pending: dict[int, np.ndarray] = {}
+        self._next_row = 0  # rows [0, _next_row) are in the file
+        self.finished = False
+
+    # -- context --------------------------------------------------------------------------------
+    def __enter__(self) -> "COGSink":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+    def open(self) -> None:
+        """Create the temporary tiled GeoTIFF on the working grid."""
+        self._tmp = temp_path(self.path)
+        profile = dict(driver="GTiff", width=self.scene.width, height=self.scene.height, count=self.count,
+                       dtype=self.dtype, crs=self.scene.crs, transform=self.scene.transform,
+                       nodata=self.nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                       compress="DEFLATE", zlevel=1, bigtiff="IF_SAFER")
+        try:
+            self._ds = rasterio.open(self._tmp, "w", **profile)
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- rows -----------------------------------------------------------------------------------
+    def write(self, row_off: int, array: np.ndarray) -> None:
+        """Take rows ``[row_off, row_off + rows)``; written in whole 512-row strips when complete."""
+        if self._ds is None:
+            self.open()
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[None]
+        if array.shape[0] != self.count or array.shape[2] != self.scene.width:
+            raise OutputError(self.path, f"rows of shape {array.shape} do not fit "
+                                         f"({self.count}, rows, {self.scene.width})")
+        self._pending[int(row_off)] = array.astype(self.dtype, copy=False)
+        self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        """Write pending contiguous rows from ``_next_row`` in block-aligned strips."""
+        while True:
+            rows, parts = self._next_row, []
+            while rows in self._pending and (rows - self._next_row) < BLOCK:
+                parts.append(self._pending[rows])
+                rows += parts[-1].shape[1]
+            have = rows - self._next_row
+            if have == 0 or not (have >= BLOCK or final or rows >= self.scene.height):
+                return
+            strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
+            self._ds.write(strip[:, :take], window=Window(0, self._next_row, self.scene.width, take))
+            for start in list(self._pending):
+                if self._next_row <= start < rows:
+                    del self._pending[start]
+            if take < have:
+                self._pending[self._next_row + take] = strip[:, take:]
+            self._next_row += take
+
+    # -- end ------------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Finish the file: resample back if needed, convert to COG, move onto the target."""
+        cog = None
+        try:
+            if self._ds is None:
+                self.open()
+            self._drain(final=True)
+            if self._next_row < self.scene.height:
+                raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
+            if self.colormap:
+                self._ds.write_colormap(1, self.colormap)
+            if self.band_descriptions:
+                for i, d in enumerate(self.band_descriptions, 1):
+                    self._ds.set_band_description(i, d)
+            self._ds.close()
+            cog = temp_path(self.path, "cog")
+            self._to_cog(cog)
+            if self.path.exists() and not self.overwrite:
+                raise OutputError(self.path, "appeared while writing (use overwrite)")
+            os.replace(cog, self.path)
+            cog = None
+            self.finished = True
+        except BaseException:
+            _remove(cog)
+            self.abort()
+            raise
+        self.abort()  # removes the partial file
+
+    def _to_cog(self, cog: Path) -> None:
+        """GDAL COG copy of the partial file (warped back onto the input grid when resampled)."""
+        opts = _cog_options(self.dtype)
+        with rasterio.open(self._tmp) as src:
+            if getattr(self.scene, "resampled", False):
+                grid = self.scene.input_profile
+                resampling = Resampling.nearest if self.dtype == "uint8" else Resampling.bilinear
+                with WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
+                               height=grid["height"], resampling=resampling, src_nodata=self.nodata,
+                               nodata=self.nodata) as vrt:
+                    rasterio.shutil.copy(vrt, cog, driver="COG", **opts)
+            else:
+                rasterio.shutil.copy(src, cog, driver="COG", **opts)
+        if self.colormap or self.band_descriptions:
+            self._check_metadata(cog)
+
+    def _check_metadata(self, cog: Path) -> None:
+        """Fail if the colour table or band descriptions did not survive the COG copy."""
+        with rasterio.open(cog) as ds:
+            lost = (self.colormap and not _has_colormap(ds)) or (
+                self.band_descriptions and list(ds.descriptions) != self.band_descriptions)
+        if lost:
+            raise OutputError(self.path, "colour table or band descriptions were lost in the COG copy")
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (the target is untouched)."""
+        if self._ds is not None and not self._ds.closed:
+            with contextlib.suppress(Exception):
+                self._ds.close()
+        self._ds = None
+        _remove(self._tmp)
+        self._tmp = None
+        self._pending.clear()
+
+
+def _has_colormap(ds) -> bool:
+    try:
+        return bool(ds.colormap(1))
+    except ValueError:
+        return False
+

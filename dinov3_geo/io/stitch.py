@@ -1,0 +1,151 @@
+"""Streaming, weighted stitching of chip predictions into row bands.
+
+The stitcher keeps only the rows that some unfinished chip row still touches (about
+``(tile + stride) x width x channels`` float32 plus weights), normalises rows as soon as every chip
+covering them has been added or skipped, hands them to ``sink.write(row_off, array)`` and forgets
+them. Memory does not grow with scene height.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from rasterio.windows import Window
+
+from dinov3_geo.errors import UsageError
+from dinov3_geo.io.tiling import chip_weights, plan_chips, validate_tiling
+
+CLASS_NODATA = 255
+KINDS = ("continuous", "classes")
+
+
+def _key(window: Window) -> tuple[int, int, int, int]:
+    return int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+
+
+class StreamingStitcher:
+    """Blend chip outputs with :func:`~dinov3_geo.io.tiling.chip_weights` and stream finished rows.
+
+    ``kind="continuous"``: the sink receives float32 ``[channels, rows, width]`` with NaN where the
+    input was invalid or nothing was computed. ``kind="classes"``: ``channels`` are logits or
+    probabilities, blended, then argmax; the sink receives uint8 ``[1, rows, width]`` with 255 where
+    invalid (so at most 255 classes).
+
+    Chips may arrive in any order; completion is tracked per chip row. ``add``/``skip`` take an
+    internal lock, so they may be called from several threads, but the engine's single writer thread
+    is the intended caller (``sink.write`` runs inside that call).
+    """
+
+    def __init__(self, sink, height: int, width: int, channels: int, tile: int, overlap: int,
+                 kind: str = "continuous", windows: Sequence[Window] | None = None):
+        validate_tiling(tile, overlap)
+        if kind not in KINDS:
+            raise UsageError("kind", f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "classes" and channels > CLASS_NODATA:
+            raise UsageError("kind", f"at most {CLASS_NODATA} classes fit uint8 with nodata 255")
+        self.sink, self.height, self.width, self.channels = sink, height, width, channels
+        self.tile, self.overlap, self.kind = tile, overlap, kind
+        windows = list(windows) if windows is not None else plan_chips(height, width, tile, overlap)
+        self._pending_keys = {_key(w) for w in windows}
+        rows = sorted({int(w.row_off) for w in windows})
+        self._row_starts = rows
+        self._row_index = {r: i for i, r in enumerate(rows)}
+        self._row_left = [0] * len(rows)
+        for w in windows:
+            self._row_left[self._row_index[int(w.row_off)]] += 1
+        self._first_open = 0          # index of the first chip row not complete
+        self._base = 0                # scene row of accumulator row 0
+        self._acc = np.zeros((channels, 0, width), np.float32)
+        self._wsum = np.zeros((0, width), np.float32)
+        self._valid = np.zeros((0, width), bool)
+        self._lock = threading.Lock()
+        self.rows_written = 0
+
+    # -- public ---------------------------------------------------------------------------------
+    def add(self, window: Window, values: np.ndarray, valid: np.ndarray) -> None:
+        """Blend ``values`` (float32 ``[C, h, w]``, or larger, e.g. padded to the tile: cropped to the
+        window from the top-left) for ``window``; ``valid`` is bool ``[h, w]`` (or larger, cropped)."""
+        r, c, h, w = _key(window)
+        values = np.asarray(values)[:, :h, :w]
+        valid = np.asarray(valid, bool)[:h, :w]
+        if values.shape != (self.channels, h, w) or valid.shape != (h, w):
+            raise UsageError("stitcher", f"chip {window} got values {values.shape} / valid "
+                                         f"{valid.shape}, expected ({self.channels}, {h}, {w})")
+        weights = chip_weights(window, self.height, self.width, self.tile, self.overlap) * valid
+        with self._lock:
+            self._take(window)
+            self._ensure_rows(r + h)
+            lo = r - self._base
+            acc = self._acc[:, lo:lo + h, c:c + w]
+            acc += values.astype(np.float32, copy=False) * weights
+            self._wsum[lo:lo + h, c:c + w] += weights
+            self._valid[lo:lo + h, c:c + w] |= valid
+            self._done(r)
+
+    def skip(self, window: Window) -> None:
+        """Count ``window`` as done without values (a chip with no valid pixel)."""
+        with self._lock:
+            self._take(window)
+            self._done(int(window.row_off))
+
+    def close(self) -> None:
+        """Write every row not yet written (rows no chip reached come out as nodata)."""
+        with self._lock:
+            self._flush_to(self.height)
+
+    @property
+    def open_rows(self) -> int:
+        """Rows currently held in memory."""
+        return self._acc.shape[1]
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _take(self, window: Window) -> None:
+        """Check ``window`` is a planned chip not yet seen, and mark it seen."""
+        key = _key(window)
+        if key not in self._pending_keys:
+            raise UsageError("stitcher", f"chip {window} is not planned or was already added")
+        self._pending_keys.remove(key)
+
+    def _done(self, row_off: int) -> None:
+        """One chip of the chip row at ``row_off`` is finished; flush rows no open chip row touches."""
+        self._row_left[self._row_index[row_off]] -= 1
+        while self._first_open < len(self._row_left) and self._row_left[self._first_open] == 0:
+            self._first_open += 1
+        limit = (self._row_starts[self._first_open] if self._first_open < len(self._row_starts)
+                 else self.height)
+        self._flush_to(limit)
+
+    def _ensure_rows(self, stop: int) -> None:
+        """Grow the accumulator so it covers scene rows up to ``stop``."""
+        need = stop - self._base - self._acc.shape[1]
+        if need <= 0:
+            return
+        self._acc = np.concatenate([self._acc, np.zeros((self.channels, need, self.width), np.float32)], 1)
+        self._wsum = np.concatenate([self._wsum, np.zeros((need, self.width), np.float32)], 0)
+        self._valid = np.concatenate([self._valid, np.zeros((need, self.width), bool)], 0)
+
+    def _flush_to(self, limit: int) -> None:
+        """Normalise and write scene rows ``[base, limit)``, then drop them."""
+        n = limit - self._base
+        if n <= 0:
+            return
+        self._ensure_rows(limit)
+        self.sink.write(self._base, self._finish(self._acc[:, :n], self._wsum[:n], self._valid[:n]))
+        self.rows_written += n
+        self._base = limit
+        self._acc = self._acc[:, n:].copy()
+        self._wsum = self._wsum[n:].copy()
+        self._valid = self._valid[n:].copy()
+
+    def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows."""
+        ok = valid & (wsum > 0)
+        if self.kind == "classes":
+            out = np.argmax(acc, axis=0).astype(np.uint8)  # weights > 0 do not change the argmax
+            out[~ok] = CLASS_NODATA
+            return out[None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = acc / wsum
+        out[:, ~ok] = np.nan
+        return out.astype(np.float32, copy=False)

@@ -1,0 +1,197 @@
+"""Polygons of a thresholded raster into a GeoPackage, strip by strip, with no seams.
+
+The raster is read in row strips. In each strip the selected pixels are labelled into 4-connected
+components (``scipy.ndimage.label``, the same connectivity as ``rasterio.features.shapes``), traced
+to polygons in *pixel* coordinates (exact integers, so pieces from adjacent strips share edges
+exactly) and summarised (sum, count, max). Components whose pixels touch across a strip boundary
+are joined with a union-find and their pieces merged with ``shapely.union_all``; a component is
+written once no later strip can reach it. Memory is one strip plus the open components.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.features import shapes
+from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
+from scipy import ndimage
+
+from dinov3_geo.errors import InputError
+from dinov3_geo.io.sinks import atomic_output
+
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+ATTRIBUTES = ("area_m2", "mean_height_m", "max_height_m")
+
+
+@dataclass
+class _Component:
+    """Pieces and running statistics of one (possibly merged) component."""
+
+    pieces: list = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+    peak: float = -np.inf
+
+    def absorb(self, other: "_Component") -> None:
+        self.pieces += other.pieces
+        self.total += other.total
+        self.count += other.count
+        self.peak = max(self.peak, other.peak)
+
+
+class _UnionFind:
+    """Disjoint sets over integer ids."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while x != root:
+            self.parent[x], x = root, self.parent.get(x, x)
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class _StripMerger:
+    """Turns successive strips of a boolean selection into finished components."""
+
+    def __init__(self, width: int) -> None:
+        self.open: dict[int, _Component] = {}      # root id -> component touching the last boundary
+        self.bottom = np.zeros(width, np.int64)    # root ids along the last strip's bottom row
+        self.next_id = 1
+
+    def add(self, row_off: int, values: np.ndarray, sel: np.ndarray, last: bool) -> list[_Component]:
+        """Add the strip starting at scene row ``row_off``; return components now complete."""
+        labels, n = ndimage.label(sel, structure=FOUR_CONNECTED)
+        new = self._components(row_off, values, labels, n)
+        ids = np.where(labels > 0, labels + (self.next_id - 1), 0)
+        self.next_id += n
+        uf = _UnionFind()
+        touching = (self.bottom > 0) & (ids[0] > 0)
+        for a, b in set(zip(self.bottom[touching].tolist(), ids[0][touching].tolist())):
+            uf.union(a, b)
+        groups: dict[int, _Component] = {}
+        for cid, comp in list(self.open.items()) + list(new.items()):
+            groups.setdefault(uf.find(cid), _Component()).absorb(comp)
+        bottom_roots = set() if last else {uf.find(i) for i in np.unique(ids[-1][ids[-1] > 0]).tolist()}
+        self.open = {r: c for r, c in groups.items() if r in bottom_roots}
+        self.bottom = np.zeros_like(self.bottom) if last else np.array([uf.find(i) if i else 0 for i in ids[-1].tolist()])
+        return [c for r, c in groups.items() if r not in bottom_roots]
+
+    def _components(self, row_off: int, values: np.ndarray, labels: np.ndarray, n: int) -> dict[int, _Component]:
+        """Polygons (pixel coordinates) and statistics of the ``n`` labelled components of a strip."""
+        if n == 0:
+            return {}
+        flat = labels.ravel()
+        counts = np.bincount(flat, minlength=n + 1)
+        totals = np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n + 1)
+        peaks = ndimage.maximum(values, labels, index=np.arange(1, n + 1))
+        comps = {self.next_id + i - 1: _Component([], float(totals[i]), int(counts[i]), float(peaks[i - 1]))
+                 for i in range(1, n + 1)}
+        for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4,
+                                  transform=Affine.translation(0, row_off)):
+            comps[self.next_id + int(value) - 1].pieces.append(shapely.geometry.shape(geom))
+        return comps
+
+
+class _Areas:
+    """True areas in m² of geometries in ``crs``, via Lambert azimuthal equal-area at the scene centre."""
+
+    def __init__(self, crs, transform: Affine, width: int, height: int) -> None:
+        self.crs = crs
+        self.laea = None
+        if crs is not None:
+            cx, cy = transform * (width / 2, height / 2)
+            (lon,), (lat,) = warp_transform(crs, "EPSG:4326", [cx], [cy])
+            self.laea = CRS.from_proj4(f"+proj=laea +lat_0={lat:.8f} +lon_0={lon:.8f} +datum=WGS84 +units=m")
+
+    def __call__(self, geoms: np.ndarray) -> np.ndarray:
+        """Areas of ``geoms`` (planar map units² when the raster has no CRS)."""
+        if self.laea is None:
+            return shapely.area(geoms)
+        return gpd.GeoSeries(geoms, crs=self.crs).to_crs(self.laea).area.to_numpy()
+
+
+class _LayerWriter:
+    """Appends finished components to a GeoPackage layer in batches."""
+
+    def __init__(self, path, layer: str, crs, transform: Affine, areas: _Areas, batch: int = 5000) -> None:
+        self.path, self.layer, self.crs, self.areas, self.batch = str(path), layer, crs, areas, batch
+        self.transform = transform
+        self.buffer: list[_Component] = []
+        self.count = 0
+        self.started = False
+
+    def _to_map(self, cols_rows: np.ndarray) -> np.ndarray:
+        """Pixel (col, row) coordinates ``[N, 2]`` to map coordinates."""
+        t = self.transform
+        x = t.a * cols_rows[:, 0] + t.b * cols_rows[:, 1] + t.c
+        y = t.d * cols_rows[:, 0] + t.e * cols_rows[:, 1] + t.f
+        return np.column_stack([x, y])
+
+    def add(self, comps: list[_Component]) -> None:
+        self.buffer += comps
+        if len(self.buffer) >= self.batch:
+            self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Write the buffered components (``force``: also when none, to create the layer)."""
+        if not self.buffer and (self.started or not force):
+            return
+        pixel = [shapely.union_all(c.pieces) if len(c.pieces) > 1 else c.pieces[0] for c in self.buffer]
+        geoms = shapely.transform(np.array(pixel, dtype=object), self._to_map)
+        frame = gpd.GeoDataFrame({
+            "area_m2": self.areas(geoms) if pixel else np.zeros(0),
+            "mean_height_m": np.array([c.total / c.count for c in self.buffer], np.float64),
+            "max_height_m": np.array([c.peak for c in self.buffer], np.float64),
+        }, geometry=gpd.GeoSeries(list(geoms), crs=self.crs), crs=self.crs)
+        pyogrio.write_dataframe(frame, self.path, layer=self.layer, driver="GPKG", append=self.started,
+                                geometry_type="Polygon", promote_to_multi=False)
+        self.started = True
+        self.count += len(self.buffer)
+        self.buffer = []
+
+
+def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "canopy",
+                         overwrite: bool = False, strip_rows: int = 1024) -> int:
+    """Write polygons of pixels ``>= threshold`` (NaN and nodata excluded) of band 1 of
+    ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
+
+    Polygons are 4-connected pixel components in the raster's CRS, never split at strip borders,
+    with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
+    ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
+    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time.
+    """
+    try:
+        ds = rasterio.open(raster_path)
+    except RasterioError as exc:
+        raise InputError(raster_path, f"not a readable raster ({str(exc).splitlines()[0][:200]})") from None
+    with ds, atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
+        os.unlink(tmp)  # the GPKG driver creates the file itself
+        areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)
+        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas)
+        merger = _StripMerger(ds.width)
+        for row_off in range(0, ds.height, strip_rows):
+            rows = min(strip_rows, ds.height - row_off)
+            window = Window(0, row_off, ds.width, rows)
+            values = ds.read(1, window=window)
+            sel = (values >= threshold) & np.isfinite(values) & (ds.read_masks(1, window=window) > 0)
+            writer.add(merger.add(row_off, values, sel, last=row_off + rows >= ds.height))
+        writer.flush(force=True)
+        return writer.count
