@@ -130,6 +130,9 @@ def build_backbone(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     arch = ckpt.arch
     with torch.device("meta"):
         vit = Eva(**arch.timm_kwargs())
+    k_biases = {k: ckpt.state.pop(k) for k in [k for k in ckpt.state if k.endswith(".attn.k_bias")]}
+    if arch.qkv_bias:
+        _zero_fill_qv_bias(ckpt.state, arch)
     expected = set(vit.state_dict().keys())
     got = set(ckpt.state)
     missing, unexpected = sorted(expected - got), sorted(got - expected)
@@ -142,6 +145,8 @@ def build_backbone(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
     vit.load_state_dict(state, strict=True, assign=True)
     ckpt.state = {}
     _materialise_buffers(vit, arch)
+    for key, value in k_biases.items():
+        vit.get_submodule(key.rsplit(".", 1)[0]).register_buffer("k_bias", value.to(dtype), persistent=False)
     if mean is None or std is None:
         mean, std = _normalisation(ckpt)
     periods = ckpt.periods if ckpt.periods is not None else vit.rope._compute_periods()
@@ -172,6 +177,15 @@ def _check_shapes(vit: nn.Module, ckpt: Checkpoint) -> None:
              for k, v in ckpt.state.items() if tuple(v.shape) != tuple(vit.state_dict()[k].shape)]
     if wrong:
         raise WeightsError(ckpt.source, "tensor shapes do not fit the architecture: " + "; ".join(wrong[:4]))
+
+
+def _zero_fill_qv_bias(state: dict[str, torch.Tensor], arch: ViTArch) -> None:
+    """A config with a K bias but no Q or V bias: timm has all three or none, so add zeros."""
+    if any(k.endswith((".attn.q_bias", ".attn.v_bias")) for k in state):
+        return      # the checkpoint has them: anything missing is reported as missing
+    for i in range(arch.depth):
+        for name in ("q_bias", "v_bias"):
+            state.setdefault(f"blocks.{i}.attn.{name}", torch.zeros(arch.embed_dim))
 
 
 def _materialise_buffers(vit: nn.Module, arch: ViTArch) -> None:
@@ -218,6 +232,9 @@ def save_backbone(backbone: Backbone, path: Union[str, os.PathLike]) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in backbone.vit.state_dict().items()}
+    for name, buf in backbone.vit.named_buffers():
+        if name.endswith(".attn.k_bias") and bool(buf.any()):
+            state[name] = buf.detach().contiguous().cpu()
     if backbone._periods is not None:
         state["rope.periods"] = backbone._periods
     meta = {"format": "dinov3-geo", "mean": ",".join(map(str, backbone.mean)), "std": ",".join(map(str, backbone.std))}

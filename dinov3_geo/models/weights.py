@@ -218,7 +218,7 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ViTArch:
         num_heads=int(cfg.get("num_attention_heads", 6)),
         mlp_hidden=int(cfg.get("intermediate_size", 1536)),
         gated_mlp=gated,
-        qkv_bias=bool(cfg.get("query_bias", True) or cfg.get("value_bias", True)),
+        qkv_bias=bool(cfg.get("query_bias", True) or cfg.get("key_bias", False) or cfg.get("value_bias", True)),
         num_reg_tokens=int(cfg.get("num_register_tokens", 0)),
         patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch),
         rope_base=float(cfg.get("rope_theta", 100.0)),
@@ -282,22 +282,25 @@ _HF_MLP_GATED = {"gate_proj": "fc1_g", "up_proj": "fc1_x", "down_proj": "fc2"}
 
 
 def hf_to_timm(state: StateDict, gated: bool) -> StateDict:
-    """transformers ``DINOv3ViTModel`` key names to timm's; q/k/v are fused, the K bias dropped.
+    """transformers ``DINOv3ViTModel`` key names to timm's; q/k/v weights are fused.
 
-    Dropping a K bias is exact: it adds the same value to every logit of a query, which softmax
-    ignores; the official model masks it to zero for that reason.
+    A K bias (``key_bias=True`` configs, such as CHMv2's) goes to timm's ``attn.k_bias`` buffer; the
+    official model masks it to zero, but a transformers model uses it, and after RoPE it matters.
     """
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     mlp_names = _HF_MLP_GATED if gated else _HF_MLP_PLAIN
     for key, value in state.items():
+        key = re.sub(r"^model\.layer\.", "layer.", key)   # in-memory layout of transformers >= 5
         if key in ("embeddings.mask_token",) or key.endswith("rope_embeddings.inv_freq"):
             continue
         m = re.match(r"^layer\.(\d+)\.attention\.([qkv])_proj\.weight$", key)
         if m:
             qkv.setdefault(m.group(1), {})[m.group(2)] = value
             continue
-        if re.match(r"^layer\.\d+\.attention\.k_proj\.bias$", key):
+        m = re.match(r"^layer\.(\d+)\.attention\.k_proj\.bias$", key)
+        if m:   # kept: after RoPE a K bias is not a constant shift of the logits
+            out[f"blocks.{m.group(1)}.attn.k_bias"] = value
             continue
         m = re.match(r"^layer\.(\d+)\.mlp\.(\w+)\.(weight|bias)$", key)
         if m and m.group(2) in mlp_names:
