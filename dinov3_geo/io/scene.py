@@ -50,7 +50,7 @@ def _pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[floa
     if crs is None:
         return None
     if crs.is_geographic:
-        _, lat = transform * (width / 2, height / 2)
+        _, lat = transform @ (width / 2, height / 2)
         m_lon, m_lat = metres_per_degree(max(-89.9, min(89.9, lat)))
         return px * m_lon, py * m_lat
     factor = crs.linear_units_factor[1] if crs.linear_units else 1.0
@@ -171,7 +171,7 @@ class Scene:
         px, py = _pixel_size_m(src.crs, src.transform, src.width, src.height)
         width = max(1, round(src.width * px / gsd))
         height = max(1, round(src.height * py / gsd))
-        transform = src.transform * Affine.scale(src.width / width, src.height / height)
+        transform = src.transform @ Affine.scale(src.width / width, src.height / height)
         return _Grid(src.crs, transform, width, height)
 
     def _scaling(self, src, scale) -> list[tuple[float, float]] | None:

@@ -103,7 +103,7 @@ def chip_weights(window: Window, height: int, width: int, tile: int, overlap: in
     h, w = int(window.height), int(window.width)
     rows = _axis_profile(height, tile, overlap, r, h)
     cols = _axis_profile(width, tile, overlap, c, w)
-    return np.outer(rows, cols).astype(np.float32)
+    return np.maximum(np.outer(rows, cols), WEIGHT_FLOOR).astype(np.float32)
 
 
 def pad_to_tile(chip: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -117,7 +117,7 @@ class _Areas:
         self.crs = crs
         self.laea = None
         if crs is not None:
-            cx, cy = transform * (width / 2, height / 2)
+            cx, cy = transform @ (width / 2, height / 2)
             (lon,), (lat,) = warp_transform(crs, "EPSG:4326", [cx], [cy])
             self.laea = CRS.from_proj4(f"+proj=laea +lat_0={lat:.8f} +lon_0={lon:.8f} +datum=WGS84 +units=m")
 
