@@ -1,0 +1,119 @@
+"""Canopy height in metres: the DINOv3 SAT ViT-L/16 backbone + Meta's CHMv2 DPT head.
+
+``load_canopy_model`` takes a Hugging Face ``facebook/dinov3-vitl16-chmv2-dpt-head`` folder (the
+backbone is inside) or Meta's ``dinov3_vitl16_chmv2_dpt_head-3703d643.pth`` together with the SAT
+ViT-L backbone weights, and returns a :class:`CanopyModel` that maps CHMv2-normalised RGB to metres.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WeightsError
+from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
+
+# CHMv2's own input statistics (Meta's notebook, transformers' CHMv2ImageProcessor); note 0.420,
+# not the 0.430 of the SAT-493M backbone README.
+CHMV2_MEAN = (0.420, 0.411, 0.296)
+CHMV2_STD = (0.213, 0.156, 0.143)
+CHMV2_LAYERS = (5, 11, 17, 23)          # ViT-L blocks read by CHMv2 (``_get_chmv2_config``)
+
+PathLike = Union[str, os.PathLike]
+
+
+def even_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced 0-based blocks ending at the last: (5, 11, 17, 23) for the 24-block ViT-L."""
+    return tuple((i + 1) * depth // 4 - 1 for i in range(4))
+
+
+def center_pad_amounts(size: int, multiple: int) -> tuple[int, int]:
+    """(before, after) zero padding that brings ``size`` to a multiple, as Meta's ``CenterPadding``."""
+    pad = math.ceil(size / multiple) * multiple - size
+    return pad // 2, pad - pad // 2
+
+
+class CanopyModel(nn.Module):
+    """Backbone + CHMv2 head: ``forward(x)`` maps normalised RGB ``[B,3,H,W]`` to metres ``[B,1,H,W]``.
+
+    ``x`` must be normalised with :attr:`mean` / :attr:`std` (CHMv2's statistics). Sizes that are
+    not multiples of the patch size are zero-padded centrally (as the references do) and the
+    prediction is cropped back; the output is float32 whatever the model dtype.
+    """
+
+    def __init__(self, backbone: nn.Module, head: CHMv2Head, layers: Sequence[int] = CHMV2_LAYERS,
+                 mean: Sequence[float] = CHMV2_MEAN, std: Sequence[float] = CHMV2_STD):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.layers = [int(i) for i in layers]
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.patch_size = int(getattr(backbone, "patch_size", 16))
+
+    def normalise(self, x01: torch.Tensor) -> torch.Tensor:
+        """0..1 RGB -> the model's input (CHMv2 mean and std)."""
+        mean = torch.tensor(self.mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+        return (x01 - mean) / std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Canopy height in metres, float32 ``[B,1,H,W]``, for normalised ``x`` ``[B,3,H,W]``."""
+        h, w = x.shape[-2:]
+        top, bottom = center_pad_amounts(h, self.patch_size)
+        left, right = center_pad_amounts(w, self.patch_size)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        dtype = next(self.head.parameters()).dtype
+        features = self.backbone.get_intermediate_layers(x.to(dtype), indices=self.layers, norm=True)
+        metres = self.head(features, out_size=x.shape[-2:])
+        return metres[..., top:top + h, left:left + w]
+
+
+def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = None,
+                      device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> CanopyModel:
+    """A :class:`CanopyModel` in eval mode from a CHMv2 HF folder or Meta head ``.pth``.
+
+    ``weights``: an HF ``CHMv2ForDepthEstimation`` folder (its backbone is used unless
+    ``backbone_weights`` is given; layers from its ``out_indices``) or Meta's decoder ``.pth``
+    (then ``backbone_weights``, the SAT ViT-L checkpoint in any layout ``load_backbone`` reads, is
+    required; layers (5, 11, 17, 23), i.e. :func:`even_layers` of the backbone depth). Every
+    mismatch is a :class:`WeightsError` naming the file.
+    """
+    head_weights = read_chmv2_weights(weights)
+    backbone = _load_backbone_for(head_weights, backbone_weights, device, dtype)
+    layers = head_weights.layers or even_layers(int(getattr(backbone, "depth", 24)))
+    _check_compatible(head_weights, backbone, layers, backbone_weights or weights)
+    head = build_chmv2_head(head_weights, device=device, dtype=dtype)
+    return CanopyModel(backbone, head, layers).eval()
+
+
+def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[PathLike],
+                       device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
+    """The backbone given explicitly, else the one inside the HF folder."""
+    from .backbone import backbone_from_state_dict, load_backbone
+
+    if backbone_weights is not None:
+        return load_backbone(backbone_weights, device=device, dtype=dtype).eval()
+    if head_weights.backbone_state is None:
+        raise WeightsError(head_weights.source, "head weights need the SAT ViT-L backbone weights: "
+                                                "pass --backbone-weights")
+    state, head_weights.backbone_state = head_weights.backbone_state, None
+    return backbone_from_state_dict(state, hf_config=head_weights.backbone_config, source=head_weights.source,
+                                    dtype=dtype, device=device).eval()
+
+
+def _check_compatible(head_weights: CHMv2Weights, backbone: nn.Module, layers: Sequence[int],
+                      where: PathLike) -> None:
+    """WeightsError if the backbone's width or depth does not fit the head."""
+    width = int(backbone.embed_dim)
+    if width != head_weights.head_config.in_channels:
+        raise WeightsError(where, f"backbone width {width} does not match the head, which expects "
+                                  f"{head_weights.head_config.in_channels} (CHMv2 needs the SAT ViT-L/16 backbone)")
+    depth = getattr(backbone, "depth", None)
+    if depth is not None and max(layers) >= int(depth):
+        raise WeightsError(where, f"backbone has {depth} blocks, the head reads blocks {list(layers)}")
