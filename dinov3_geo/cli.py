@@ -1,0 +1,135 @@
+"""The ``dinov3geo`` command: a thin layer over :mod:`dinov3_geo.api`.
+
+Every expected failure prints one line ``error: <file>: <problem>`` and exits 2 (usage) or 1 (a
+failed run); a traceback appears only with ``--debug``. Ctrl-C and SIGTERM stop the run and leave
+no file at the output paths.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import traceback
+import warnings
+from typing import Optional, Sequence
+
+from . import __version__
+from .errors import DinoGeoError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line error format and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(None, message)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated band numbers, got '{text}'")
+
+
+def _scale(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got '{text}'")
+    if not hi > lo:
+        raise argparse.ArgumentTypeError(f"MAX must be above MIN, got '{text}'")
+    return lo, hi
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dinov3geo", description="DINOv3 satellite models over georeferenced rasters.")
+    parser.add_argument("--version", action="version", version=f"dinov3geo {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    seg = sub.add_parser("segment", help="dense prediction over a scene (canopy height) into a COG",
+                         description="Run a dense task over a raster; write a COG on the same grid.")
+    seg.add_argument("scene", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...)")
+    seg.add_argument("--task", default="canopy", help="task to run (canopy)")
+    seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
+    seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
+    seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
+    seg.add_argument("--vector", help="also write canopy polygons to this GeoPackage")
+    seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
+    seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
+    seg.add_argument("--precision", default="fp32", help="fp32 or bf16 (fp32)")
+    seg.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
+    seg.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
+    seg.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
+    seg.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
+                     "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
+    seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
+    seg.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
+    seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: only on a terminal)")
+    for p in (parser, seg):
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so every cleanup path runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from .api import segment
+
+    result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
+                     backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                     device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
+                     overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                     overwrite=args.overwrite, compile=args.compile, progress=args.progress,
+                     verify=not args.no_verify)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"segment": run_segment}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.showwarning = _show_warning
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError(None, "a command is required (segment); see dinov3geo --help")
+        return COMMANDS[args.command](args)
+    except DinoGeoError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+              file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

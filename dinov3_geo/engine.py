@@ -1,0 +1,290 @@
+"""The inference engine: reader threads -> device batches -> model -> writer thread -> stitcher.
+
+Chips are read ahead in a thread pool (windowed reads release the GIL inside GDAL), stacked into
+pinned host memory as uint8 (or float32 for non-byte scenes), copied to the device without blocking,
+normalised there, run through the model, and copied back; a writer thread hands each result to the
+stitcher, which streams finished row bands to the sink. Nothing here knows about tasks or files.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from .errors import DeviceError, UsageError
+from .io.tiling import pad_to_tile, plan_chips, validate_tiling
+
+log = logging.getLogger("dinov3_geo")
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class RunStats:
+    """What a run did: chips planned, computed and skipped (no valid pixel), and timings."""
+
+    chips_total: int = 0
+    chips_computed: int = 0
+    chips_skipped: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    batch_size: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chips_per_second(self) -> float:
+        return self.chips_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Chip:
+    window: Window
+    data: Optional[np.ndarray]      # [3, tile, tile] padded; None when the chip has no valid pixel
+    valid: np.ndarray               # [h, w]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a DeviceError."""
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError("--device", "CUDA was requested but no CUDA GPU is available (use --device cpu)")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UsageError("--device", f"unknown device '{device}' (auto, cpu or cuda)")
+
+
+def dtype_for(precision: str) -> torch.dtype:
+    """Model dtype for a precision name; DINOv3 does not support fp16."""
+    if precision not in PRECISIONS:
+        raise UsageError("--precision", f"unknown precision '{precision}' (fp32 or bf16; DINOv3 does not support fp16)")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def validate_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise UsageError("--batch-size", f"batch size must be at least 1, got {batch_size}")
+
+
+class Engine:
+    """Runs a dense model (normalised ``[B,3,T,T]`` -> ``[B,C,T,T]``) over a scene into a stitcher."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
+                 batch_size: int = 8, tile: int = 512, overlap: int = 64, readers: int = 4,
+                 compile: bool = False):
+        validate_tiling(tile, overlap)
+        validate_batch_size(batch_size)
+        self.device = device
+        self.dtype = dtype_for(precision)
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.tile, self.overlap = int(tile), int(overlap)
+        self.readers = max(1, int(readers))
+        self._forward = self._compiled(model) if compile else model
+        self._pinned = device.type == "cuda"
+
+    @staticmethod
+    def _compiled(model: torch.nn.Module):
+        return torch.compile(model, dynamic=False)
+
+    # -- public ---------------------------------------------------------------------------------
+    def run(self, scene, stitcher, progress: Optional[bool] = None,
+            on_chip: Optional[Callable[[int], None]] = None) -> RunStats:
+        """Read, infer and stitch every chip of ``scene``; the stitcher streams rows to its sink."""
+        windows = plan_chips(scene.height, scene.width, self.tile, self.overlap)
+        stats = RunStats(chips_total=len(windows), batch_size=self.batch_size)
+        t0 = time.perf_counter()
+        writer = _Writer(stitcher)
+        bar = _progress_bar(len(windows), progress)
+        try:
+            batch: list[_Chip] = []
+            for chip in self._read_ahead(scene, windows):
+                if chip.data is None:
+                    writer.put(("skip", chip.window))
+                    stats.chips_skipped += 1
+                    bar.update(1)
+                    continue
+                batch.append(chip)
+                if len(batch) == self.batch_size:
+                    self._infer(batch, writer, stats)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                self._infer(batch, writer, stats)
+                bar.update(len(batch))
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        stitcher.close()
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def warm_up(self, channels_hint: int = 3) -> None:
+        """One batch of zeros through the model (compilation, cuDNN autotuning) outside the timings."""
+        x = torch.zeros(self.batch_size, 3, self.tile, self.tile, device=self.device)
+        with torch.inference_mode(), self._autocast():
+            self._forward(self.model.normalise(x).to(self.dtype))
+        self._sync()
+
+    # -- reading --------------------------------------------------------------------------------
+    def _read_ahead(self, scene, windows: Sequence[Window]) -> Iterator[_Chip]:
+        """Chips in plan order, read by a thread pool that keeps a few batches in flight."""
+        ahead = max(2 * self.batch_size, 2 * self.readers)
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="dinov3geo-read")
+        futures: deque[Future] = deque()
+        it = iter(windows)
+        try:
+            for w in it:
+                futures.append(pool.submit(self._read_one, scene, w))
+                if len(futures) >= ahead:
+                    break
+            while futures:
+                chip = futures.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    futures.append(pool.submit(self._read_one, scene, nxt))
+                yield chip
+        finally:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_one(self, scene, window: Window) -> _Chip:
+        data, valid = scene.read(window)
+        if not valid.any():
+            return _Chip(window, None, valid)
+        padded, _ = pad_to_tile(data, self.tile)
+        return _Chip(window, np.ascontiguousarray(padded), valid)
+
+    # -- model ----------------------------------------------------------------------------------
+    def _infer(self, batch: list[_Chip], writer: "_Writer", stats: RunStats) -> None:
+        """Run one batch, halving it on out-of-memory until it fits (a note says so)."""
+        try:
+            out = self._forward_batch(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            self._free_memory()
+            self.batch_size = max(1, len(batch) // 2)
+            stats.batch_size = self.batch_size
+            note = f"out of GPU memory: batch size lowered to {self.batch_size}"
+            stats.notes.append(note)
+            log.warning(note)
+            half = len(batch) // 2
+            self._infer(batch[:half], writer, stats)
+            self._infer(batch[half:], writer, stats)
+            return
+        stats.chips_computed += len(batch)
+        writer.put(("add", batch, out))
+
+    def _forward_batch(self, batch: list[_Chip]) -> np.ndarray:
+        host = torch.from_numpy(np.stack([c.data for c in batch]))
+        if self._pinned:
+            host = host.pin_memory()
+        x = host.to(self.device, non_blocking=True)
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        with torch.inference_mode(), self._autocast():
+            y = self._forward(self.model.normalise(x).to(self.dtype))
+        y = y.float()
+        if self._pinned:
+            out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+            out.copy_(y, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return out.numpy()
+        return y.numpy()
+
+    def _autocast(self):
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _Writer:
+    """A thread that hands model outputs to the stitcher, so stitching and writing overlap the GPU."""
+
+    def __init__(self, stitcher, depth: int = 4):
+        self.stitcher = stitcher
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._loop, name="dinov3geo-write", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._handle(item)
+            except BaseException as exc:  # reported to the main thread at its next put/finish
+                self.error = exc
+
+    def _handle(self, item) -> None:
+        if item[0] == "skip":
+            self.stitcher.skip(item[1])
+            return
+        _, batch, out = item
+        for chip, values in zip(batch, out):
+            h, w = chip.valid.shape
+            self.stitcher.add(chip.window, values[:, :h, :w], chip.valid)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop the thread, dropping what is queued (the sink removes its temporary file)."""
+        self.error = self.error or RuntimeError("aborted")
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+
+def _progress_bar(total: int, progress: Optional[bool]):
+    """tqdm on a terminal (chips, chips/s, time left); silent when piped unless asked for."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="chip", desc="chips", disable=None if progress is None else not progress,
+                dynamic_ncols=True, leave=False)
