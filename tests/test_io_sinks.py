@@ -1,0 +1,169 @@
+"""COG sink: layout, georeference, dtypes, resampling back, atomicity and early checks."""
+import os
+
+import numpy as np
+import pytest
+import rasterio
+
+from conftest import stream
+from dinov3_geo.errors import OutputError
+from dinov3_geo.io.scene import open_scene
+from dinov3_geo.io.sinks import COGSink, atomic_output
+
+RGB = "rasterio_RGB.byte.tif"
+SALT = "landsat7_saltlake_truecolor_utm12n.tif"
+COLOURS = {0: (0, 0, 0, 255), 1: (0, 128, 0, 255), 2: (0, 0, 255, 255)}
+
+
+def mean_model(x):
+    return x.mean(0, keepdims=True)
+
+
+def three_classes(x):
+    """Logits of 3 classes from brightness: dark, middle, bright."""
+    m = x.mean(0)
+    return np.stack([0.3 - m, -abs(m - 0.45) + 0.1, m - 0.6]).astype(np.float32)
+
+
+def assert_cog(path, ref_path, dtype, nodata_nan=None, nodata=None):
+    with rasterio.open(path) as ds, rasterio.open(ref_path) as ref:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ds.profile["tiled"] and ds.block_shapes[0] == (512, 512)
+        assert ds.compression is not None and ds.overviews(1)
+        assert ds.crs == ref.crs and ds.transform == ref.transform
+        assert (ds.width, ds.height) == (ref.width, ref.height)
+        assert ds.dtypes[0] == dtype
+        if nodata_nan:
+            assert np.isnan(ds.nodata)
+        else:
+            assert ds.nodata == nodata
+
+
+def leftovers(folder, keep):
+    return sorted(p for p in os.listdir(folder) if p not in keep)
+
+
+@pytest.mark.parametrize("name", [RGB, SALT])
+def test_float_cog_layout_and_georeference(sample, tmp_path, name):
+    out = tmp_path / "heights.tif"
+    with open_scene(sample(name)) as scene:
+        with COGSink(out, scene, band_descriptions=["mean"]) as sink:
+            stream(scene, sink, mean_model, 1, 512, 64)
+    assert_cog(out, sample(name), "float32", nodata_nan=True)
+    with rasterio.open(out) as ds:
+        assert ds.descriptions == ("mean",)
+    assert leftovers(tmp_path, {"heights.tif"}) == []
+
+
+def test_class_cog_colormap_and_255_nodata(sample, tmp_path):
+    out = tmp_path / "classes.tif"
+    with open_scene(sample(RGB)) as scene:
+        with COGSink(out, scene, dtype="uint8", nodata=255, colormap=COLOURS) as sink:
+            stream(scene, sink, three_classes, 3, 256, 32, kind="classes")
+    assert_cog(out, sample(RGB), "uint8", nodata=255)
+    with rasterio.open(out) as ds, rasterio.open(sample(RGB)) as src:
+        assert ds.colormap(1)[1] == (0, 128, 0, 255)
+        labels = ds.read(1)
+        invalid = ~np.all(src.read_masks() > 0, axis=0)
+        np.testing.assert_array_equal(labels == 255, invalid)
+        assert set(np.unique(labels[~invalid])) <= {0, 1, 2} and len(np.unique(labels[~invalid])) == 3
+
+
+@pytest.mark.parametrize("kind", ["continuous", "classes"])
+def test_resampled_scene_written_back_on_input_grid(sample, tmp_path, kind):
+    out = tmp_path / "out.tif"
+    classes = kind == "classes"
+    with open_scene(sample(RGB), gsd=450) as scene:
+        assert scene.resampled and scene.width != 791
+        opts = dict(dtype="uint8", nodata=255, colormap=COLOURS) if classes else {}
+        with COGSink(out, scene, **opts) as sink:
+            stream(scene, sink, three_classes if classes else mean_model, 3 if classes else 1, 128, 32, kind=kind)
+    with rasterio.open(out) as ds, rasterio.open(sample(RGB)) as src:
+        assert ds.crs == src.crs and ds.transform == src.transform and ds.shape == src.shape
+        values = ds.read(1)
+        invalid = ~np.all(src.read_masks() > 0, axis=0)
+        missing = values == 255 if classes else np.isnan(values)
+        assert (missing == invalid).mean() > 0.98  # borders move by up to a coarse pixel
+        if not classes:
+            truth = src.read().astype(np.float32).mean(0) / 255
+            inner = ~missing & ~invalid
+            assert np.median(np.abs(values[inner] - truth[inner])) < 0.05
+
+
+def test_exception_mid_stream_leaves_nothing(sample, tmp_path):
+    out = tmp_path / "out.tif"
+    with open_scene(sample(RGB)) as scene:
+        with pytest.raises(RuntimeError):
+            with COGSink(out, scene) as sink:
+                sink.write(0, np.zeros((1, 600, scene.width), np.float32))
+                assert leftovers(tmp_path, set())  # the hidden partial file exists meanwhile
+                raise RuntimeError("model crashed")
+    assert leftovers(tmp_path, set()) == []
+
+
+def test_keyboard_interrupt_keeps_existing_target(sample, tmp_path):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"previous result")
+    with open_scene(sample(RGB)) as scene:
+        with pytest.raises(KeyboardInterrupt):
+            with COGSink(out, scene, overwrite=True) as sink:
+                sink.write(0, np.zeros((1, 10, scene.width), np.float32))
+                raise KeyboardInterrupt
+    assert out.read_bytes() == b"previous result" and leftovers(tmp_path, {"out.tif"}) == []
+
+
+def test_incomplete_rows_fail_finalise(sample, tmp_path):
+    out = tmp_path / "out.tif"
+    with open_scene(sample(RGB)) as scene:
+        with pytest.raises(OutputError, match="rows"):
+            with COGSink(out, scene) as sink:
+                sink.write(0, np.zeros((1, 10, scene.width), np.float32))
+    assert leftovers(tmp_path, set()) == []
+
+
+def test_checks_before_any_work(sample, tmp_path):
+    with open_scene(sample(RGB)) as scene:
+        existing = tmp_path / "exists.tif"
+        existing.write_bytes(b"x")
+        with pytest.raises(OutputError, match="exists"):
+            COGSink(existing, scene)
+        with pytest.raises(OutputError, match="does not exist"):
+            COGSink(tmp_path / "no" / "out.tif", scene)
+        with pytest.raises(OutputError, match="input"):
+            COGSink(sample(RGB), scene, overwrite=True)
+        with pytest.raises(OutputError, match="folder"):
+            COGSink(tmp_path, scene, overwrite=True)
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            if not os.access(locked, os.W_OK):  # root can write anyway
+                with pytest.raises(OutputError, match="not writable"):
+                    COGSink(locked / "out.tif", scene)
+        finally:
+            locked.chmod(0o700)
+    assert existing.read_bytes() == b"x"
+
+
+def test_overwrite_replaces(sample, tmp_path):
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"old")
+    with open_scene(sample(RGB)) as scene:
+        with COGSink(out, scene, overwrite=True) as sink:
+            stream(scene, sink, mean_model, 1, 512, 64)
+    with rasterio.open(out) as ds:
+        assert ds.count == 1
+    assert leftovers(tmp_path, {"out.tif"}) == []
+
+
+def test_atomic_output_helper(tmp_path):
+    target = tmp_path / "a.txt"
+    with atomic_output(target) as tmp:
+        tmp.write_text("done")
+        assert not target.exists()
+    assert target.read_text() == "done"
+    with pytest.raises(ValueError):
+        with atomic_output(target, overwrite=True) as tmp:
+            tmp.write_text("half")
+            raise ValueError
+    assert target.read_text() == "done" and leftovers(tmp_path, {"a.txt"}) == []
