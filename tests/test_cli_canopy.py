@@ -1,0 +1,157 @@
+"""``dinov3geo segment --task canopy`` end to end: files in, files out, numbers against transformers."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+from scipy import ndimage
+from test_heads_chmv2 import oracle, processed, small_chmv2, write_meta_pair
+
+import dinov3_geo
+
+SAMPLES = Path(__file__).parents[1] / "data_samples"
+SALTLAKE = SAMPLES / "landsat7_saltlake_truecolor_utm12n.tif"
+BAHAMAS = SAMPLES / "rasterio_RGB.byte.tif"
+NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def chmv2(tmp_path_factory):
+    """A tiny random CHMv2 saved by transformers, and the same tensors as Meta's .pth pair."""
+    folder = tmp_path_factory.mktemp("chmv2")
+    model = small_chmv2(seed=7)
+    model.save_pretrained(folder / "hf")
+    head, backbone = write_meta_pair(folder / "hf", folder)
+    plain_head = folder / "chmv2_head.pth"     # no official hash in the name: nothing to verify
+    head.rename(plain_head)
+    return model, folder / "hf", plain_head, backbone
+
+
+@pytest.fixture(scope="module")
+def crop512(tmp_path_factory):
+    """A 512 x 512 georeferenced crop of the real Salt Lake scene (no nodata inside)."""
+    out = tmp_path_factory.mktemp("crop") / "saltlake_512.tif"
+    with rasterio.open(SALTLAKE) as src:
+        window = Window(200, 300, 512, 512)
+        data = src.read(window=window)
+        profile = src.profile | dict(width=512, height=512, transform=src.window_transform(window))
+    assert (data > 0).all(axis=0).mean() > 0.99
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out, data
+
+
+def reference_heights(model, rgb: np.ndarray) -> np.ndarray:
+    return oracle(model, processed(torch.from_numpy(rgb[:3])))[0, 0].numpy()
+
+
+def test_one_chip_matches_transformers(chmv2, crop512, tmp_path):
+    model, hf_dir, _, _ = chmv2
+    scene, data = crop512
+    out = tmp_path / "canopy.tif"
+    run = cli("segment", scene, "--task", "canopy", "--weights", hf_dir, "-o", out, "--tile", 512, "--overlap", 0,
+              "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(out) as ds:
+        ours = ds.read(1)
+    ref = reference_heights(model, data)
+    assert ours.shape == ref.shape == (512, 512)
+    rel = np.abs(ours - ref) / np.abs(ref)
+    assert rel.max() < 1e-3, rel.max()
+    assert ref.std() > 0.01 * ref.mean()       # the model's output is not flat: the check means something
+
+
+def test_official_pth_layout_gives_the_same_output(chmv2, crop512, tmp_path):
+    _, hf_dir, head, backbone = chmv2
+    scene, _ = crop512
+    outs = []
+    for name, weights in (("hf", ["--weights", hf_dir]), ("meta", ["--weights", head, "--backbone-weights", backbone])):
+        out = tmp_path / f"{name}.tif"
+        run = cli("segment", scene, *weights, "-o", out, "--tile", 256, "--overlap", 32, "--device", "cpu")
+        assert run.returncode == 0, run.stderr
+        with rasterio.open(out) as ds:
+            outs.append(ds.read(1))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_multi_chip_scene_with_nodata_collar(chmv2, tmp_path):
+    """Georeferencing, dtype, NaN placement, COG layout and the GeoPackage on a real scene."""
+    _, hf_dir, _, _ = chmv2
+    out, gpkg = tmp_path / "bahamas.tif", tmp_path / "bahamas.gpkg"
+    run = cli("segment", BAHAMAS, "--weights", hf_dir, "-o", out, "--vector", gpkg, "--min-height", 3,
+              "--tile", 128, "--overlap", 32, "--batch-size", 4, "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"pixel size is 300\.\d\d m", run.stderr) and "--gsd" in run.stderr
+    assert "km²" in run.stderr and str(out) in run.stderr
+    with rasterio.open(BAHAMAS) as src, rasterio.open(out) as ds:
+        assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
+        assert ds.dtypes == ("float32",) and np.isnan(ds.nodata)
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.overviews(1)
+        heights = ds.read(1)
+        invalid = src.dataset_mask() == 0
+        pixel_area = abs(src.transform.a * src.transform.e)
+    assert invalid.any() and (~invalid).any()
+    np.testing.assert_array_equal(np.isnan(heights), invalid)
+    assert np.isfinite(heights[~invalid]).all() and heights[~invalid].min() > 0
+
+    layer = gpd.read_file(gpkg, layer="canopy")
+    assert layer.crs == rasterio.open(out).crs
+    assert {"area_m2", "mean_height_m", "max_height_m"} <= set(layer.columns)
+    assert (layer.max_height_m >= 3).all() and (layer.mean_height_m <= layer.max_height_m).all()
+    # one polygon per connected patch of canopy: nothing split along the 128 px chip grid
+    labels, count = ndimage.label(np.nan_to_num(heights, nan=-1) >= 3)
+    assert len(layer) == count > 1
+    assert layer.area_m2.sum() == pytest.approx((labels > 0).sum() * pixel_area, rel=1e-3)
+
+
+def test_python_api_on_a_four_band_scene(chmv2, tmp_path):
+    """The notebook path: one call; NAIP's fourth band (NIR) is left out by default."""
+    _, hf_dir, _, _ = chmv2
+    with pytest.warns(dinov3_geo.api.DinoGeoWarning, match="pixel size"):
+        result = dinov3_geo.segment(NAIP, task="canopy", output=tmp_path / "naip.tif", weights=hf_dir,
+                                    tile=256, overlap=32, device="cpu", progress=False)
+    assert result.stats.chips_computed == result.stats.chips_total > 1
+    assert result.area_km2 == pytest.approx(934 * 723 * 25 / 1e6, rel=1e-6)
+    with rasterio.open(result.output) as ds:
+        assert ds.count == 1 and ds.width == 934 and ds.height == 723
+
+
+def test_explicit_bands_change_the_input(chmv2, tmp_path):
+    _, hf_dir, _, _ = chmv2
+    outs = []
+    for bands in ("1,2,3", "3,2,1"):
+        out = tmp_path / f"b{bands.replace(',', '')}.tif"
+        run = cli("segment", NAIP, "--weights", hf_dir, "-o", out, "--bands", bands, "--tile", 256,
+                  "--overlap", 32, "--device", "cpu")
+        assert run.returncode == 0, run.stderr
+        with rasterio.open(out) as ds:
+            outs.append(ds.read(1))
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3
+
+
+def test_existing_output_is_kept_without_overwrite(chmv2, crop512, tmp_path):
+    _, hf_dir, _, _ = chmv2
+    scene, _ = crop512
+    out = tmp_path / "keep.tif"
+    out.write_bytes(b"earlier result")
+    run = cli("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu")
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert out.read_bytes() == b"earlier result"
+    run = cli("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu", "--overwrite",
+              "--tile", 256, "--overlap", 32)
+    assert run.returncode == 0, run.stderr
+    with rasterio.open(out) as ds:
+        assert ds.width == 512
