@@ -162,6 +162,7 @@ def test_missing_not_raster_and_truncated(tmp_path, sample):
         open_scene(cut)
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_no_georeference_warns(sample, tmp_path, raster):
     path = raster(np.ones((3, 20, 20), np.uint8), crs=None, transform=Affine.identity())
     with open_scene(path) as s:

@@ -58,7 +58,7 @@ def test_float_cog_layout_and_georeference(sample, tmp_path, name):
 def test_class_cog_colormap_and_255_nodata(sample, tmp_path):
     out = tmp_path / "classes.tif"
     with open_scene(sample(RGB)) as scene:
-        with COGSink(out, scene, dtype="uint8", nodata=255, colormap=COLOURS) as sink:
+        with COGSink(out, scene, dtype="uint8", colormap=COLOURS) as sink:  # nodata 255 by default
             stream(scene, sink, three_classes, 3, 256, 32, kind="classes")
     assert_cog(out, sample(RGB), "uint8", nodata=255)
     with rasterio.open(out) as ds, rasterio.open(sample(RGB)) as src:

@@ -92,7 +92,7 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
             picked = [1]
         else:
             raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
-                                    "choose with bands=[...] (1 or 3 bands)")
+                                    "choose 1 or 3 with --bands (bands=[...] in Python)")
     warnings = []
     if len(picked) == 1:
         warnings.append(f"single band {picked[0]} (panchromatic?) repeated to 3 channels")
@@ -103,6 +103,8 @@ def _open_dataset(path: str):
     """rasterio.open with failures turned into one-line :class:`InputError`."""
     if not str(path).startswith("/vsi") and "://" not in str(path) and not os.path.exists(path):
         raise InputError(path, "file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise InputError(path, "empty file (0 bytes)")
     try:
         return rasterio.open(path)
     except RasterioError as exc:
@@ -135,7 +137,13 @@ class Scene:
     # -- set-up ---------------------------------------------------------------------------------
     def _inspect(self, src, bands, scale, gsd) -> None:
         """Fill every attribute from the open source dataset."""
+        if src.count == 0:
+            subs = list(src.subdatasets)
+            raise InputError(self.path, "no raster band" + (
+                f" (a container of {len(subs)} subdatasets: open one of them, e.g. {subs[0]})" if subs else ""))
         self.dtype = src.dtypes[0]
+        if src.tags(1, "IMAGE_STRUCTURE").get("NBITS") == "1":
+            raise InputError(self.path, "1-bit (boolean) data: a mask, not an image")
         if self.dtype not in _ALLOWED_DTYPES:
             raise InputError(self.path, f"unsupported data type {self.dtype} (need integer or float)")
         if src.width < MIN_SIZE or src.height < MIN_SIZE:
@@ -195,8 +203,8 @@ class Scene:
         except RasterioError as exc:
             raise InputError(self.path, f"unreadable pixels ({_short(exc)})") from None
         values = data[mask & np.isfinite(data)]
-        if values.size == 0:
-            raise InputError(self.path, f"band {band} has no valid pixel")
+        if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
+            return 0.0, 1.0
         lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
         if not hi > lo:
             hi = lo + 1.0

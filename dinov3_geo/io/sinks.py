@@ -80,6 +80,19 @@ def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str
         raise
 
 
+#: GDAL block cache (MB) while streaming. GDAL's default (5 % of RAM) fills with dirty blocks of the
+#: output and blocks of the input and makes memory grow with the scene; a set GDAL_CACHEMAX wins.
+GDAL_CACHE_MB = 256
+
+
+def bounded_gdal_cache(mb: int | None = GDAL_CACHE_MB) -> contextlib.AbstractContextManager:
+    """A ``rasterio.Env`` capping GDAL's block cache at ``mb`` MB, unless the user set
+    ``GDAL_CACHEMAX`` (or ``mb`` is None)."""
+    if mb is None or "GDAL_CACHEMAX" in os.environ:
+        return contextlib.nullcontext()
+    return rasterio.Env(GDAL_CACHEMAX=int(mb))
+
+
 def _cog_options(dtype: str) -> dict:
     """GDAL COG driver creation options (ZSTD when this GDAL has it, else DEFLATE)."""
     return {
@@ -115,35 +128,50 @@ def _zstd_works() -> bool:
 class COGSink:
     """Write result rows into a COG at ``path`` matching ``scene.input_profile`` exactly.
 
-    ``count`` bands of ``dtype`` (``"float32"`` with ``nodata=nan``, or ``"uint8"`` with nodata 255
-    and a ``colormap`` ``{value: (r, g, b[, a])}``). Use as a context manager; ``write(row_off,
+    ``count`` bands of ``dtype`` (``"float32"`` with ``nodata=nan``, or ``"uint8"`` with nodata 255 --
+    the default for uint8 -- and a ``colormap`` ``{value: (r, g, b[, a])}``). Use as a context manager; ``write(row_off,
     array)`` takes ``[count, rows, width]`` on the scene's working grid, rows in any order. All
-    checks (folder, overwrite, input file) happen in ``__init__``, before any model work.
+    checks (folder, overwrite, input file) happen in ``__init__``, before any model work. Inside the
+    ``with`` block GDAL's block cache is capped at ``gdal_cache_mb`` (process-wide, so it also bounds
+    the reader threads' cache) so memory stays flat on large scenes.
     """
 
     def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
                  colormap: dict | None = None, overwrite: bool = False,
-                 band_descriptions: Sequence[str] | None = None):
+                 band_descriptions: Sequence[str] | None = None, *,
+                 gdal_cache_mb: int | None = GDAL_CACHE_MB):
         self.path = check_output(path, overwrite, inputs=[getattr(scene, "path", None)])
         self.scene, self.count, self.dtype = scene, count, np.dtype(dtype).name
+        if np.dtype(dtype).kind in "ui" and isinstance(nodata, float) and np.isnan(nodata):
+            nodata = 255 if self.dtype == "uint8" else None  # NaN cannot be an integer nodata
         self.nodata, self.colormap, self.overwrite = nodata, colormap, overwrite
         self.band_descriptions = list(band_descriptions) if band_descriptions else None
         self._tmp: Path | None = None
         self._ds = None
+        self._env = bounded_gdal_cache(gdal_cache_mb)
         self._pending: dict[int, np.ndarray] = {}
         self._next_row = 0  # rows [0, _next_row) are in the file
         self.finished = False
 
     # -- context --------------------------------------------------------------------------------
     def __enter__(self) -> "COGSink":
-        self.open()
+        """Open the temporary file and cap GDAL's block cache until exit (see ``GDAL_CACHE_MB``)."""
+        self._env.__enter__()
+        try:
+            self.open()
+        except BaseException:
+            self._env.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.finalize()
+            else:
+                self.abort()
+        finally:
+            self._env.__exit__(None, None, None)
 
     def open(self) -> None:
         """Create the temporary tiled GeoTIFF on the working grid."""

@@ -1,0 +1,139 @@
+"""Peak memory of the streaming I/O path on a large scene (no model, no torch).
+
+Builds a SIZE x SIZE 3-band uint8 GeoTIFF (tiled, DEFLATE) block by block from a real sample scene
+repeated over the grid, then streams it through plan_chips -> Scene.read (reader threads) ->
+StreamingStitcher -> COGSink with a trivial stand-in model (mean of the channels). Prints one JSON
+line last: peak RSS (sampled and ru_maxrss), baseline, scene size, seconds.
+
+    python benchmarks/bench_memory.py [--size 20000] [--tile 512] [--overlap 64] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+from rasterio.windows import Window
+
+from dinov3_geo.io.scene import open_scene
+from dinov3_geo.io.sinks import COGSink
+from dinov3_geo.io.stitch import StreamingStitcher
+from dinov3_geo.io.tiling import pad_to_tile, plan_chips
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
+BLOCK = 512
+
+
+def make_scene(path: Path, size: int) -> None:
+    """Write ``size`` x ``size`` x 3 uint8, block by block, tiling the real sample over the grid."""
+    with rasterio.open(SAMPLE) as src:
+        tile = src.read([1, 2, 3])
+        profile = src.profile.copy()
+    th, tw = tile.shape[1:]
+    profile.update(width=size, height=size, count=3, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                   compress="DEFLATE", zlevel=1, bigtiff="IF_SAFER", photometric="RGB")
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, BLOCK):
+            rows = np.arange(r, min(r + BLOCK, size)) % th
+            band = tile[:, rows]
+            for c in range(0, size, BLOCK):
+                cols = np.arange(c, min(c + BLOCK, size)) % tw
+                dst.write(band[:, :, cols], window=Window(c, r, len(cols), len(rows)))
+
+
+class PeakSampler(threading.Thread):
+    """Samples this process's RSS every ``every`` seconds and keeps the maximum."""
+
+    def __init__(self, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stop_flag = every, 0, threading.Event()
+        self.proc = psutil.Process()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def stop(self) -> int:
+        self.stop_flag.set()
+        self.join()
+        return max(self.peak, self.proc.memory_info().rss)
+
+
+def stream(scene_path: Path, out: Path, tile: int, overlap: int, readers: int = 2) -> int:
+    """Run the stand-in model over the scene; return the number of chips computed."""
+    computed = 0
+    with open_scene(scene_path) as scene, COGSink(out, scene, overwrite=True) as sink:
+        windows = plan_chips(scene.height, scene.width, tile, overlap)
+        stitcher = StreamingStitcher(sink, scene.height, scene.width, 1, tile, overlap)
+        with ThreadPoolExecutor(readers) as pool:
+            queue: deque = deque()
+            for win in windows:
+                queue.append((win, pool.submit(scene.read, win)))
+                if len(queue) > 4 * readers:
+                    computed += _consume(stitcher, tile, *queue.popleft())
+            while queue:
+                computed += _consume(stitcher, tile, *queue.popleft())
+        stitcher.close()
+    return computed
+
+
+def _consume(stitcher: StreamingStitcher, tile: int, win: Window, future) -> int:
+    chip, valid = future.result()
+    if not valid.any():
+        stitcher.skip(win)
+        return 0
+    padded, _ = pad_to_tile(chip, tile)
+    stitcher.add(win, padded.mean(0, keepdims=True, dtype=np.float32) / 255, valid)
+    return 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=20000)
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=64)
+    ap.add_argument("--workdir", type=Path, default=None)
+    a = ap.parse_args()
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    work.mkdir(parents=True, exist_ok=True)
+    scene_path, out = work / f"scene_{a.size}.tif", work / f"out_{a.size}.tif"
+    try:
+        t0 = time.time()
+        if not scene_path.exists():
+            make_scene(scene_path, a.size)
+        t1 = time.time()
+        baseline = psutil.Process().memory_info().rss
+        sampler = PeakSampler()
+        sampler.start()
+        chips = stream(scene_path, out, a.tile, a.overlap)
+        peak = sampler.stop()
+        t2 = time.time()
+        with rasterio.open(out) as ds:
+            layout = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT")
+            shape = (ds.height, ds.width)
+        print(json.dumps({
+            "scene_px": [a.size, a.size], "tile": a.tile, "overlap": a.overlap, "chips_computed": chips,
+            "baseline_rss_mb": round(baseline / 2**20), "peak_rss_mb": round(peak / 2**20),
+            "peak_above_baseline_mb": round((peak - baseline) / 2**20),
+            "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "make_input_s": round(t1 - t0, 1), "stream_s": round(t2 - t1, 1),
+            "output_shape": shape, "output_layout": layout,
+        }))
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
