@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .engine import Engine, RunStats, dtype_for, resolve_device, validate_batch_size
-from .errors import UsageError, WeightsNotFoundError
+from .errors import OutputError, UsageError, WeightsNotFoundError
 from .io.scene import open_scene
 from .io.sinks import COGSink, check_output
 from .io.stitch import StreamingStitcher
@@ -82,10 +83,12 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     dev = resolve_device(device)
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
+    _check_writable(output)
     if vector is not None:
-        check_output(vector, overwrite, inputs=[scene, output])
         if Path(vector).resolve() == output.resolve():
             raise UsageError("--vector", "the vector output must differ from the raster output")
+        check_output(vector, overwrite, inputs=[scene, output])
+        _check_writable(Path(vector))
     collected: list[str] = []
     with open_scene(scene, bands=bands, scale=scale, gsd=gsd) as sc:
         for text in sc.warnings:
@@ -99,6 +102,8 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
                      band_descriptions=["canopy_height_m"]) as sink:
             stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, tile, overlap, kind="continuous")
             stats = engine.run(sc, stitcher, progress=progress)
+        if stats.chips_computed == 0:
+            _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)
         area = _area_km2(sc)
     polygons = None
     if vector is not None:
@@ -107,6 +112,18 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         polygons = polygonize_threshold(output, vector, min_height, layer="canopy", overwrite=overwrite)
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(dev), collected)
+
+
+def _check_writable(path: Path) -> None:
+    """OutputError unless a file can be created beside ``path`` (read-only folders and file systems,
+    also for root, whom ``os.access`` does not stop)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
+    except OSError as exc:
+        raise OutputError(path, f"folder {folder} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _default_output(scene: PathLike, task: str) -> Path:
@@ -125,6 +142,10 @@ def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None
     if size is None:
         return
     mean = math.sqrt(abs(size[0] * size[1]))
+    if scene.crs is not None and scene.crs.is_geographic:
+        _, lat = scene.transform * (scene.width / 2, scene.height / 2)
+        _warn(f"{scene.path}: geographic CRS (degrees): pixel size taken as {abs(size[0]):.2f} x {abs(size[1]):.2f} m "
+              f"at latitude {lat:.2f}; the output stays in degrees", collected)
     if gsd is None and (mean > 2.0 or mean < 0.2):
         _warn(f"{scene.path}: pixel size is {mean:.2f} m, far from the ~{CHMV2_TRAINING_GSD} m the canopy model "
               f"was trained on; heights may be unreliable (try --gsd {CHMV2_TRAINING_GSD})", collected)
@@ -149,7 +170,7 @@ def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: O
                 verify_official_hash(path)
     if backbone_weights is None and weights.is_file():
         backbone_weights = _find_backbone_beside(weights)
-    return load_canopy_model(weights, backbone_weights=backbone_weights, device=device, dtype=dtype)
+    return load_canopy_model(weights, backbone_weights=backbone_weights, device=device, dtype=dtype, verify=verify)
 
 
 def _find_chmv2() -> Path:

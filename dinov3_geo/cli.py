@@ -86,7 +86,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    from rasterio.errors import NotGeoreferencedWarning
+
     from .api import segment
+
+    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
 
     result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,

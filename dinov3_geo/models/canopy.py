@@ -75,17 +75,19 @@ class CanopyModel(nn.Module):
 
 
 def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = None,
-                      device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> CanopyModel:
+                      device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                      verify: bool = True) -> CanopyModel:
     """A :class:`CanopyModel` in eval mode from a CHMv2 HF folder or Meta head ``.pth``.
 
     ``weights``: an HF ``CHMv2ForDepthEstimation`` folder (its backbone is used unless
     ``backbone_weights`` is given; layers from its ``out_indices``) or Meta's decoder ``.pth``
     (then ``backbone_weights``, the SAT ViT-L checkpoint in any layout ``load_backbone`` reads, is
     required; layers (5, 11, 17, 23), i.e. :func:`even_layers` of the backbone depth). Every
-    mismatch is a :class:`WeightsError` naming the file.
+    mismatch is a :class:`WeightsError` naming the file. ``verify=False`` skips the SHA-256 check of an
+    official backbone file name.
     """
     head_weights = read_chmv2_weights(weights)
-    backbone = _load_backbone_for(head_weights, backbone_weights, device, dtype)
+    backbone = _load_backbone_for(head_weights, backbone_weights, device, dtype, verify)
     layers = head_weights.layers or even_layers(int(getattr(backbone, "depth", 24)))
     _check_compatible(head_weights, backbone, layers, backbone_weights or weights)
     head = build_chmv2_head(head_weights, device=device, dtype=dtype)
@@ -93,12 +95,12 @@ def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = 
 
 
 def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[PathLike],
-                       device: Union[str, torch.device], dtype: torch.dtype) -> nn.Module:
+                       device: Union[str, torch.device], dtype: torch.dtype, verify: bool = True) -> nn.Module:
     """The backbone given explicitly, else the one inside the HF folder."""
     from .backbone import backbone_from_state_dict, load_backbone
 
     if backbone_weights is not None:
-        return load_backbone(backbone_weights, device=device, dtype=dtype).eval()
+        return load_backbone(backbone_weights, device=device, dtype=dtype, verify=verify).eval()
     if head_weights.backbone_state is None:
         raise WeightsError(head_weights.source, "head weights need the SAT ViT-L backbone weights: "
                                                 "pass --backbone-weights")
