@@ -109,7 +109,11 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     if vector is not None:
         from .io.vector import polygonize_threshold
 
-        polygons = polygonize_threshold(output, vector, min_height, layer="canopy", overwrite=overwrite)
+        try:
+            polygons = polygonize_threshold(output, vector, min_height, layer="canopy", overwrite=overwrite)
+        except BaseException:  # failed or interrupted: no half job, so that the same command can be rerun
+            output.unlink(missing_ok=True)
+            raise
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(dev), collected)
 

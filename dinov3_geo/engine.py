@@ -177,9 +177,10 @@ class Engine:
         """Run one batch, halving it on out-of-memory until it fits (a note says so)."""
         try:
             out = self._forward_batch(batch)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as exc:
             if len(batch) == 1:
-                raise
+                raise DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self.tile} px "
+                                                    "tiles; try a smaller --tile or --precision bf16") from exc
             self._free_memory()
             self.batch_size = max(1, len(batch) // 2)
             stats.batch_size = self.batch_size

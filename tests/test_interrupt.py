@@ -1,0 +1,200 @@
+"""Interruptions and out-of-memory: a run stopped part way leaves nothing behind and can be rerun;
+an out-of-memory batch is halved and retried with a note, and the result does not change."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from rasterio.windows import Window
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data_samples" / "rasterio_RGB.byte.tif"
+UTM = dict(crs="EPSG:32618", transform=Affine(0.6, 0, 500000.0, 0, -0.6, 4000000.0))
+
+
+def tiled_scene(path: Path, crop: int = 128, reps: int = 3) -> Path:
+    """A real crop tiled ``reps`` x ``reps`` into one GeoTIFF."""
+    with rasterio.open(SAMPLE) as src:
+        a = src.read(window=Window(350, 300, crop, crop))
+    big = np.tile(a, (1, reps, reps))
+    with rasterio.open(path, "w", driver="GTiff", width=big.shape[2], height=big.shape[1], count=3,
+                       dtype="uint8", **UTM) as ds:
+        ds.write(big)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chm(tmp_path_factory):
+    from dinov3_geo.testing.random_chmv2 import write_random_chmv2
+
+    return write_random_chmv2(tmp_path_factory.mktemp("chm") / "chm")
+
+
+def _env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINOV3GEO_", "PYTEST_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["DINOV3GEO_CACHE"] = str(tmp / "cache")
+    return env
+
+
+def _default_sigint():
+    # A child of a process that ignores SIGINT would inherit SIG_IGN; a terminal's Ctrl-C does not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "partial" in p.name)
+
+
+def _chips_done(text: str) -> int:
+    counts = [int(m.group(1)) for m in re.finditer(r"(\d+)/\d+ \[", text)]
+    return max(counts, default=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_part_way_then_rerun(chm, tmp_path, sig):
+    scene = tiled_scene(tmp_path / "big.tif", crop=96)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "canopy.tif"
+    unrelated = out_dir / "earlier_result.tif"
+    unrelated.write_bytes(b"an earlier output")
+    cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(chm), "-o", str(target),
+           "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress"]
+    if sig == signal.SIGTERM:      # an earlier result at the target, replaced only by a finished run
+        target.write_bytes(b"previous canopy")
+        cmd.append("--overwrite")
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                                cwd=tmp_path, env=_env(tmp_path), preexec_fn=_default_sigint)
+        try:
+            deadline = time.monotonic() + 120
+            while _chips_done(err_file.read_text()) < 6:   # part way: some chips done, most to go
+                assert proc.poll() is None, f"finished before it could be interrupted:\n{err_file.read_text()}"
+                assert time.monotonic() < deadline, err_file.read_text()
+                time.sleep(0.05)
+            assert any(p.name.startswith(".canopy.tif.partial") for p in out_dir.iterdir())
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=20)
+            stopped = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err_file.read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    assert stopped < 5, f"took {stopped:.1f} s to stop"
+    assert rc == (130 if sig == signal.SIGINT else 143), (rc, text)
+    assert lines[-1] == "error: interrupted; no output was written", text
+    assert sum(ln.startswith("error:") for ln in lines) == 1 and "Traceback" not in text, text
+    assert _chips_done(text) < 36, "the run was not interrupted part way"
+    if sig == signal.SIGTERM:
+        assert target.read_bytes() == b"previous canopy"
+    else:
+        assert not target.exists()
+    assert hidden(out_dir) == []
+    assert unrelated.read_bytes() == b"an earlier output"
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "error" not in again.stderr
+    with rasterio.open(target) as ds:
+        assert (ds.width, ds.height) == (288, 288)
+        assert np.isfinite(ds.read(1)).all()
+    assert hidden(out_dir) == []
+    assert unrelated.read_bytes() == b"an earlier output"
+
+
+def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
+    """A run stopped while polygonising leaves neither output, so the same command can be rerun."""
+    import dinov3_geo.io.vector as vector
+    from dinov3_geo.api import segment
+
+    scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
+    out, vec = tmp_path / "c.tif", tmp_path / "c.gpkg"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    kw = dict(weights=chm, vector=vec, device="cpu", tile=64, overlap=16, readers=1)
+    monkeypatch.setattr(vector, "polygonize_threshold", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        segment(scene, output=out, **kw)
+    assert not out.exists() and not vec.exists() and hidden(tmp_path) == []
+    monkeypatch.undo()
+    result = segment(scene, output=out, **kw)
+    assert out.exists() and vec.exists() and result.polygons is not None
+
+
+# -------------------------------------------------------------------------------------------------
+# Out of memory
+
+
+class _PerChip(torch.nn.Module):
+    """Deterministic per-chip model (batch size cannot change its values)."""
+
+    def normalise(self, x):
+        return x * 2.0 - 1.0
+
+    def forward(self, x):
+        return (x.mean(1, keepdim=True) * 10.0 + x[:, :1] * x[:, 2:3]).float()
+
+
+class _RunsOutOfMemory(_PerChip):
+    """Raises ``torch.OutOfMemoryError`` for batches larger than ``limit`` (as a GPU would)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated for a batch of {x.shape[0]})")
+        return super().forward(x)
+
+
+def _run_segment(monkeypatch, model, scene, out, batch_size=8):
+    import dinov3_geo.api as api
+
+    monkeypatch.setattr(api, "_load_task_model", lambda *a, **k: model)
+    return api.segment(scene, output=out, weights="unused", device="cpu", tile=64, overlap=16,
+                       batch_size=batch_size, readers=2)
+
+
+def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, monkeypatch):
+    scene = tiled_scene(tmp_path / "s.tif", crop=96, reps=2)             # 192 px: 16 chips of 64
+    ok = _run_segment(monkeypatch, _PerChip(), scene, tmp_path / "ok.tif")
+    flaky = _RunsOutOfMemory(limit=3)
+    res = _run_segment(monkeypatch, flaky, scene, tmp_path / "oom.tif")
+    assert res.stats.chips_computed == ok.stats.chips_computed == 16
+    assert res.stats.batch_size == 2 and max(s for s in flaky.sizes if s <= 3) == 2
+    assert flaky.sizes[:3] == [8, 4, 2]
+    assert any("out of GPU memory" in n and "batch size lowered to 2" in n for n in res.stats.notes)
+    assert "note: out of GPU memory" in res.summary()
+    with rasterio.open(tmp_path / "ok.tif") as a, rasterio.open(tmp_path / "oom.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    assert hidden(tmp_path) == []
+
+
+def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path, monkeypatch):
+    from dinov3_geo.errors import DinoGeoError
+
+    scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
+    with pytest.raises(DinoGeoError, match="out of GPU memory.*--tile"):
+        _run_segment(monkeypatch, _RunsOutOfMemory(limit=0), scene, tmp_path / "oom.tif", batch_size=2)
+    assert not (tmp_path / "oom.tif").exists() and hidden(tmp_path) == []
