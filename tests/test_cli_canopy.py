@@ -113,7 +113,8 @@ def test_multi_chip_scene_with_nodata_collar(chmv2, tmp_path):
     # one polygon per connected patch of canopy: nothing split along the 128 px chip grid
     labels, count = ndimage.label(np.nan_to_num(heights, nan=-1) >= 3)
     assert len(layer) == count > 1
-    assert layer.area_m2.sum() == pytest.approx((labels > 0).sum() * pixel_area, rel=1e-3)
+    # true (equal-area) m², within UTM's scale error of the nominal pixel area
+    assert layer.area_m2.sum() == pytest.approx((labels > 0).sum() * pixel_area, rel=5e-3)
 
 
 def test_python_api_on_a_four_band_scene(chmv2, tmp_path):

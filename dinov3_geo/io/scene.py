@@ -241,7 +241,8 @@ class Scene:
 
         Returns ``(chip, valid)``: ``chip`` is uint8 ``[3, h, w]`` for uint8 sources (scale by 1/255
         on the device) else float32 ``[3, h, w]`` scaled to 0..1 with the scene-wide stretch;
-        ``valid`` is bool ``[h, w]`` (nodata, alpha, masks of every selected band, NaN). Invalid
+        ``valid`` is bool ``[h, w]``: false where every selected band is masked (nodata, alpha,
+        internal masks, as GDAL's dataset mask) or any band is NaN. Invalid
         pixels of ``chip`` are 0. Safe to call from several threads at once.
         """
         handle = self._handle()
@@ -250,7 +251,9 @@ class Scene:
         unique = sorted(set(self.bands))
         try:
             data = data_ds.read(self.bands, window=window)
-            valid = np.all(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            # GDAL's dataset-mask rule: a pixel is nodata only where every band is nodata (a dark
+            # pixel with one band at the nodata value is data); alpha and internal masks are shared.
+            valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({_short(exc)})") from None
         if data.dtype.kind == "f":
