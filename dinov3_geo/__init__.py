@@ -20,6 +20,8 @@ _EXPORTS = {
     "segment": "dinov3_geo.api",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
+    "DinoGeoWarning": "dinov3_geo.api",
+    "SegmentResult": "dinov3_geo.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

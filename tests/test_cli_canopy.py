@@ -120,7 +120,7 @@ def test_multi_chip_scene_with_nodata_collar(chmv2, tmp_path):
 def test_python_api_on_a_four_band_scene(chmv2, tmp_path):
     """The notebook path: one call; NAIP's fourth band (NIR) is left out by default."""
     _, hf_dir, _, _ = chmv2
-    with pytest.warns(dinov3_geo.api.DinoGeoWarning, match="pixel size"):
+    with pytest.warns(dinov3_geo.DinoGeoWarning, match="pixel size"):
         result = dinov3_geo.segment(NAIP, task="canopy", output=tmp_path / "naip.tif", weights=hf_dir,
                                     tile=256, overlap=32, device="cpu", progress=False)
     assert result.stats.chips_computed == result.stats.chips_total > 1
