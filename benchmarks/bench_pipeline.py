@@ -1,0 +1,574 @@
+"""Model-only against end-to-end throughput, in one process, for one model, chip size and batch size.
+
+(a) model-only: random uint8-range chips already on the device go through the same steps the
+    engine runs on the device (to float, /255, normalise, forward, to float32), synchronised, after
+    warm-up (the ``--compile`` warm-up is never timed);
+(b) end to end: the real command path on a real GeoTIFF (``data_samples/`` tiled into a larger
+    tiled GeoTIFF): reading, scaling, host-to-device copies, model, stitching and COG writing. For
+    the canopy models this is ``dinov3_geo.segment(scene, "canopy", weights=DIR)`` itself, timed
+    from the end of model loading (and compile warm-up) to the finished COG; for the embedding
+    models (no task exists yet) it is ``Engine`` + ``StreamingStitcher`` + ``COGSink`` as
+    ``segment`` wires them, with a small module that writes the patch-feature norm;
+(c) the peer, when ``terratorch`` is importable: TerraTorch's ``tiled_inference`` (whole scene in
+    RAM, cosine blending, LZW GeoTIFF) on the same scene, chip, stride and batch with the same
+    transformers ``CHMv2ForDepthEstimation`` weights (canopy models only), as
+    ``/work/shared/bench/peer_terratorch.py`` does.
+
+Weights are random (speed does not depend on them) but go through our loaders: the canopy models
+are written by transformers' ``save_pretrained`` and loaded by ``load_canopy_model``; the backbones
+are generated on the device and built by ``dinov3_geo.models.backbone.build_backbone``.
+
+Models: ``small`` (random small CHMv2, CPU-sized), ``vitl`` (CHMv2 = SAT ViT-L/16 + DPT head),
+``small-backbone``, ``vitl-backbone`` and ``vit7b`` (backbone only, embeddings: the patch-feature
+norm upsampled to the chip is what gets stitched and written).
+
+    python benchmarks/bench_pipeline.py --model small --device cpu --tile 256 --overlap 32 --batch 8
+    python benchmarks/bench_pipeline.py --model vitl --batch 16 --grid 32x32 [--compile] [--work DIR]
+
+Prints progress on stderr and one JSON object as the last line of stdout (also to ``--json FILE``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:           # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+DEFAULT_SOURCE = REPO / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
+PEER_SCRIPT = Path("/work/shared/bench/peer_terratorch.py")   # the reference; re-implemented below
+CANOPY_MODELS = ("small", "vitl")
+BACKBONE_MODELS = ("small-backbone", "vitl-backbone", "vit7b")
+SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# the scene: a real sample tiled into a larger tiled GeoTIFF (never noise)
+
+def scene_size(src_hw: tuple[int, int], tile: int, overlap: int, repeat: int | None,
+               grid: tuple[int, int] | None) -> tuple[int, int]:
+    """Pixel size of the benchmark scene: the source repeated ``repeat`` x ``repeat`` times, or
+    exactly ``rows`` x ``cols`` chips of ``tile`` with ``overlap`` (so a compiled model never sees
+    a short last batch when the chip count is a multiple of the batch)."""
+    if grid is not None:
+        stride = tile - overlap
+        return stride * (grid[0] - 1) + tile, stride * (grid[1] - 1) + tile
+    n = max(1, repeat or 1)
+    return src_hw[0] * n, src_hw[1] * n
+
+
+def make_scene(source: Path, path: Path, height: int, width: int) -> None:
+    """Write ``source``'s first three bands, repeated and cropped to ``height`` x ``width``, as an
+    uncompressed 512-tiled GeoTIFF on the source's grid (extended), in row strips."""
+    import numpy as np
+    import rasterio
+
+    with rasterio.open(source) as s:
+        arr = s.read([1, 2, 3])
+        prof = s.profile.copy()
+    sh, sw = arr.shape[1:]
+    prof.update(driver="GTiff", count=3, width=width, height=height, compress=None, tiled=True,
+                blockxsize=512, blockysize=512, photometric="RGB", interleave="pixel", bigtiff="IF_SAFER")
+    cols = np.arange(width) % sw
+    tmp = path.with_name(f".{path.name}.partial")
+    with rasterio.open(tmp, "w", **prof) as d:
+        for r0 in range(0, height, 512):
+            r1 = min(height, r0 + 512)
+            strip = arr[:, np.arange(r0, r1) % sh][:, :, cols]
+            d.write(strip, window=rasterio.windows.Window(0, r0, width, r1 - r0))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# models with random weights
+
+def chmv2_config(model: str):
+    """The transformers CHMv2 config: small (CPU) or the real ViT-L + DPT shape."""
+    from transformers import CHMv2Config
+
+    if model == "small":      # as peer_terratorch.py --small
+        return CHMv2Config(backbone_config=dict(
+            model_type="dinov3_vit", hidden_size=64, intermediate_size=256, num_attention_heads=4,
+            num_hidden_layers=4, num_register_tokens=4, key_bias=True, out_indices=[1, 2, 3, 4],
+            reshape_hidden_states=True, apply_layernorm=True, layer_norm_eps=1e-5, return_class_token=True,
+            patch_size=16), post_process_channels=[16, 32, 64, 64], fusion_hidden_size=32, head_hidden_size=16,
+            number_output_channels=32)
+    cfg = CHMv2Config()
+    cfg.backbone_config.layer_norm_eps = 1e-5
+    return cfg
+
+
+def make_canopy_weights(model: str, folder: Path) -> None:
+    """A random transformers ``CHMv2ForDepthEstimation`` saved with ``save_pretrained``."""
+    import torch
+    from transformers import CHMv2ForDepthEstimation
+
+    torch.manual_seed(0)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    CHMv2ForDepthEstimation(chmv2_config(model)).eval().save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def ensure_canopy_weights(model: str, work: Path) -> Path:
+    """The weights folder in ``work`` (made once, in a child process so that this process's peak
+    RSS is the pipeline's and not the weight generation's)."""
+    folder = work / f"chmv2-{model}-random"
+    if not (folder / "config.json").exists():
+        log(f"writing random CHMv2 ({model}) weights to {folder}")
+        subprocess.run([sys.executable, __file__, "--make-weights", str(folder), "--model", model],
+                       check=True)
+    return folder
+
+
+def backbone_arch(model: str):
+    from dinov3_geo.models.weights import ViTArch
+
+    if model == "small-backbone":
+        return ViTArch(embed_dim=64, depth=4, num_heads=4, mlp_hidden=256, gated_mlp=False, qkv_bias=True,
+                       num_reg_tokens=4)
+    if model == "vitl-backbone":      # SAT-493M ViT-L/16
+        return ViTArch(embed_dim=1024, depth=24, num_heads=16, mlp_hidden=4096, gated_mlp=False, qkv_bias=True,
+                       num_reg_tokens=4)
+    if model == "vit7b":              # ViT-7B/16: SwiGLU 8192, no qkv bias
+        return ViTArch(embed_dim=4096, depth=40, num_heads=32, mlp_hidden=8192, gated_mlp=True, qkv_bias=False,
+                       num_reg_tokens=4)
+    raise ValueError(model)
+
+
+def random_backbone(model: str, device, dtype):
+    """Our ``Backbone`` with random tensors generated directly on ``device`` in ``dtype`` (the
+    ViT-7B's 6.7 B parameters never touch the host), built by ``build_backbone``."""
+    import torch
+    from timm.models.eva import Eva
+
+    from dinov3_geo.models.backbone import build_backbone
+    from dinov3_geo.models.weights import Checkpoint
+
+    arch = backbone_arch(model)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Eva(**arch.timm_kwargs()).state_dict().items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if key.endswith("bias"):
+            t.zero_()
+        elif len(shape) == 1:
+            t.fill_(1.0 if "norm" in key else 0.1)     # norms, layer scales
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        state[key] = t
+    ckpt = Checkpoint(state=state, arch=arch, source=f"random-{model}", layout="timm")
+    return build_backbone(ckpt, dtype, mean=SAT_MEAN, std=SAT_STD).to(device).eval()
+
+
+def feature_norm_model(backbone):
+    """Embeddings as a dense model for ``Engine``: normalise with the backbone's statistics; forward
+    gives the L2 norm of the patch features, upsampled (nearest) to the chip, ``[B,1,T,T]`` float."""
+    import torch
+    import torch.nn.functional as F
+
+    class FeatureNorm(torch.nn.Module):
+        def __init__(self, bb):
+            super().__init__()
+            self.backbone = bb
+
+        def normalise(self, x01):
+            return self.backbone.normalise(x01)
+
+        def forward(self, x):
+            patches = self.backbone.forward_features(x)["patches"]
+            norm = torch.linalg.vector_norm(patches.float(), dim=1, keepdim=True)
+            return F.interpolate(norm, size=x.shape[-2:], mode="nearest")
+
+    return FeatureNorm(backbone).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) end to end
+
+@contextlib.contextmanager
+def patched(obj, name: str, make):
+    """Temporarily replace ``obj.name`` with ``make(original)`` (timing hooks; nothing else)."""
+    original = getattr(obj, name)
+    setattr(obj, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
+
+
+def end_to_end_canopy(a, dev, precision: str, scene: Path, weights: Path, out: Path) -> dict:
+    """``segment()`` itself; the clock starts when model loading (and compile warm-up) has ended."""
+    from dinov3_geo import api
+    from dinov3_geo.engine import Engine
+    from dinov3_geo.io.sinks import COGSink
+
+    marks: dict = {"warmup_s": 0.0, "finalize_s": 0.0}
+
+    def on_load(orig):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            model = orig(*args, **kw)
+            marks["load_s"] = time.perf_counter() - t
+            marks["model"] = model
+            marks["ready"], marks["ready_cpu"] = time.perf_counter(), time.process_time()
+            return model
+        return wrapper
+
+    def on_engine_init(orig):
+        def wrapper(self, *args, **kw):
+            orig(self, *args, **kw)
+            marks["engine"] = self
+        return wrapper
+
+    def timed(key: str, sets_ready: bool = False):
+        """Add the method's duration to ``marks[key]``; the clock restarts after it if ``sets_ready``."""
+        def make(orig):
+            def wrapper(self, *args, **kw):
+                t = time.perf_counter()
+                out = orig(self, *args, **kw)
+                marks[key] += time.perf_counter() - t
+                if sets_ready:
+                    marks["ready"], marks["ready_cpu"] = time.perf_counter(), time.process_time()
+                return out
+            return wrapper
+        return make
+
+    with patched(api, "_load_task_model", on_load), patched(Engine, "__init__", on_engine_init), \
+            patched(Engine, "warm_up", timed("warmup_s", sets_ready=True)), \
+            patched(COGSink, "finalize", timed("finalize_s")):
+        res = api.segment(scene, "canopy", out, weights=weights, device=str(dev), batch_size=a.batch,
+                          precision=precision, tile=a.tile, overlap=a.overlap, overwrite=True,
+                          compile=a.compile, progress=False, verify=False, readers=a.readers)
+        done, done_cpu = time.perf_counter(), time.process_time()
+    s = res.stats
+    return dict(seconds=done - marks["ready"], cpu_s=done_cpu - marks["ready_cpu"], chips=s.chips_computed, chips_total=s.chips_total,
+                skipped=s.chips_skipped, run_s=s.seconds, finalize_s=marks["finalize_s"],
+                load_s=marks.get("load_s", 0.0), warmup_s=marks["warmup_s"], notes=list(s.notes),
+                batch_final=s.batch_size, model=marks["model"], engine=marks.get("engine"))
+
+
+def end_to_end_engine(a, dev, precision: str, model, scene: Path, out: Path) -> dict:
+    """Engine + StreamingStitcher + COGSink wired as ``api.segment`` wires them (embeddings)."""
+    from dinov3_geo.engine import Engine
+    from dinov3_geo.io.scene import open_scene
+    from dinov3_geo.io.sinks import COGSink
+    from dinov3_geo.io.stitch import StreamingStitcher
+
+    with open_scene(scene) as sc:
+        engine = Engine(model, dev, precision, a.batch, a.tile, a.overlap, readers=a.readers, compile=a.compile)
+        t = time.perf_counter()
+        if a.compile:
+            engine.warm_up()
+        warm = time.perf_counter() - t
+        t0, c0 = time.perf_counter(), time.process_time()
+        sink = COGSink(out, sc, count=1, dtype="float32", nodata=float("nan"), overwrite=True,
+                       band_descriptions=["feature_norm"])
+        with sink:
+            stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, a.tile, a.overlap, kind="continuous")
+            stats = engine.run(sc, stitcher, progress=False)
+            t_fin = time.perf_counter()
+        done, done_cpu = time.perf_counter(), time.process_time()
+    return dict(seconds=done - t0, cpu_s=done_cpu - c0, chips=stats.chips_computed, chips_total=stats.chips_total,
+                skipped=stats.chips_skipped, run_s=stats.seconds, finalize_s=done - t_fin, load_s=0.0,
+                warmup_s=warm, notes=list(stats.notes), batch_final=stats.batch_size, model=model, engine=engine)
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) model only
+
+def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, iters: int | None) -> dict:
+    """Chips/s of uint8 chips already on the device through the engine's device-side steps."""
+    import torch
+    from contextlib import nullcontext
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    gen = torch.Generator(device=dev).manual_seed(1)
+    xb = torch.randint(0, 256, (batch, 3, tile, tile), generator=gen, device=dev, dtype=torch.int32).to(torch.uint8)
+
+    def step():
+        with torch.inference_mode(), autocast:
+            x = xb.float().div_(255.0)
+            y = forward(model.normalise(x).to(dtype))
+            return y.float()
+
+    for _ in range(2):             # warm-up (allocator, kernels; compiled graphs are already built)
+        step()
+    sync()
+    reps = iters or max(3, chips // batch)
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        step()
+    sync()
+    dt = time.perf_counter() - t
+    return dict(chips_per_s=reps * batch / dt, reps=reps, seconds=dt, cpu_s=time.process_time() - c)
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) the peer: TerraTorch tiled_inference, as /work/shared/bench/peer_terratorch.py
+
+def load_tiled_inference():
+    """Only ``terratorch/tasks/tiled_inference.py`` (the package __init__ imports far more)."""
+    spec = importlib.util.find_spec("terratorch")
+    root = Path(spec.submodule_search_locations[0])
+    for name in ("terratorch", "terratorch.models"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    utils = types.ModuleType("terratorch.models.utils")
+    utils.pad_images = lambda imgs, patch_size, padding: imgs
+    sys.modules["terratorch.models.utils"] = utils
+    s = importlib.util.spec_from_file_location("tt_tiled", root / "tasks" / "tiled_inference.py")
+    m = importlib.util.module_from_spec(s)
+    s.loader.exec_module(m)
+    return m.tiled_inference
+
+
+def run_peer(a, dev, dtype, weights: Path, scene: Path, out: Path, reps: int) -> dict:
+    import numpy as np  # noqa: F401
+    import rasterio
+    import torch
+    from transformers import CHMv2ForDepthEstimation
+
+    ti = load_tiled_inference()
+    model = CHMv2ForDepthEstimation.from_pretrained(weights).to(dev, dtype).eval()
+    mean = torch.tensor([0.420, 0.411, 0.296], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.213, 0.156, 0.143], device=dev).view(1, 3, 1, 1)
+    count = [0]
+
+    def fwd(chips):
+        count[0] += chips.shape[0]
+        with torch.inference_mode():
+            x = ((chips.to(dev).float() - mean) / std).to(dtype)
+            return model(pixel_values=x).predicted_depth[:, None].float()
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    fwd(torch.rand(a.batch, 3, a.tile, a.tile, device=dev))
+    sync()
+    count[0] = 0
+    t0 = time.perf_counter()
+    with rasterio.open(scene) as s:
+        x = torch.from_numpy(s.read([1, 2, 3])).float().div_(255.0)[None]
+        prof = s.profile.copy()
+    t1 = time.perf_counter()
+    y = ti(fwd, x, crop=a.tile, stride=a.tile - a.overlap, delta=8, batch_size=a.batch, padding=False, device=str(dev))
+    sync()
+    t2 = time.perf_counter()
+    del x
+    prof.update(count=1, dtype="float32", nodata=float("nan"), compress="lzw", tiled=True, blockxsize=512,
+                blockysize=512, photometric="MINISBLACK")
+    with rasterio.open(out, "w", **prof) as d:
+        d.write(y[0, 0].cpu().numpy(), 1)
+    t3 = time.perf_counter()
+    chips = count[0]
+    xb = torch.rand(a.batch, 3, a.tile, a.tile, device=dev)
+    sync()
+    tm = time.perf_counter()
+    for _ in range(reps):
+        fwd(xb)
+    sync()
+    mo = reps * a.batch / (time.perf_counter() - tm)
+    e2e = chips / (t3 - t0)
+    return {"peer": "terratorch.tiled_inference (cosine blend, whole scene in RAM, LZW GeoTIFF)",
+            "peer_chips": chips, "peer_read_s": round(t1 - t0, 3), "peer_tiling_and_model_s": round(t2 - t1, 3),
+            "peer_write_s": round(t3 - t2, 3), "peer_end_to_end_s": round(t3 - t0, 3),
+            "peer_end_to_end_chips_per_s": round(e2e, 3), "peer_model_only_chips_per_s": round(mo, 3),
+            "peer_ratio": round(e2e / mo, 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", choices=CANOPY_MODELS + BACKBONE_MODELS)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile (warm-up not timed)")
+    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="real sample scene to tile")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--repeat", type=int, default=None, help="tile the source N x N times")
+    size.add_argument("--grid", default=None, help="ROWSxCOLS: a scene of exactly that many chips")
+    ap.add_argument("--iters", type=int, default=None, help="model-only batches (default: as many chips as end to end)")
+    ap.add_argument("--peer", default="auto", choices=("auto", "on", "off"),
+                    help="run TerraTorch's tiled_inference too (auto: when importable, canopy models only)")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the scene and weights (kept, reused)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
+    ap.add_argument("--make-weights", type=Path, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.grid is not None:
+        try:
+            r, c = (int(v) for v in a.grid.lower().split("x"))
+            a.grid = (r, c)
+        except ValueError:
+            ap.error("--grid must look like 16x16")
+    return a
+
+
+def device_name(dev) -> str:
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({os.cpu_count()} cores, {platform.machine()}, torch threads {torch.get_num_threads()})"
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; the result dict has ``error`` set when a phase failed."""
+    a = parse_args(argv)
+    if a.make_weights is not None:
+        make_canopy_weights(a.model, a.make_weights)
+        return {}
+    import torch
+
+    from dinov3_geo.engine import dtype_for, resolve_device
+
+    t_start = time.perf_counter()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = resolve_device(a.device)
+    precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    dtype = dtype_for(precision)
+    tmp = None
+    if a.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-pipeline-")
+        work = Path(tmp.name)
+    else:
+        work = a.work
+        work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device": device_name(dev), "model": a.model, "chip": a.tile, "batch": a.batch,
+                    "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": a.readers,
+                    "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        # scene
+        import rasterio
+
+        with rasterio.open(a.source) as s:
+            src_hw = (s.height, s.width)
+        h, w = scene_size(src_hw, a.tile, a.overlap, a.repeat, a.grid)
+        scene = work / f"scene_{a.source.stem}_{h}x{w}.tif"
+        if not scene.exists():
+            t = time.perf_counter()
+            make_scene(a.source, scene, h, w)
+            log(f"scene {scene.name} written in {time.perf_counter() - t:.1f} s")
+        result.update(scene=f"{a.source.name} tiled to {h} x {w} px", scene_px=[h, w])
+
+        # (b) end to end, the real path
+        out = work / f"out_{a.model}_b{a.batch}{'_c' if a.compile else ''}.tif"
+        rss0 = rss_peak_mb()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        weights = None
+        if a.model in CANOPY_MODELS:
+            weights = ensure_canopy_weights(a.model, work)
+            log(f"end to end: segment() canopy, {a.model}, batch {a.batch}, {precision}"
+                f"{', compile' if a.compile else ''}")
+            e2e = end_to_end_canopy(a, dev, precision, scene, weights, out)
+        else:
+            t = time.perf_counter()
+            model = feature_norm_model(random_backbone(a.model, dev, dtype))
+            load_s = time.perf_counter() - t
+            log(f"end to end: Engine embeddings ({a.model}), batch {a.batch}, {precision}"
+                f"{', compile' if a.compile else ''}")
+            e2e = end_to_end_engine(a, dev, precision, model, scene, out)
+            e2e["load_s"] = load_s
+        gpu_e2e = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        e2e_cps = e2e["chips"] / e2e["seconds"]
+        log(f"end to end: {e2e['chips']} chips in {e2e['seconds']:.2f} s = {e2e_cps:.2f} chips/s")
+
+        # (a) model only: the same model object (and, with --compile, the same compiled forward)
+        engine = e2e.pop("engine")
+        model = e2e.pop("model")
+        forward = getattr(engine, "_forward", None)      # a compiled module has no truth value
+        if forward is None:
+            forward = model
+        mo = model_only(dev, dtype, model, forward, a.batch, a.tile, e2e["chips"], a.iters)
+        log(f"model only: {mo['reps'] * a.batch} chips in {mo['seconds']:.2f} s = {mo['chips_per_s']:.2f} chips/s")
+        result.update(
+            chips=e2e["chips"], chips_total=e2e["chips_total"], chips_skipped=e2e["skipped"],
+            model_only_chips_per_s=round(mo["chips_per_s"], 3), model_only_chips=mo["reps"] * a.batch,
+            end_to_end_chips_per_s=round(e2e_cps, 3), ratio=round(e2e_cps / mo["chips_per_s"], 3),
+            end_to_end_s=round(e2e["seconds"], 3), engine_run_s=round(e2e["run_s"], 3),
+            cog_finalize_s=round(e2e["finalize_s"], 3), load_s=round(e2e["load_s"], 3),
+            compile_warmup_s=round(e2e["warmup_s"], 3),
+            # CPU seconds (all threads of this process) per chip: on a shared CPU machine these
+            # stay put when other processes steal cores, where chips/s does not
+            cpu_s_per_chip_model_only=round(mo["cpu_s"] / (mo["reps"] * a.batch), 4),
+            cpu_s_per_chip_end_to_end=round(e2e["cpu_s"] / max(1, e2e["chips"]), 4),
+            load_average=[round(v, 2) for v in os.getloadavg()], batch_final=e2e["batch_final"], notes=e2e["notes"],
+            output_mb=round(out.stat().st_size / 2**20, 2) if out.exists() else None,
+            rss_before_mb=round(rss0), peak_rss_mb=round(rss_peak_mb()))
+        if dev.type == "cuda":
+            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
+            result["peak_gpu_mb_end_to_end"] = round(gpu_e2e)
+        del model, forward, engine
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+        # (c) the peer
+        have_tt = importlib.util.find_spec("terratorch") is not None
+        if a.peer == "on" or (a.peer == "auto" and have_tt and weights is not None):
+            if weights is None:
+                result["peer_error"] = "the peer runs the canopy models only"
+            elif not have_tt:
+                result["peer_error"] = "terratorch is not importable (pip install --no-deps terratorch==1.2.13)"
+            else:
+                log("peer: TerraTorch tiled_inference")
+                try:
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    result.update(run_peer(a, dev, dtype, weights, scene, work / f"peer_{a.model}.tif",
+                                           mo["reps"]))
+                    result["peer_peak_rss_mb"] = round(rss_peak_mb())
+                    if dev.type == "cuda":
+                        result["peer_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
+                    log(f"peer: {result['peer_end_to_end_chips_per_s']} chips/s end to end, "
+                        f"ratio {result['peer_ratio']}")
+                except Exception as exc:      # the peer must not cost us our own figures
+                    result["peer_error"] = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+    except Exception as exc:      # one JSON object comes out whatever happens (gpu.sh records it)
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        if tmp is not None:
+            tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    if res:
+        text = json.dumps(res)
+        json_path = parse_args().json
+        if json_path is not None:
+            json_path.write_text(text + "\n")
+        print(text, flush=True)
+        sys.exit(1 if "error" in res else 0)
