@@ -93,6 +93,7 @@ class Engine:
         self.batch_size = int(batch_size)
         self.tile, self.overlap = int(tile), int(overlap)
         self.readers = max(1, int(readers))
+        self.compile = bool(compile)
         self._forward = self._compiled(model) if compile else model
         self._pinned = device.type == "cuda"
 
@@ -174,35 +175,45 @@ class Engine:
 
     # -- model ----------------------------------------------------------------------------------
     def _infer(self, batch: list[_Chip], writer: "_Writer", stats: RunStats) -> None:
-        """Run one batch, halving it on out-of-memory until it fits (a note says so)."""
+        """Run one batch, halving it on out-of-memory until it fits (a note says so).
+
+        The retry happens after the ``except`` block: inside it, the exception's traceback still
+        holds the failed attempt's tensors, and every smaller batch would run out of memory too.
+        """
+        out = None
         try:
             out = self._forward_batch(batch)
         except torch.OutOfMemoryError as exc:
             if len(batch) == 1:
                 raise DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self.tile} px "
                                                     "tiles; try a smaller --tile or --precision bf16") from exc
+        if out is None:
             self._free_memory()
-            self.batch_size = max(1, len(batch) // 2)
-            stats.batch_size = self.batch_size
-            note = f"out of GPU memory: batch size lowered to {self.batch_size}"
-            stats.notes.append(note)
-            log.warning(note)
-            half = len(batch) // 2
-            self._infer(batch[:half], writer, stats)
-            self._infer(batch[half:], writer, stats)
+            if len(batch) // 2 < self.batch_size:   # never raised again by a later, larger remainder
+                self.batch_size = stats.batch_size = len(batch) // 2
+                note = f"out of GPU memory: batch size lowered to {self.batch_size}"
+                stats.notes.append(note)
+                log.warning(note)
+            start = 0
+            while start < len(batch):               # the rest in batches of the (maybe lowered again) size
+                size = self.batch_size
+                self._infer(batch[start:start + size], writer, stats)
+                start += size
             return
         stats.chips_computed += len(batch)
         writer.put(("add", batch, out))
 
     def _forward_batch(self, batch: list[_Chip]) -> np.ndarray:
         host = torch.from_numpy(np.stack([c.data for c in batch]))
+        if self.compile and len(batch) < self.batch_size:   # a short last batch would recompile
+            host = torch.cat([host, host.new_zeros((self.batch_size - len(batch), *host.shape[1:]))])
         if self._pinned:
             host = host.pin_memory()
         x = host.to(self.device, non_blocking=True)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         with torch.inference_mode(), self._autocast():
             y = self._forward(self.model.normalise(x).to(self.dtype))
-        y = y.float()
+        y = y[:len(batch)].float()
         if self._pinned:
             out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
             out.copy_(y, non_blocking=True)

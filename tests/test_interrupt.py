@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -154,18 +155,24 @@ class _PerChip(torch.nn.Module):
 
 
 class _RunsOutOfMemory(_PerChip):
-    """Raises ``torch.OutOfMemoryError`` for batches larger than ``limit`` (as a GPU would)."""
+    """Raises ``torch.OutOfMemoryError`` for batches larger than ``limit``, and also while the
+    activations of an earlier failed attempt are still alive (as a GPU would: a retry made while
+    the exception's traceback holds them runs out of memory again)."""
 
     def __init__(self, limit: int):
         super().__init__()
         self.limit = limit
         self.sizes: list[int] = []
+        self._attempts: list[weakref.ref] = []
 
     def forward(self, x):
         self.sizes.append(x.shape[0])
-        if x.shape[0] > self.limit:
+        still_held = any(ref() is not None for ref in self._attempts)
+        activations = x * 1.0                      # what this attempt holds on the device
+        self._attempts.append(weakref.ref(activations))
+        if still_held or x.shape[0] > self.limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated for a batch of {x.shape[0]})")
-        return super().forward(x)
+        return super().forward(activations)
 
 
 def _run_segment(monkeypatch, model, scene, out, batch_size=8):
@@ -186,6 +193,9 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, monkeypatch):
     assert flaky.sizes[:3] == [8, 4, 2]
     assert any("out of GPU memory" in n and "batch size lowered to 2" in n for n in res.stats.notes)
     assert "note: out of GPU memory" in res.summary()
+    lowered = [int(n.rsplit(" ", 1)[1]) for n in res.stats.notes]
+    assert lowered == sorted(set(lowered), reverse=True), res.stats.notes     # only ever lowered
+    assert all(s <= 2 for s in flaky.sizes[3:]), flaky.sizes                  # no retry above the size that fits
     with rasterio.open(tmp_path / "ok.tif") as a, rasterio.open(tmp_path / "oom.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
     assert hidden(tmp_path) == []
