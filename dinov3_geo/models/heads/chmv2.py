@@ -92,8 +92,13 @@ class CHMv2Head(DPTHead):
         self.max_depth = float(max_depth)
 
     def bins(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        """Float32 bin centres (kept out of the state dict and of dtype casts)."""
-        return chmv2_mixlog_bins(self.cfg.n_output_channels, self.min_depth, self.max_depth, device)
+        """Float32 bin centres (kept out of the state dict and of dtype casts), computed once per
+        device so that ``forward`` has no host round trip (and no graph break under compile)."""
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        cache = self.__dict__.setdefault("_bins_cache", {})
+        if key not in cache:
+            cache[key] = chmv2_mixlog_bins(self.cfg.n_output_channels, self.min_depth, self.max_depth).to(key)
+        return cache[key]
 
     def forward(self, features: Features, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Float32 heights ``[B,1,H,W]`` in metres, bilinearly resized to ``out_size`` if given."""
