@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ class Engine:
         self.tile, self.overlap = int(tile), int(overlap)
         self.readers = max(1, int(readers))
         self.compile = bool(compile)
+        self._pending = None        # (batch, results) of the batch in flight on the device
         self._forward = self._compiled(model) if compile else model
         self._pinned = device.type == "cuda"
 
@@ -102,8 +103,7 @@ class Engine:
         return torch.compile(model, dynamic=False)
 
     # -- public ---------------------------------------------------------------------------------
-    def run(self, scene, stitcher, progress: Optional[bool] = None,
-            on_chip: Optional[Callable[[int], None]] = None) -> RunStats:
+    def run(self, scene, stitcher, progress: Optional[bool] = None) -> RunStats:
         """Read, infer and stitch every chip of ``scene``; the stitcher streams rows to its sink."""
         windows = plan_chips(scene.height, scene.width, self.tile, self.overlap)
         stats = RunStats(chips_total=len(windows), batch_size=self.batch_size)
@@ -126,8 +126,10 @@ class Engine:
             if batch:
                 self._infer(batch, writer, stats)
                 bar.update(len(batch))
+            self._retire(writer)
             writer.finish()
         except BaseException:
+            self._pending = None
             writer.abort()
             raise
         finally:
@@ -201,25 +203,48 @@ class Engine:
                 start += size
             return
         stats.chips_computed += len(batch)
+        # The device now has this batch queued: only now wait for the previous one, so the CPU
+        # stacks and launches batch k+1 while the GPU computes batch k.
+        self._retire(writer)
+        self._pending = (batch, out)
+
+    def _retire(self, writer: "_Writer") -> None:
+        """Wait for the batch in flight (its results were copied to pinned memory) and hand it on."""
+        if self._pending is None:
+            return
+        batch, out = self._pending
+        self._pending = None
+        if isinstance(out, tuple):
+            host, done = out
+            done.synchronize()
+            out = host.numpy()
         writer.put(("add", batch, out))
 
-    def _forward_batch(self, batch: list[_Chip]) -> np.ndarray:
-        host = torch.from_numpy(np.stack([c.data for c in batch]))
-        if self.compile and len(batch) < self.batch_size:   # a short last batch would recompile
-            host = torch.cat([host, host.new_zeros((self.batch_size - len(batch), *host.shape[1:]))])
-        if self._pinned:
-            host = host.pin_memory()
+    def _forward_batch(self, batch: list[_Chip]):
+        """Launch one batch: stack into (pinned) host memory, copy, normalise and run on the device.
+
+        Returns float32 numpy results on the CPU, or on CUDA ``(pinned tensor, event)`` whose copy
+        completes asynchronously (see :meth:`_retire`).
+        """
+        n = self.batch_size if self.compile else len(batch)     # a short last batch would recompile
+        first = batch[0].data
+        dtype = torch.uint8 if first.dtype == np.uint8 else torch.float32
+        host = torch.empty((n, *first.shape), dtype=dtype, pin_memory=self._pinned)
+        np.stack([c.data for c in batch], out=host.numpy()[:len(batch)])
+        if n > len(batch):
+            host[len(batch):] = 0
         x = host.to(self.device, non_blocking=True)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         with torch.inference_mode(), self._autocast():
             y = self._forward(self.model.normalise(x).to(self.dtype))
         y = y[:len(batch)].float()
-        if self._pinned:
-            out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
-            out.copy_(y, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            return out.numpy()
-        return y.numpy()
+        if not self._pinned:
+            return y.numpy()
+        out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(y, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return out, done
 
     def _autocast(self):
         if self.dtype == torch.bfloat16:
