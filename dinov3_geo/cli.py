@@ -74,9 +74,40 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
     seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only on a terminal)")
+    seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
+                     "command line win")
     for p in (parser, seg):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def with_config(argv: list[str], config: str, parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with the options of a YAML file inserted after the command, so that the command
+    line's own options (later in the list) win; unknown keys are a UsageError naming the file."""
+    from .config import load_options
+
+    options = load_options(config)
+    command = argv.index(next(a for a in argv if a in COMMANDS))
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.values()
+               if a.prog.endswith(argv[command]))
+    known = {a.dest: a for a in sub._actions if a.option_strings}
+    tokens: list[str] = []
+    for key, value in options.items():
+        dest = key.replace("-", "_")
+        action = known.get(dest)
+        if action is None or dest in ("config", "help", "debug"):
+            raise UsageError(config, f"unknown option '{key}'")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse.BooleanOptionalAction):      # ["--progress", "--no-progress"]
+            tokens.append(action.option_strings[0 if value else 1])
+        elif action.nargs == 0:
+            if value is not True and value is not False:
+                raise UsageError(config, f"option '{key}' takes true or false, got {value!r}")
+            tokens += [flag] if value else []
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            tokens += [flag, text]
+    return argv[:command + 1] + tokens + argv[command + 1:]
 
 
 class _Terminated(KeyboardInterrupt):
@@ -117,7 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     warnings.showwarning = _show_warning
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            args = parser.parse_args(with_config(argv, args.config, parser))
         if args.command is None:
             raise UsageError(None, "a command is required (segment); see dinov3geo --help")
         return COMMANDS[args.command](args)
