@@ -45,6 +45,10 @@ import traceback
 import types
 from pathlib import Path
 
+# As the dinov3geo command does (dinov3_geo/cli.py): idle OpenMP threads sleep instead of spinning,
+# so the reader, writer and GDAL threads get the cores. Must precede the first torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:           # run from a checkout without installing
     sys.path.insert(0, str(REPO))
