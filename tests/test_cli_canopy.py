@@ -156,3 +156,17 @@ def test_existing_output_is_kept_without_overwrite(chmv2, crop512, tmp_path):
     assert run.returncode == 0, run.stderr
     with rasterio.open(out) as ds:
         assert ds.width == 512
+
+
+def test_gsd_runs_on_another_grid_and_writes_back_on_the_input_grid(chmv2, tmp_path):
+    _, hf_dir, _, _ = chmv2
+    stars = SAMPLES / "stars_L7_ETMs.tif"         # 6 bands, 28.5 m: run at 57 m (half the pixels a side)
+    out = tmp_path / "stars.tif"
+    run = cli("segment", stars, "--weights", hf_dir, "-o", out, "--bands", "3,2,1", "--gsd", 57,
+              "--tile", 64, "--overlap", 16, "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "pixel size" not in run.stderr            # the user chose the grid: no warning
+    with rasterio.open(stars) as src, rasterio.open(out) as ds:
+        assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
+        heights = ds.read(1)
+    assert np.isfinite(heights[2:-2, 2:-2]).all() and heights[2:-2, 2:-2].min() > 0
