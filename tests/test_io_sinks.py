@@ -167,3 +167,84 @@ def test_atomic_output_helper(tmp_path):
             tmp.write_text("half")
             raise ValueError
     assert target.read_text() == "done" and leftovers(tmp_path, {"a.txt"}) == []
+
+
+def test_streamed_overviews_match_gdal_average_and_values_exact(sample, tmp_path, memory_sink):
+    """Float overviews built while streaming: same levels as GDAL's COG AUTO, NaN placement exact,
+    values equal to GDAL's AVERAGE up to float rounding; full-resolution values exact; no temp files."""
+    import rasterio.shutil
+    from rasterio.windows import Window
+
+    crop = tmp_path / "in" / "salt_crop.tif"  # 1024 x 1152: sides divide by 2**2 (two levels)
+    crop.parent.mkdir()
+    with rasterio.open(sample(SALT)) as src:
+        profile = src.profile.copy()
+        profile.update(width=1152, height=1024)
+        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.pop("tiled", None)
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(src.read(window=Window(0, 200, 1152, 1024)))
+    out = tmp_path / "out.tif"
+    with open_scene(crop) as scene:
+        mem = memory_sink(1, scene.height, scene.width)
+        stream(scene, mem, mean_model, 1, 256, 32)
+        with COGSink(out, scene) as sink:
+            assert sink.progressive_overviews
+            stream(scene, sink, mean_model, 1, 256, 32)
+    assert leftovers(tmp_path, {"out.tif", "in"}) == []
+    ref = tmp_path / "ref.tif"
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        base = ds.read(1)
+        np.testing.assert_array_equal(base, mem.array[0])  # NaN in the same places, values exact
+        profile = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="float32",
+                       crs=ds.crs, transform=ds.transform, nodata=ds.nodata)
+        with rasterio.open(tmp_path / "base.tif", "w", **profile) as b:
+            b.write(base[None])
+        rasterio.shutil.copy(tmp_path / "base.tif", ref, driver="COG", overview_resampling="AVERAGE")
+        with rasterio.open(ref) as r:
+            assert ds.overviews(1) == r.overviews(1) and len(ds.overviews(1)) == 2
+        for level in range(len(ds.overviews(1))):
+            with rasterio.open(out, overview_level=level) as o, rasterio.open(ref, overview_level=level) as g:
+                mine, gdal = o.read(1), g.read(1)
+                np.testing.assert_array_equal(np.isnan(mine), np.isnan(gdal))
+                np.testing.assert_allclose(mine, gdal, rtol=1e-6, atol=1e-7)
+
+
+def test_average_down_nan_aware_odd_edges():
+    from dinov3_geo.io.sinks import average_down, overview_count
+
+    x = np.array([[1, 3, 5], [np.nan, 2, np.nan], [4, np.nan, np.nan]], np.float32)
+    got = average_down(x[None])[0]
+    np.testing.assert_allclose(got, [[2.0, 5.0], [4.0, np.nan]])
+    assert got.dtype == np.float32
+    assert overview_count(10816, 10816) == 5 and overview_count(512, 512) == 0 and overview_count(513, 10) == 1
+    assert overview_count(1025, 1025) == 1  # GDAL: floor(size / 2**k), 1025 -> 512
+
+
+def test_compressed_temp_when_large(sample, tmp_path, monkeypatch):
+    """Past TEMP_RAW_MAX_BYTES the partial file is ZSTD/DEFLATE-compressed; the result is the same COG."""
+    import dinov3_geo.io.sinks as sinks
+
+    monkeypatch.setattr(sinks, "TEMP_RAW_MAX_BYTES", 0)
+    out = tmp_path / "heights.tif"
+    with open_scene(sample(RGB)) as scene:
+        assert not sinks._temp_raw_ok(tmp_path, scene.height, scene.width, 1, 4)
+        with COGSink(out, scene, zstd_level=9) as sink:
+            stream(scene, sink, mean_model, 1, 512, 64)
+    assert_cog(out, sample(RGB), "float32", nodata_nan=True)
+    assert leftovers(tmp_path, {"heights.tif"}) == []
+
+
+def test_overview_worker_error_fails_finalise_and_cleans_up(sample, tmp_path, monkeypatch):
+    out = tmp_path / "out.tif"
+
+    def boom(self, row_off, strip):
+        raise RuntimeError("overview worker failed")
+
+    monkeypatch.setattr(COGSink, "_write_overviews", boom)
+    monkeypatch.setattr(COGSink, "progressive_overviews", property(lambda self: True))
+    with open_scene(sample(SALT)) as scene:
+        with pytest.raises(RuntimeError, match="overview worker"):
+            with COGSink(out, scene) as sink:
+                stream(scene, sink, mean_model, 1, 256, 32)
+    assert leftovers(tmp_path, set()) == []

@@ -3,21 +3,36 @@
 Rows arrive with ``write(row_off, array)`` and go into a hidden temporary tiled GeoTIFF beside the
 target (on the working grid). On a clean exit the file is, if the scene was resampled, warped back
 onto the exact input grid, converted by GDAL's COG driver (compression, overviews, 512 blocks) to a
-second temporary file and moved onto the target with ``os.replace``. On any exception (also
+second temporary file and moved onto the target with ``os.replace``.
+
+What is left for the end is kept small, since it runs after the last chip:
+
+* the temporary file is uncompressed when it fits comfortably on disk (``TEMP_RAW_MAX_BYTES``),
+  so neither the writer thread nor the COG copy spends time on (de)compression;
+* float results on the scene's own grid get their overviews while streaming: each finished strip
+  is averaged down (NaN-aware 2x2 means, GDAL's AVERAGE up to float rounding) on a worker thread
+  into one small temporary GeoTIFF per level, and the COG copy reads them through a VRT with
+  ``OVERVIEWS=FORCE_USE_EXISTING`` instead of resampling the whole scene;
+* the final file uses ZSTD level ``COG_ZSTD_LEVEL`` (1) with the floating-point predictor. On any exception (also
 ``KeyboardInterrupt``) every temporary file is removed and the target is left as it was.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import tempfile
 import warnings
+import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
@@ -47,9 +62,9 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
     return path
 
 
-def temp_path(target: Path, tag: str = "partial") -> Path:
+def temp_path(target: Path, tag: str = "partial", suffix: str | None = None) -> Path:
     """A new hidden file name beside ``target``: ``.NAME.<tag>-XXXX<suffix>`` (created empty)."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{tag}-", suffix=target.suffix or ".tmp",
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{tag}-", suffix=suffix or target.suffix or ".tmp",
                                 dir=target.parent)
     os.close(fd)
     return Path(name)
@@ -93,10 +108,26 @@ def bounded_gdal_cache(mb: int | None = GDAL_CACHE_MB) -> contextlib.AbstractCon
     return rasterio.Env(GDAL_CACHEMAX=int(mb))
 
 
-def _cog_options(dtype: str) -> dict:
-    """GDAL COG driver creation options (ZSTD when this GDAL has it, else DEFLATE)."""
-    return {
-        "compress": "ZSTD" if _zstd_works() else "DEFLATE",
+#: ZSTD level of the final COG. GDAL's COG default is 9; measured on a 10816 x 10816 float32 scene
+#: (predictor 3, with overviews): level 1 is 292.6 MB in 1.8 CPU s, level 3 285.4 MB in 2.9 s, level
+#: 9 279.6 MB in 7-8 s. Level 1 keeps the tail after the last chip short for 4.6 % more bytes; pass
+#: ``zstd_level=9`` (or up to 22) to ``COGSink`` for archives.
+COG_ZSTD_LEVEL = 1
+
+#: Largest temporary file (bytes, padded to whole 512 blocks) written uncompressed; larger ones, or
+#: when the folder has less than ``TEMP_FREE_FACTOR`` times that free, use ZSTD level 1.
+TEMP_RAW_MAX_BYTES = 4 << 30
+TEMP_FREE_FACTOR = 3
+
+
+def _cog_options(dtype: str, level: int | None = COG_ZSTD_LEVEL) -> dict:
+    """GDAL COG driver creation options (ZSTD at ``level`` when this GDAL has it, else DEFLATE).
+
+    The predictor (3 for float: -19 % size for +0.9 CPU s on a 10816 x 10816 float32 scene) applies
+    to the overviews too."""
+    zstd = _zstd_works()
+    opts = {
+        "compress": "ZSTD" if zstd else "DEFLATE",
         "predictor": "3" if dtype.startswith("float") else "2",
         "blocksize": BLOCK,
         "overviews": "AUTO",
@@ -104,6 +135,52 @@ def _cog_options(dtype: str) -> dict:
         "bigtiff": "IF_SAFER",
         "num_threads": "ALL_CPUS",
     }
+    if zstd and level is not None:
+        opts["level"] = int(level)
+    return opts
+
+
+def overview_count(height: int, width: int, block: int = BLOCK) -> int:
+    """Overview levels GDAL's COG driver makes with ``OVERVIEWS=AUTO``: level k is
+    ``floor(size / 2**k)``, added until both sides fit one block."""
+    n = 0
+    while height > block or width > block:
+        height, width, n = height // 2, width // 2, n + 1
+    return n
+
+
+def average_down(x: np.ndarray) -> np.ndarray:
+    """NaN-aware 2x2 mean of ``x`` (``[..., h, w]`` float): NaN where all four are NaN; an odd last
+    row or column averages what exists. Sums in float64 like GDAL's AVERAGE, result float32."""
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        pad = [(0, 0)] * (x.ndim - 2) + [(0, h % 2), (0, w % 2)]
+        x = np.pad(x, pad, constant_values=np.nan)
+    valid = ~np.isnan(x)
+    z = np.where(valid, x, 0).astype(np.float64)
+    s = z[..., :, 0::2] + z[..., :, 1::2]
+    s = s[..., 0::2, :] + s[..., 1::2, :]
+    n = valid[..., :, 0::2].view(np.uint8) + valid[..., :, 1::2].view(np.uint8)
+    n = n[..., 0::2, :] + n[..., 1::2, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(s, n, out=s)
+    return s.astype(np.float32)
+
+
+def _scaled(t: Affine, f: int) -> Affine:
+    """``t`` with pixels ``f`` times larger (an overview level's grid)."""
+    return Affine(t.a * f, t.b * f, t.c, t.d * f, t.e * f, t.f)
+
+
+def _temp_raw_ok(folder: Path, height: int, width: int, count: int, itemsize: int) -> bool:
+    """Whether an uncompressed temporary file (plus its overviews) fits comfortably on disk."""
+    raw = math.ceil(height / BLOCK) * math.ceil(width / BLOCK) * BLOCK * BLOCK * count * itemsize
+    if raw > TEMP_RAW_MAX_BYTES:
+        return False
+    try:
+        return shutil.disk_usage(folder).free > TEMP_FREE_FACTOR * raw
+    except OSError:
+        return False
 
 
 def _temp_compression() -> dict:
@@ -136,27 +213,35 @@ class COGSink:
 
     ``count`` bands of ``dtype`` (``"float32"`` with ``nodata=nan``, or ``"uint8"`` with nodata 255 --
     the default for uint8 -- and a ``colormap`` ``{value: (r, g, b[, a])}``). Use as a context manager; ``write(row_off,
-    array)`` takes ``[count, rows, width]`` on the scene's working grid, rows in any order. All
+    array)`` takes ``[count, rows, width]`` on the scene's working grid, rows in any order (the sink
+    keeps the arrays it is given: do not modify them afterwards). All
     checks (folder, overwrite, input file) happen in ``__init__``, before any model work. Inside the
     ``with`` block GDAL's block cache is capped at ``gdal_cache_mb`` (process-wide, so it also bounds
-    the reader threads' cache) so memory stays flat on large scenes.
+    the reader threads' cache) so memory stays flat on large scenes. ``zstd_level`` is the final
+    file's ZSTD level (see ``COG_ZSTD_LEVEL``).
     """
 
     def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
                  colormap: dict | None = None, overwrite: bool = False,
                  band_descriptions: Sequence[str] | None = None, *,
-                 gdal_cache_mb: int | None = GDAL_CACHE_MB):
+                 gdal_cache_mb: int | None = GDAL_CACHE_MB, zstd_level: int = COG_ZSTD_LEVEL):
         self.path = check_output(path, overwrite, inputs=[getattr(scene, "path", None)])
         self.scene, self.count, self.dtype = scene, count, np.dtype(dtype).name
         if np.dtype(dtype).kind in "ui" and isinstance(nodata, float) and np.isnan(nodata):
             nodata = 255 if self.dtype == "uint8" else None  # NaN cannot be an integer nodata
         self.nodata, self.colormap, self.overwrite = nodata, colormap, overwrite
         self.band_descriptions = list(band_descriptions) if band_descriptions else None
+        self.zstd_level = zstd_level
         self._tmp: Path | None = None
         self._ds = None
         self._env = bounded_gdal_cache(gdal_cache_mb)
         self._pending: dict[int, np.ndarray] = {}
         self._next_row = 0  # rows [0, _next_row) are in the file
+        # overviews built while streaming (float on the scene's own grid): one temp file per level
+        self._ovr_paths: list[Path] = []
+        self._ovr_ds: list = []
+        self._ovr_pool: ThreadPoolExecutor | None = None
+        self._ovr_jobs: list[Future] = []
         self.finished = False
 
     # -- context --------------------------------------------------------------------------------
@@ -179,15 +264,38 @@ class COGSink:
         finally:
             self._env.__exit__(None, None, None)
 
+    @property
+    def progressive_overviews(self) -> bool:
+        """Whether overviews are built while streaming: float results on the scene's own grid whose
+        sides divide by ``2**levels`` (then every level is an exact 2x2 mean of the one above, as in
+        GDAL; other sizes give GDAL fractional source windows, left to GDAL)."""
+        h, w = self.scene.height, self.scene.width
+        n = overview_count(h, w)
+        return (self.dtype.startswith("float") and not getattr(self.scene, "resampled", False)
+                and n > 0 and h % 2 ** n == 0 and w % 2 ** n == 0)
+
     def open(self) -> None:
-        """Create the temporary tiled GeoTIFF on the working grid."""
+        """Create the temporary tiled GeoTIFF on the working grid (and the overview files)."""
+        h, w = self.scene.height, self.scene.width
+        raw = _temp_raw_ok(self.path.parent, h, w, self.count, np.dtype(self.dtype).itemsize)
+        comp = {} if raw else _temp_compression()
         self._tmp = temp_path(self.path)
-        profile = dict(driver="GTiff", width=self.scene.width, height=self.scene.height, count=self.count,
+        profile = dict(driver="GTiff", width=w, height=h, count=self.count,
                        dtype=self.dtype, crs=self.scene.crs, transform=self.scene.transform,
                        nodata=self.nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
-                       bigtiff="IF_SAFER", num_threads="ALL_CPUS", **_temp_compression())
+                       bigtiff="IF_SAFER", num_threads="ALL_CPUS", **comp)
         try:
             self._ds = rasterio.open(self._tmp, "w", **profile)
+            if self.progressive_overviews:
+                for k in range(1, overview_count(h, w) + 1):
+                    h, w = h // 2, w // 2
+                    self._ovr_paths.append(temp_path(self.path, "ovr"))
+                    self._ovr_ds.append(rasterio.open(
+                        self._ovr_paths[-1], "w", driver="GTiff", width=w, height=h, count=self.count,
+                        dtype=self.dtype, crs=self.scene.crs, nodata=self.nodata,
+                        transform=_scaled(self.scene.transform, 2 ** k), tiled=True, blockxsize=BLOCK,
+                        blockysize=BLOCK, bigtiff="IF_SAFER", **comp))
+                self._ovr_pool = ThreadPoolExecutor(1, thread_name_prefix="cog-overviews")
         except BaseException:
             self.abort()
             raise
@@ -219,12 +327,35 @@ class COGSink:
             strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
             self._ds.write(strip[:, :take], window=Window(0, self._next_row, self.scene.width, take))
+            if self._ovr_pool is not None:
+                self._queue_overviews(self._next_row, strip[:, :take])
             for start in list(self._pending):
                 if self._next_row <= start < rows:
                     del self._pending[start]
             if take < have:
                 self._pending[self._next_row + take] = strip[:, take:]
             self._next_row += take
+
+    def _queue_overviews(self, row_off: int, strip: np.ndarray) -> None:
+        """Average ``strip`` down into every overview level on the worker thread. Strips arrive in
+        order and are whole 512-row blocks except the last, so each level gets whole 2x2 cells."""
+        while len(self._ovr_jobs) >= 2:  # back-pressure: at most two strips wait (flat memory)
+            self._ovr_jobs.pop(0).result()
+        self._ovr_jobs.append(self._ovr_pool.submit(self._write_overviews, row_off, strip))
+
+    def _write_overviews(self, row_off: int, strip: np.ndarray) -> None:
+        for ds in self._ovr_ds:
+            strip, row_off = average_down(strip), row_off // 2
+            ds.write(strip.astype(self.dtype, copy=False),
+                     window=Window(0, row_off, ds.width, strip.shape[1]))
+
+    def _finish_overviews(self) -> None:
+        """Wait for the overview worker and close the level files (raises the worker's error)."""
+        jobs, self._ovr_jobs = self._ovr_jobs, []
+        for job in jobs:
+            job.result()
+        for ds in self._ovr_ds:
+            ds.close()
 
     # -- end ------------------------------------------------------------------------------------
     def finalize(self) -> None:
@@ -242,6 +373,7 @@ class COGSink:
                 for i, d in enumerate(self.band_descriptions, 1):
                     self._ds.set_band_description(i, d)
             self._ds.close()
+            self._finish_overviews()
             cog = temp_path(self.path, "cog")
             self._to_cog(cog)
             if self.path.exists() and not self.overwrite:
@@ -257,19 +389,39 @@ class COGSink:
 
     def _to_cog(self, cog: Path) -> None:
         """GDAL COG copy of the partial file (warped back onto the input grid when resampled)."""
-        opts = _cog_options(self.dtype)
-        with rasterio.open(self._tmp) as src:
-            if getattr(self.scene, "resampled", False):
-                grid = self.scene.input_profile
-                resampling = Resampling.nearest if self.dtype == "uint8" else Resampling.bilinear
-                with WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
-                               height=grid["height"], resampling=resampling, src_nodata=self.nodata,
-                               nodata=self.nodata) as vrt:
-                    rasterio.shutil.copy(vrt, cog, driver="COG", **opts)
-            else:
-                rasterio.shutil.copy(src, cog, driver="COG", **opts)
+        opts = _cog_options(self.dtype, self.zstd_level)
+        if self._ovr_paths:
+            vrt = temp_path(self.path, "vrt", suffix=".vrt")
+            try:
+                self._overview_vrt(vrt)
+                rasterio.shutil.copy(vrt, cog, driver="COG", **{**opts, "overviews": "FORCE_USE_EXISTING"})
+            finally:
+                _remove(vrt)
+        else:
+            with rasterio.open(self._tmp) as src:
+                if getattr(self.scene, "resampled", False):
+                    grid = self.scene.input_profile
+                    resampling = Resampling.nearest if self.dtype == "uint8" else Resampling.bilinear
+                    with WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
+                                   height=grid["height"], resampling=resampling, src_nodata=self.nodata,
+                                   nodata=self.nodata) as vrt:
+                        rasterio.shutil.copy(vrt, cog, driver="COG", **opts)
+                else:
+                    rasterio.shutil.copy(src, cog, driver="COG", **opts)
         if self.colormap or self.band_descriptions:
             self._check_metadata(cog)
+
+    def _overview_vrt(self, vrt: Path) -> None:
+        """A VRT of the partial file (all its metadata) whose bands list the streamed overview
+        files as explicit ``<Overview>`` levels."""
+        rasterio.shutil.copy(self._tmp, vrt, driver="VRT")
+        tree = ET.parse(vrt)
+        for band in tree.getroot().iter("VRTRasterBand"):
+            for level in self._ovr_paths:
+                ovr = ET.SubElement(band, "Overview")
+                ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(Path(level).resolve())
+                ET.SubElement(ovr, "SourceBand").text = band.get("band")
+        tree.write(vrt)
 
     def _check_metadata(self, cog: Path) -> None:
         """Fail if the colour table or band descriptions did not survive the COG copy."""
@@ -280,13 +432,21 @@ class COGSink:
             raise OutputError(self.path, "colour table or band descriptions were lost in the COG copy")
 
     def abort(self) -> None:
-        """Close and delete the temporary file (the target is untouched)."""
-        if self._ds is not None and not self._ds.closed:
-            with contextlib.suppress(Exception):
-                self._ds.close()
+        """Close and delete the temporary files (the target is untouched)."""
+        if self._ovr_pool is not None:
+            self._ovr_pool.shutdown(wait=True, cancel_futures=True)
+            self._ovr_pool = None
+        self._ovr_jobs = []
+        for ds in [self._ds, *self._ovr_ds]:
+            if ds is not None and not ds.closed:
+                with contextlib.suppress(Exception):
+                    ds.close()
         self._ds = None
-        _remove(self._tmp)
+        self._ovr_ds = []
+        for p in [self._tmp, *self._ovr_paths]:
+            _remove(p)
         self._tmp = None
+        self._ovr_paths = []
         self._pending.clear()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from dinov3_geo.errors import UsageError
-from dinov3_geo.io.tiling import chip_weights, plan_chips, validate_tiling
+from dinov3_geo.io.tiling import _axis_profile, chip_weights, plan_chips, validate_tiling
 
 CLASS_NODATA = 255
 KINDS = ("continuous", "classes")
@@ -60,6 +60,8 @@ class StreamingStitcher:
         self._wsum = np.zeros((0, width), np.float32)
         self._valid = np.zeros((0, width), bool)
         self._lock = threading.Lock()
+        self._weight_cache: dict[tuple[bytes, bytes], np.ndarray] = {}
+        self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
         self.rows_written = 0
 
     # -- public ---------------------------------------------------------------------------------
@@ -72,15 +74,23 @@ class StreamingStitcher:
         if values.shape != (self.channels, h, w) or valid.shape != (h, w):
             raise UsageError("stitcher", f"chip {window} got values {values.shape} / valid "
                                          f"{valid.shape}, expected ({self.channels}, {h}, {w})")
-        weights = chip_weights(window, self.height, self.width, self.tile, self.overlap) * valid
+        weights = self._weights(window)
+        everywhere = valid.all()
+        if not everywhere:
+            weights = np.where(valid, weights, np.float32(0))
         with self._lock:
             self._take(window)
             self._ensure_rows(r + h)
             lo = r - self._base
             acc = self._acc[:, lo:lo + h, c:c + w]
-            acc += values.astype(np.float32, copy=False) * weights
+            scratch = self._scratch[:, :h, :w]  # one buffer for every chip: no per-chip temporaries
+            np.multiply(values, weights, out=scratch, casting="same_kind")
+            acc += scratch
             self._wsum[lo:lo + h, c:c + w] += weights
-            self._valid[lo:lo + h, c:c + w] |= valid
+            if everywhere:
+                self._valid[lo:lo + h, c:c + w] = True
+            else:
+                self._valid[lo:lo + h, c:c + w] |= valid
             self._done(r)
 
     def skip(self, window: Window) -> None:
@@ -100,6 +110,19 @@ class StreamingStitcher:
         return self._acc.shape[1]
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def _weights(self, window: Window) -> np.ndarray:
+        """:func:`chip_weights` of ``window`` (float32, read-only), computed once per distinct pair
+        of row and column profiles: interior chips all share one array, so a scene needs a handful."""
+        r, c, h, w = _key(window)
+        key = (_axis_profile(self.height, self.tile, self.overlap, r, h).tobytes(),
+               _axis_profile(self.width, self.tile, self.overlap, c, w).tobytes())
+        weights = self._weight_cache.get(key)
+        if weights is None:
+            weights = chip_weights(window, self.height, self.width, self.tile, self.overlap)
+            weights.setflags(write=False)
+            self._weight_cache[key] = weights
+        return weights
+
     def _take(self, window: Window) -> None:
         """Check ``window`` is a planned chip not yet seen, and mark it seen."""
         key = _key(window)
@@ -140,12 +163,14 @@ class StreamingStitcher:
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows."""
-        ok = valid & (wsum > 0)
+        ok = wsum > 0
+        ok &= valid
         if self.kind == "classes":
             out = np.argmax(acc, axis=0).astype(np.uint8)  # weights > 0 do not change the argmax
             out[~ok] = CLASS_NODATA
             return out[None]
+        # in place: these accumulator rows are dropped right after (_flush_to copies the rest)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = acc / wsum
-        out[:, ~ok] = np.nan
-        return out.astype(np.float32, copy=False)
+            np.divide(acc, wsum, out=acc)
+        np.copyto(acc, np.float32(np.nan), where=~ok)
+        return acc
