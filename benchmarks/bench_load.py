@@ -10,7 +10,6 @@ parameters, so the peak above baseline should be about one copy of the weights.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -42,7 +41,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from pathlib import Path
 
 # As the dinov3geo command does (dinov3_geo/cli.py): idle OpenMP threads sleep instead of spinning,
@@ -334,23 +332,11 @@ def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, it
 # ------------------------------------------------------------------------------------------------
 # (c) the peer: TerraTorch tiled_inference, as /work/shared/bench/peer_terratorch.py
 
-def load_tiled_inference():
-    """Only ``terratorch/tasks/tiled_inference.py`` (the package __init__ imports far more)."""
-    spec = importlib.util.find_spec("terratorch")
-    root = Path(spec.submodule_search_locations[0])
-    for name in ("terratorch", "terratorch.models"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    utils = types.ModuleType("terratorch.models.utils")
-    utils.pad_images = lambda imgs, patch_size, padding: imgs
-    sys.modules["terratorch.models.utils"] = utils
-    s = importlib.util.spec_from_file_location("tt_tiled", root / "tasks" / "tiled_inference.py")
-    m = importlib.util.module_from_spec(s)
-    s.loader.exec_module(m)
-    return m.tiled_inference
+from dinov3_geo.testing.peer import load_tiled_inference  # noqa: E402
 
 
 def run_peer(a, dev, dtype, weights: Path, scene: Path, out: Path, reps: int) -> dict:
-    import numpy as np  # noqa: F401
+
     import rasterio
     import torch
     from transformers import CHMv2ForDepthEstimation

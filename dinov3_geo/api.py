@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .engine import Engine, RunStats, dtype_for, resolve_device, validate_batch_size
-from .errors import OutputError, UsageError, WeightsNotFoundError
+from .errors import UsageError, WeightsNotFoundError
 from .io.scene import open_scene
 from .io.sinks import COGSink, check_output
 from .io.stitch import StreamingStitcher
@@ -83,12 +82,10 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     dev = resolve_device(device)
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
-    _check_writable(output)
     if vector is not None:
         if Path(vector).resolve() == output.resolve():
             raise UsageError("--vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
-        _check_writable(Path(vector))
     collected: list[str] = []
     with open_scene(scene, bands=bands, scale=scale, gsd=gsd) as sc:
         for text in sc.warnings:
@@ -116,18 +113,6 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             raise
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(dev), collected)
-
-
-def _check_writable(path: Path) -> None:
-    """OutputError unless a file can be created beside ``path`` (read-only folders and file systems,
-    also for root, whom ``os.access`` does not stop)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
-    except OSError as exc:
-        raise OutputError(path, f"folder {folder} is not writable ({exc.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _default_output(scene: PathLike, task: str) -> Path:

@@ -6,7 +6,6 @@ own safetensors export; each loads through ``load_backbone`` and must give the r
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path

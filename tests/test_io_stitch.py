@@ -1,9 +1,5 @@
 """Streaming stitcher: exactness with analytic stand-in models, seams, nodata, bounded memory."""
-import functools
-import importlib.util
-import sys
 import tempfile
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import plan_chips
+from dinov3_geo.testing.peer import load_tiled_inference
 
 
 def analytic(x: np.ndarray) -> np.ndarray:
@@ -124,20 +121,6 @@ def hard_cut(scene, fn, tile, overlap):
     return out
 
 
-@functools.cache
-def load_tiled_inference():
-    """TerraTorch's ``tasks/tiled_inference.py`` alone (the package __init__ imports far more)."""
-    spec = importlib.util.find_spec("terratorch")
-    root = Path(spec.submodule_search_locations[0])
-    for name in ("terratorch", "terratorch.models"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    utils = types.ModuleType("terratorch.models.utils")
-    utils.pad_images = lambda imgs, patch_size, padding: imgs
-    sys.modules["terratorch.models.utils"] = utils
-    s = importlib.util.spec_from_file_location("tt_tiled", root / "tasks" / "tiled_inference.py")
-    m = importlib.util.module_from_spec(s)
-    s.loader.exec_module(m)
-    return m.tiled_inference
 
 
 def terratorch_blend(scene, fn, tile, overlap, padding):

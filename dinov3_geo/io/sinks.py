@@ -50,16 +50,26 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(path, f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(path, f"folder {folder} is not writable")
+    _probe_writable(path, folder)
     if path.is_dir():
         raise OutputError(path, "is a folder")
     for src in inputs:
         if src is not None and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(path):
             raise OutputError(path, "is the input file; choose another output")
     if path.exists() and not overwrite:
-        raise OutputError(path, "exists (use overwrite)")
+        raise OutputError(path, "exists (use --overwrite to replace it)")
     return path
+
+
+def _probe_writable(path: Path, folder: Path) -> None:
+    """OutputError unless a file can be created in ``folder``: read-only folders and file systems,
+    also for root, whom ``os.access`` does not stop."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
+    except OSError as exc:
+        raise OutputError(path, f"folder {folder} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def temp_path(target: Path, tag: str = "partial", suffix: str | None = None) -> Path:
@@ -88,7 +98,7 @@ def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str
     try:
         yield tmp
         if target.exists() and not overwrite:
-            raise OutputError(target, "appeared while writing (use overwrite)")
+            raise OutputError(target, "appeared while writing (use --overwrite to replace it)")
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
@@ -377,7 +387,7 @@ class COGSink:
             cog = temp_path(self.path, "cog")
             self._to_cog(cog)
             if self.path.exists() and not self.overwrite:
-                raise OutputError(self.path, "appeared while writing (use overwrite)")
+                raise OutputError(self.path, "appeared while writing (use --overwrite to replace it)")
             os.replace(cog, self.path)
             cog = None
             self.finished = True

@@ -173,8 +173,9 @@ def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
 
 
 def _check_shapes(vit: nn.Module, ckpt: Checkpoint) -> None:
-    wrong = [f"{k} {list(v.shape)} (model {list(vit.state_dict()[k].shape)})"
-             for k, v in ckpt.state.items() if tuple(v.shape) != tuple(vit.state_dict()[k].shape)]
+    model = vit.state_dict()
+    wrong = [f"{k} {list(v.shape)} (model {list(model[k].shape)})"
+             for k, v in ckpt.state.items() if tuple(v.shape) != tuple(model[k].shape)]
     if wrong:
         raise WeightsError(ckpt.source, "tensor shapes do not fit the architecture: " + "; ".join(wrong[:4]))
 
