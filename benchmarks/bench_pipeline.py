@@ -332,6 +332,7 @@ def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, it
 # ------------------------------------------------------------------------------------------------
 # (c) the peer: TerraTorch tiled_inference, as /work/shared/bench/peer_terratorch.py
 
+from dinov3_geo.engine import default_readers  # noqa: E402
 from dinov3_geo.testing.peer import load_tiled_inference  # noqa: E402
 
 
@@ -398,7 +399,7 @@ def parse_args(argv=None):
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--readers", type=int, default=None, help="reader threads (default: the engine's, half the cores, 2-8)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile (warm-up not timed)")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="real sample scene to tile")
@@ -453,7 +454,7 @@ def main(argv=None) -> dict:
         work = a.work
         work.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": device_name(dev), "model": a.model, "chip": a.tile, "batch": a.batch,
-                    "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": a.readers,
+                    "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": a.readers or default_readers(),
                     "torch": torch.__version__, "python": platform.python_version()}
     try:
         # scene

@@ -65,7 +65,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             batch_size: int = 8, precision: str = "fp32", tile: int = 512, overlap: int = 64,
             bands: Optional[Sequence[int]] = None, gsd: Optional[float] = None,
             scale: Optional[tuple[float, float]] = None, overwrite: bool = False, compile: bool = False,
-            progress: Optional[bool] = None, verify: bool = True, readers: int = 4) -> SegmentResult:
+            progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None) -> SegmentResult:
     """Run ``task`` over the raster ``scene`` and write a Cloud-Optimised GeoTIFF on its grid.
 
     ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid); with
