@@ -145,7 +145,7 @@ class Engine:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def warm_up(self, channels_hint: int = 3) -> None:
+    def warm_up(self) -> None:
         """One batch of zeros through the model (compilation, cuDNN autotuning) outside the timings."""
         x = torch.zeros(self.batch_size, 3, self.tile, self.tile, device=self.device)
         with torch.inference_mode(), self._autocast():
