@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, short_message
 
 
 def load_options(path: os.PathLike | str) -> dict[str, Any]:
@@ -21,8 +21,7 @@ def load_options(path: os.PathLike | str) -> dict[str, Any]:
     except FileNotFoundError:
         raise UsageError(path, "config file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(path, f"not a readable YAML file: {first}") from None
+        raise UsageError(path, f"not a readable YAML file: {short_message(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):

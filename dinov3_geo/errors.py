@@ -9,6 +9,12 @@ import os
 from typing import Optional
 
 
+def short_message(exc: BaseException) -> str:
+    """The first line of an exception's text, at most 200 characters (no walls of GDAL or torch text)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class DinoGeoError(Exception):
     """Base of all expected failures: ``where`` names the file or option, ``problem`` the cause."""
 

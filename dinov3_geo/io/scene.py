@@ -21,19 +21,13 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from dinov3_geo.errors import InputError, UsageError
+from dinov3_geo.errors import InputError, UsageError, short_message
 
 MIN_SIZE = 16
 #: Longest side of the decimated read used to estimate the percentile stretch.
 STATS_SIDE = 1024
 PERCENTILES = (2.0, 98.0)
 _ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
-
-
-def _short(exc: BaseException) -> str:
-    """One short line from a GDAL/rasterio error (no tracebacks, no walls of text)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def metres_per_degree(lat: float) -> tuple[float, float]:
@@ -108,7 +102,7 @@ def _open_dataset(path: str):
     try:
         return rasterio.open(path)
     except RasterioError as exc:
-        raise InputError(path, f"not a readable raster ({_short(exc)})") from None
+        raise InputError(path, f"not a readable raster ({short_message(exc)})") from None
 
 
 class Scene:
@@ -168,7 +162,7 @@ class Scene:
         try:
             src.read(self.bands[0], window=Window(src.width - 1, src.height - 1, 1, 1))
         except RasterioError as exc:
-            raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {_short(exc)})") from None
+            raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {short_message(exc)})") from None
 
     def _working_grid(self, src, gsd: float) -> _Grid:
         """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
@@ -201,7 +195,7 @@ class Scene:
             data = src.read(band, out_shape=shape, resampling=Resampling.nearest).astype(np.float64)
             mask = src.read_masks(band, out_shape=shape, resampling=Resampling.nearest) > 0
         except RasterioError as exc:
-            raise InputError(self.path, f"unreadable pixels ({_short(exc)})") from None
+            raise InputError(self.path, f"unreadable pixels ({short_message(exc)})") from None
         values = data[mask & np.isfinite(data)]
         if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
             return 0.0, 1.0
@@ -255,7 +249,7 @@ class Scene:
             # pixel with one band at the nodata value is data); alpha and internal masks are shared.
             valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
         except RasterioError as exc:
-            raise InputError(self.path, f"cannot read window {window} ({_short(exc)})") from None
+            raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
         if data.dtype.kind == "f":
             valid &= np.all(np.isfinite(data), axis=0)
         chip = self._scale(data)

@@ -25,7 +25,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
 
-from dinov3_geo.errors import InputError
+from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -181,7 +181,7 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
     try:
         ds = rasterio.open(raster_path)
     except RasterioError as exc:
-        raise InputError(raster_path, f"not a readable raster ({str(exc).splitlines()[0][:200]})") from None
+        raise InputError(raster_path, f"not a readable raster ({short_message(exc)})") from None
     with ds, bounded_gdal_cache(), atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
         os.unlink(tmp)  # the GPKG driver creates the file itself
         areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)

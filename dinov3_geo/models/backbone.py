@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import InputError, WeightsError
 from . import registry
-from .weights import Checkpoint, ViTArch, checkpoint_from_state, read_checkpoint, resolve_weights, verify_official_hash
+from .weights import (Checkpoint, ViTArch, checkpoint_from_state, key_list, read_checkpoint, resolve_weights,
+                      verify_official_hash)
 
 Features = dict[str, torch.Tensor]
 
@@ -117,9 +118,14 @@ class Backbone(nn.Module):
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
         """Scale 0..1 RGB to the model's input with this backbone's mean and std."""
-        mean = torch.tensor(self.mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-        return (x01 - mean) / std
+        return normalise_rgb(x01, self.mean, self.std)
+
+
+def normalise_rgb(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x01 - mean) / std`` per channel of ``[B,3,H,W]``, on ``x01``'s device and dtype."""
+    m = torch.tensor(mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - m) / s
 
 
 def build_backbone(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
@@ -161,14 +167,11 @@ def _normalisation(ckpt: Checkpoint) -> tuple[Sequence[float], Sequence[float]]:
 
 
 def _key_mismatch_message(missing: list[str], unexpected: list[str]) -> str:
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-
     parts = []
     if missing:
-        parts.append(f"missing keys: {few(missing)}")
+        parts.append(f"missing keys: {key_list(missing, 6)}")
     if unexpected:
-        parts.append(f"unexpected keys: {few(unexpected)}")
+        parts.append(f"unexpected keys: {key_list(unexpected, 6)}")
     return "checkpoint does not match a DINOv3 ViT: " + "; ".join(parts)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
+from .backbone import normalise_rgb
 from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
 
 # CHMv2's own input statistics (Meta's notebook, transformers' CHMv2ImageProcessor); note 0.420,
@@ -57,9 +58,7 @@ class CanopyModel(nn.Module):
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
         """0..1 RGB -> the model's input (CHMv2 mean and std)."""
-        mean = torch.tensor(self.mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-        return (x01 - mean) / std
+        return normalise_rgb(x01, self.mean, self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Canopy height in metres, float32 ``[B,1,H,W]``, for normalised ``x`` ``[B,3,H,W]``."""

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import WeightsError, WeightsNotFoundError
+from ..errors import WeightsError, WeightsNotFoundError, short_message
 from . import registry
 
 StateDict = dict[str, torch.Tensor]
@@ -116,7 +116,7 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(path, f"not a readable safetensors file (truncated or corrupted?): {_short(exc)}") from exc
+        raise WeightsError(path, f"not a readable safetensors file (truncated or corrupted?): {short_message(exc)}") from exc
 
 
 def _read_torch(path: Path) -> StateDict:
@@ -132,7 +132,7 @@ def _read_torch(path: Path) -> StateDict:
             path, "refused: the file holds Python objects other than tensors (possible code); "
             "only plain state dicts are loaded (weights_only=True)") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise WeightsError(path, f"cannot read the checkpoint (truncated or corrupted?): {_short(exc)}") from exc
+        raise WeightsError(path, f"cannot read the checkpoint (truncated or corrupted?): {short_message(exc)}") from exc
     return _unwrap_state_dict(obj, path)
 
 
@@ -147,9 +147,10 @@ def _unwrap_state_dict(obj: Any, path: Path) -> StateDict:
     return dict(obj)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+def key_list(keys: list[str], most: int = 8) -> str:
+    """``a, b, c (+N more)``: checkpoint keys for an error message."""
+    shown = ", ".join(keys[:most])
+    return shown + (f" (+{len(keys) - most} more)" if len(keys) > most else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def read_hf_directory(path: os.PathLike | str) -> tuple[dict[str, Any], StateDic
     try:
         config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(cfg_file, f"invalid JSON: {_short(exc)}") from exc
+        raise WeightsError(cfg_file, f"invalid JSON: {short_message(exc)}") from exc
     files = _hf_weight_files(path)
     state: StateDict = {}
     for f in files:
@@ -180,7 +181,7 @@ def _hf_weight_files(path: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
-                raise WeightsError(index, f"invalid shard index: {_short(exc)}") from exc
+                raise WeightsError(index, f"invalid shard index: {short_message(exc)}") from exc
             files = [path / name for name in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -358,7 +359,9 @@ def checkpoint_from_state(state: StateDict, hf_config: Optional[dict[str, Any]] 
             prefix = _hf_prefix(state)
             if prefix:
                 state = strip_prefix(state, prefix)
-            arch = arch_from_hf_config(hf_config) if hf_config else _arch_from_hf_state(state)
+            if not hf_config:
+                raise WeightsError(None, "a transformers-layout state dict needs its config.json (load the whole folder)")
+            arch = arch_from_hf_config(hf_config)
             return Checkpoint(hf_to_timm(state, arch.gated_mlp), arch, source, "hf")
         if layout == "meta":
             converted, periods = meta_to_timm(state)
@@ -371,16 +374,12 @@ def checkpoint_from_state(state: StateDict, hf_config: Optional[dict[str, Any]] 
             raise WeightsError(source, exc.problem) from exc
         raise
     except (KeyError, IndexError, ValueError) as exc:
-        raise WeightsError(source, f"incomplete DINOv3 checkpoint: {_short(exc)}") from exc
+        raise WeightsError(source, f"incomplete DINOv3 checkpoint: {short_message(exc)}") from exc
 
 
 def _hf_prefix(state: StateDict) -> str:
     key = next(k for k in state if k.endswith("embeddings.cls_token"))
     return key[: -len("embeddings.cls_token")]
-
-
-def _arch_from_hf_state(state: StateDict) -> ViTArch:
-    raise WeightsError(None, "a transformers-layout state dict needs its config.json (load the whole folder)")
 
 
 def read_checkpoint(path: os.PathLike | str) -> Checkpoint:
@@ -469,7 +468,7 @@ def _download(info: registry.WeightsInfo) -> Path:
     try:
         snapshot_download(info.hf_repo, local_dir=str(target))
     except Exception as exc:  # network, authorisation: all one message
-        raise WeightsNotFoundError(info.name, f"download from {info.hf_repo} failed: {_short(exc)}") from exc
+        raise WeightsNotFoundError(info.name, f"download from {info.hf_repo} failed: {short_message(exc)}") from exc
     return target
 
 

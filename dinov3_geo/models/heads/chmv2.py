@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import WeightsError
+from ..weights import key_list
 from .dpt import DPTHead, DPTHeadConfig, Features, config_from_state_dict, hf_to_meta_head_state
 
 StateDict = dict[str, torch.Tensor]
@@ -190,7 +191,7 @@ def _read_hf_folder(path: Path) -> CHMv2Weights:
     head_state, unknown = hf_to_meta_head_state(head_hf)
     unexpected = others + ["head." + k for k in unknown]
     if unexpected:
-        raise WeightsError(path, f"unexpected tensors for CHMv2: {_key_list(unexpected)}")
+        raise WeightsError(path, f"unexpected tensors for CHMv2: {key_list(unexpected)}")
     if not backbone:
         raise WeightsError(path, "the folder holds no backbone tensors ('backbone.*')")
     return CHMv2Weights(head_state=head_state, head_config=head_cfg, source=str(path), layout="hf",
@@ -237,12 +238,6 @@ def _require(config: dict[str, Any], path: Path, key: str, expected: Any) -> Non
         raise WeightsError(path, f"config.json {key}={config[key]!r} is not supported (CHMv2 uses {expected!r})")
 
 
-def _key_list(keys: Sequence[str], most: int = 8) -> str:
-    """``a, b, c (+N more)``."""
-    shown = ", ".join(keys[:most])
-    return shown + (f" (+{len(keys) - most} more)" if len(keys) > most else "")
-
-
 def build_chmv2_head(weights: CHMv2Weights, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> CHMv2Head:
     """A :class:`CHMv2Head` with ``weights`` loaded strictly (WeightsError naming keys and file)."""
@@ -251,8 +246,8 @@ def build_chmv2_head(weights: CHMv2Weights, device: torch.device | str = "cpu",
     missing = sorted(set(own) - set(weights.head_state))
     unexpected = sorted(set(weights.head_state) - set(own))
     if missing or unexpected:
-        parts = ([f"missing keys: {_key_list(missing)}"] if missing else []) + \
-                ([f"unexpected keys: {_key_list(unexpected)}"] if unexpected else [])
+        parts = ([f"missing keys: {key_list(missing)}"] if missing else []) + \
+                ([f"unexpected keys: {key_list(unexpected)}"] if unexpected else [])
         raise WeightsError(weights.source, "not a CHMv2 head of the expected layout; " + "; ".join(parts))
     wrong = [k for k, v in own.items() if tuple(weights.head_state[k].shape) != tuple(v.shape)]
     if wrong:
