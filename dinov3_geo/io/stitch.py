@@ -56,9 +56,11 @@ class StreamingStitcher:
             self._row_left[self._row_index[int(w.row_off)]] += 1
         self._first_open = 0          # index of the first chip row not complete
         self._base = 0                # scene row of accumulator row 0
-        self._acc = np.zeros((channels, 0, width), np.float32)
-        self._wsum = np.zeros((0, width), np.float32)
-        self._valid = np.zeros((0, width), bool)
+        self._rows = 0                # accumulator rows in use; the rows past them are zero
+        capacity = min(height, tile + (tile - overlap))   # what plan-order arrival holds open
+        self._acc = np.zeros((channels, capacity, width), np.float32)
+        self._wsum = np.zeros((capacity, width), np.float32)
+        self._valid = np.zeros((capacity, width), bool)
         self._lock = threading.Lock()
         self._weight_cache: dict[tuple[bytes, bytes], np.ndarray] = {}
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
@@ -107,7 +109,7 @@ class StreamingStitcher:
     @property
     def open_rows(self) -> int:
         """Rows currently held in memory."""
-        return self._acc.shape[1]
+        return self._rows
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _weights(self, window: Window) -> np.ndarray:
@@ -140,37 +142,68 @@ class StreamingStitcher:
         self._flush_to(limit)
 
     def _ensure_rows(self, stop: int) -> None:
-        """Grow the accumulator so it covers scene rows up to ``stop``."""
-        need = stop - self._base - self._acc.shape[1]
-        if need <= 0:
+        """Make the accumulator cover scene rows up to ``stop``. It is allocated once for the rows
+        that plan-order arrival keeps open and only grows (doubling) when chips come out of order."""
+        need = stop - self._base
+        if need <= self._rows:
             return
-        self._acc = np.concatenate([self._acc, np.zeros((self.channels, need, self.width), np.float32)], 1)
-        self._wsum = np.concatenate([self._wsum, np.zeros((need, self.width), np.float32)], 0)
-        self._valid = np.concatenate([self._valid, np.zeros((need, self.width), bool)], 0)
+        if need > self._wsum.shape[0]:
+            capacity = max(need, 2 * self._wsum.shape[0])
+            self._acc = _grown(self._acc, capacity, axis=1)
+            self._wsum = _grown(self._wsum, capacity, axis=0)
+            self._valid = _grown(self._valid, capacity, axis=0)
+        self._rows = need
 
     def _flush_to(self, limit: int) -> None:
-        """Normalise and write scene rows ``[base, limit)``, then drop them."""
+        """Normalise and write scene rows ``[base, limit)``, then shift the open rows to the front."""
         n = limit - self._base
         if n <= 0:
             return
         self._ensure_rows(limit)
+        # the sink may keep what it is given: hand it new arrays, never views of the accumulator
         self.sink.write(self._base, self._finish(self._acc[:, :n], self._wsum[:n], self._valid[:n]))
         self.rows_written += n
         self._base = limit
-        self._acc = self._acc[:, n:].copy()
-        self._wsum = self._wsum[n:].copy()
-        self._valid = self._valid[n:].copy()
+        keep = self._rows - n
+        for buf, axis in ((self._acc, 1), (self._wsum, 0), (self._valid, 0)):
+            _shift_rows(buf, n, keep, axis)
+        self._rows = keep
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows."""
+        """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows, as new
+        arrays."""
         ok = wsum > 0
         ok &= valid
         if self.kind == "classes":
             out = np.argmax(acc, axis=0).astype(np.uint8)  # weights > 0 do not change the argmax
             out[~ok] = CLASS_NODATA
             return out[None]
-        # in place: these accumulator rows are dropped right after (_flush_to copies the rest)
+        out = np.empty(acc.shape, np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            np.divide(acc, wsum, out=acc)
-        np.copyto(acc, np.float32(np.nan), where=~ok)
-        return acc
+            np.divide(acc, wsum, out=out)
+        np.copyto(out, np.float32(np.nan), where=~ok)
+        return out
+
+
+def _grown(buf: np.ndarray, capacity: int, axis: int) -> np.ndarray:
+    """``buf`` with ``capacity`` rows along ``axis``: its rows first, zeros after."""
+    shape = list(buf.shape)
+    shape[axis] = capacity
+    out = np.zeros(shape, buf.dtype)
+    index = [slice(None)] * buf.ndim
+    index[axis] = slice(0, buf.shape[axis])
+    out[tuple(index)] = buf
+    return out
+
+
+def _shift_rows(buf: np.ndarray, n: int, keep: int, axis: int) -> None:
+    """Move rows ``[n, n + keep)`` of ``buf`` to the front along ``axis`` and zero the ``n`` rows
+    after them (numpy copes with the overlap), so rows past the ones in use stay zero."""
+    def rows(a: int, b: int) -> tuple:
+        index = [slice(None)] * buf.ndim
+        index[axis] = slice(a, b)
+        return tuple(index)
+
+    if keep:
+        buf[rows(0, keep)] = buf[rows(n, n + keep)]
+    buf[rows(keep, keep + n)] = 0
