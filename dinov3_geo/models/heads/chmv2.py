@@ -7,7 +7,8 @@ Decoding follows ``dinov3/eval/depth/utils.py`` (and transformers' ``CHMv2Featur
     y    = relu(logits) + shift          (shift = clamp(-min(y), 0, 1e-4) + 1e-8 = 1e-8 since y >= 0)
     h    = 8 * clamp(sum(y * clamp(bins, 1e-12)) / clamp(nan_to_num(sum(y)), 1e-12), 1e-12)
 
-computed in float32 chunk by chunk, so no full-size copy of the ``n_bins`` logits is ever made.
+computed in float32 band by band of rows straight from the last hidden map (the final 1x1 conv
+runs per band), so the ``n_bins`` logits of the whole chip are never held.
 """
 from __future__ import annotations
 
@@ -103,10 +104,30 @@ class CHMv2Head(DPTHead):
 
     def forward(self, features: Features, out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Float32 heights ``[B,1,H,W]`` in metres, bilinearly resized to ``out_size`` if given."""
-        logits = super().forward(features)
-        metres = mixlog_to_metres(logits, self.bins(logits.device))
-        del logits
+        head = self.conv_depth.head
+        hidden = head[:-1](self.forward_features(features))     # up to the ReLU before the bins
+        metres = decode_in_bands(hidden, head[-1], self.bins(hidden.device))
         return metres if out_size is None else resize_heights(metres, out_size)
+
+
+def decode_in_bands(hidden: torch.Tensor, to_logits: torch.nn.Module, bins: torch.Tensor) -> torch.Tensor:
+    """Heights from the last hidden map, band of rows by band of rows: the final 1x1 conv makes
+    ``n_bins`` logits for a band only and :func:`mixlog_to_metres` reduces them at once, so the
+    full-resolution logits (``n_bins`` x the chip: 134 MB per 512 px chip in bf16) never exist and
+    each band's logits are reduced while still in cache. Per pixel it is the same conv and the same
+    reduction as decoding the whole map; under ``torch.compile`` the whole map goes in one piece
+    (inductor fuses the reduction itself)."""
+    b, _, h, w = hidden.shape
+    k = to_logits.out_channels
+    if torch.compiler.is_compiling():
+        return mixlog_to_metres(to_logits(hidden), bins)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, b * k * w))
+    if rows >= h:
+        return mixlog_to_metres(to_logits(hidden), bins)
+    out = torch.empty(b, 1, h, w, dtype=torch.float32, device=hidden.device)
+    for top in range(0, h, rows):
+        out[:, :, top:top + rows] = mixlog_to_metres(to_logits(hidden[:, :, top:top + rows]), bins)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
