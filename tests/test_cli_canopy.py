@@ -170,3 +170,21 @@ def test_gsd_runs_on_another_grid_and_writes_back_on_the_input_grid(chmv2, tmp_p
         assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
         heights = ds.read(1)
     assert np.isfinite(heights[2:-2, 2:-2]).all() and heights[2:-2, 2:-2].min() > 0
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(chmv2, tmp_path):
+    """``compile=True`` (torch.compile by regions: the backbone blocks share one graph, the head
+    another) gives the eager heights; 20 chips in batches of 3 end with a short, padded batch."""
+    _, hf_dir, _, _ = chmv2
+    outs = []
+    for compiled in (False, True):
+        result = dinov3_geo.segment(NAIP, task="canopy", output=tmp_path / f"c{int(compiled)}.tif", weights=hf_dir,
+                                    tile=256, overlap=32, batch_size=3, device="cpu", compile=compiled,
+                                    progress=False)
+        assert result.stats.chips_computed == 20 and result.stats.batch_size == 3
+        with rasterio.open(result.output) as ds:
+            outs.append(ds.read(1))
+    eager, compiled = outs
+    np.testing.assert_array_equal(np.isnan(eager), np.isnan(compiled))
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -120,6 +120,11 @@ class Backbone(nn.Module):
         """Scale 0..1 RGB to the model's input with this backbone's mean and std."""
         return normalise_rgb(x01, self.mean, self.std)
 
+    def compile_regions(self) -> list[nn.Module]:
+        """The modules ``torch.compile`` should compile one by one: the transformer blocks, which
+        share one compiled graph (one block is traced, not 24 or 40)."""
+        return list(self.vit.blocks)
+
 
 def normalise_rgb(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(x01 - mean) / std`` per channel of ``[B,3,H,W]``, on ``x01``'s device and dtype."""

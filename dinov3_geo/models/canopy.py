@@ -60,6 +60,10 @@ class CanopyModel(nn.Module):
         """0..1 RGB -> the model's input (CHMv2 mean and std)."""
         return normalise_rgb(x01, self.mean, self.std)
 
+    def compile_regions(self) -> list[nn.Module]:
+        """What ``torch.compile`` compiles: the backbone's blocks (one shared graph) and the head."""
+        return [*self.backbone.compile_regions(), self.head]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Canopy height in metres, float32 ``[B,1,H,W]``, for normalised ``x`` ``[B,3,H,W]``."""
         h, w = x.shape[-2:]
