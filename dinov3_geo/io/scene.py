@@ -253,7 +253,8 @@ class Scene:
         if data.dtype.kind == "f":
             valid &= np.all(np.isfinite(data), axis=0)
         chip = self._scale(data)
-        chip[:, ~valid] = 0
+        if not valid.all():
+            np.multiply(chip, valid, out=chip)     # invalid pixels to 0 (NaN is already 0 here)
         if chip.shape[0] == 1:
             chip = np.repeat(chip, 3, axis=0)
         return chip, valid
