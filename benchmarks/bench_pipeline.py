@@ -9,6 +9,10 @@
     from the end of model loading (and compile warm-up) to the finished COG; for the embedding
     models (no task exists yet) it is ``Engine`` + ``StreamingStitcher`` + ``COGSink`` as
     ``segment`` wires them, with a small module that writes the patch-feature norm;
+(d) with ``--ceiling``, the host pipeline's own limit: the same ``Engine`` + stitcher + COG path on
+    the same scene with a pass-through "model" (the first channel of the normalised chip), i.e.
+    what end to end could reach with an infinitely fast model on this machine
+    (``pipeline_ceiling_chips_per_s``, with and without the COG conversion after the last chip);
 (c) the peer, when ``terratorch`` is importable: TerraTorch's ``tiled_inference`` (whole scene in
     RAM, cosine blending, LZW GeoTIFF) on the same scene, chip, stride and batch with the same
     transformers ``CHMv2ForDepthEstimation`` weights (canopy models only), as
@@ -24,6 +28,10 @@ norm upsampled to the chip is what gets stitched and written).
 
     python benchmarks/bench_pipeline.py --model small --device cpu --tile 256 --overlap 32 --batch 8
     python benchmarks/bench_pipeline.py --model vitl --batch 16 --grid 32x32 [--compile] [--work DIR]
+
+``--repeats N`` alternates (b) and (a) N times and reports the pair (an end-to-end run and the
+model-only run right after it) whose ratio is the median; every pair's figures are kept in ``*_runs``.
+On a shared or frequency-scaling CPU chips/s drift between runs, the ratio of adjacent runs much less.
 
 Prints progress on stderr and one JSON object as the last line of stdout (also to ``--json FILE``).
 """
@@ -199,12 +207,30 @@ def feature_norm_model(backbone):
         def normalise(self, x01):
             return self.backbone.normalise(x01)
 
+        def compile_regions(self):        # --compile: the blocks, as for the canopy model
+            return self.backbone.compile_regions()
+
         def forward(self, x):
             patches = self.backbone.forward_features(x)["patches"]
             norm = torch.linalg.vector_norm(patches.float(), dim=1, keepdim=True)
             return F.interpolate(norm, size=x.shape[-2:], mode="nearest")
 
     return FeatureNorm(backbone).eval()
+
+
+def pass_through_model():
+    """The pipeline without a model: normalise to 0..1 as the engine does, return the first
+    channel ``[B,1,T,T]``; what remains is reading, transfer, stitching and writing."""
+    import torch
+
+    class PassThrough(torch.nn.Module):
+        def normalise(self, x01):
+            return x01
+
+        def forward(self, x):
+            return x[:, :1]
+
+    return PassThrough().eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,6 +433,9 @@ def parse_args(argv=None):
     size.add_argument("--repeat", type=int, default=None, help="tile the source N x N times")
     size.add_argument("--grid", default=None, help="ROWSxCOLS: a scene of exactly that many chips")
     ap.add_argument("--iters", type=int, default=None, help="model-only batches (default: as many chips as end to end)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate end to end and model-only N times; medians")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run the pipeline with a pass-through model (the host's own limit)")
     ap.add_argument("--peer", default="auto", choices=("auto", "on", "off"),
                     help="run TerraTorch's tiled_inference too (auto: when importable, canopy models only)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the scene and weights (kept, reused)")
@@ -420,6 +449,12 @@ def parse_args(argv=None):
         except ValueError:
             ap.error("--grid must look like 16x16")
     return a
+
+
+def median_index(values: list[float]) -> int:
+    """Index of the median (the lower one for an even count)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order[(len(values) - 1) // 2]
 
 
 def device_name(dev) -> str:
@@ -470,37 +505,47 @@ def main(argv=None) -> dict:
             log(f"scene {scene.name} written in {time.perf_counter() - t:.1f} s")
         result.update(scene=f"{a.source.name} tiled to {h} x {w} px", scene_px=[h, w])
 
-        # (b) end to end, the real path
+        # (b) end to end, the real path, alternating with (a) model only on the same model object
+        # (and, with --compile, the same compiled forward)
         out = work / f"out_{a.model}_b{a.batch}{'_c' if a.compile else ''}.tif"
         rss0 = rss_peak_mb()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        weights = None
-        if a.model in CANOPY_MODELS:
-            weights = ensure_canopy_weights(a.model, work)
-            log(f"end to end: segment() canopy, {a.model}, batch {a.batch}, {precision}"
-                f"{', compile' if a.compile else ''}")
-            e2e = end_to_end_canopy(a, dev, precision, scene, weights, out)
-        else:
-            t = time.perf_counter()
-            model = feature_norm_model(random_backbone(a.model, dev, dtype))
-            load_s = time.perf_counter() - t
-            log(f"end to end: Engine embeddings ({a.model}), batch {a.batch}, {precision}"
-                f"{', compile' if a.compile else ''}")
-            e2e = end_to_end_engine(a, dev, precision, model, scene, out)
-            e2e["load_s"] = load_s
-        gpu_e2e = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-        e2e_cps = e2e["chips"] / e2e["seconds"]
-        log(f"end to end: {e2e['chips']} chips in {e2e['seconds']:.2f} s = {e2e_cps:.2f} chips/s")
-
-        # (a) model only: the same model object (and, with --compile, the same compiled forward)
-        engine = e2e.pop("engine")
-        model = e2e.pop("model")
-        forward = getattr(engine, "_forward", None)      # a compiled module has no truth value
-        if forward is None:
-            forward = model
-        mo = model_only(dev, dtype, model, forward, a.batch, a.tile, e2e["chips"], a.iters)
-        log(f"model only: {mo['reps'] * a.batch} chips in {mo['seconds']:.2f} s = {mo['chips_per_s']:.2f} chips/s")
+        weights = ensure_canopy_weights(a.model, work) if a.model in CANOPY_MODELS else None
+        backbone_model, load_s = None, 0.0
+        runs_e2e, runs_mo = [], []
+        for rep in range(max(1, a.repeats)):
+            if weights is not None:
+                log(f"end to end: segment() canopy, {a.model}, batch {a.batch}, {precision}"
+                    f"{', compile' if a.compile else ''}")
+                e2e = end_to_end_canopy(a, dev, precision, scene, weights, out)
+            else:
+                if backbone_model is None:
+                    t = time.perf_counter()
+                    backbone_model = feature_norm_model(random_backbone(a.model, dev, dtype))
+                    load_s = time.perf_counter() - t
+                log(f"end to end: Engine embeddings ({a.model}), batch {a.batch}, {precision}"
+                    f"{', compile' if a.compile else ''}")
+                e2e = end_to_end_engine(a, dev, precision, backbone_model, scene, out)
+                e2e["load_s"] = load_s
+                if rep > 0:
+                    e2e["warmup_s"] = runs_e2e[0]["warmup_s"]     # compiled once, reused
+            gpu_e2e = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+            e2e["chips_per_s"] = e2e["chips"] / e2e["seconds"]
+            log(f"end to end: {e2e['chips']} chips in {e2e['seconds']:.2f} s = {e2e['chips_per_s']:.2f} chips/s")
+            engine = e2e.pop("engine")
+            model = e2e.pop("model")
+            forward = getattr(engine, "_forward", None)      # a compiled module has no truth value
+            if forward is None:
+                forward = model
+            mo = model_only(dev, dtype, model, forward, a.batch, a.tile, e2e["chips"], a.iters)
+            log(f"model only: {mo['reps'] * a.batch} chips in {mo['seconds']:.2f} s = {mo['chips_per_s']:.2f} chips/s")
+            runs_e2e.append(e2e)
+            runs_mo.append(mo)
+        ratios = [r["chips_per_s"] / m["chips_per_s"] for r, m in zip(runs_e2e, runs_mo)]
+        pick = median_index(ratios)     # the pair with the median ratio: its figures all come from it
+        e2e, mo = runs_e2e[pick], runs_mo[pick]
+        e2e_cps = e2e["chips_per_s"]
         result.update(
             chips=e2e["chips"], chips_total=e2e["chips_total"], chips_skipped=e2e["skipped"],
             model_only_chips_per_s=round(mo["chips_per_s"], 3), model_only_chips=mo["reps"] * a.batch,
@@ -515,12 +560,34 @@ def main(argv=None) -> dict:
             load_average=[round(v, 2) for v in os.getloadavg()], batch_final=e2e["batch_final"], notes=e2e["notes"],
             output_mb=round(out.stat().st_size / 2**20, 2) if out.exists() else None,
             rss_before_mb=round(rss0), peak_rss_mb=round(rss_peak_mb()))
+        if a.repeats > 1:
+            result.update(repeats=a.repeats,
+                          end_to_end_chips_per_s_runs=[round(r["chips_per_s"], 3) for r in runs_e2e],
+                          model_only_chips_per_s_runs=[round(r["chips_per_s"], 3) for r in runs_mo],
+                          ratio_runs=[round(v, 3) for v in ratios])
         if dev.type == "cuda":
             result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
             result["peak_gpu_mb_end_to_end"] = round(gpu_e2e)
-        del model, forward, engine
+        del model, forward, engine, backbone_model, runs_e2e, runs_mo
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+        # (d) the host pipeline's own limit
+        if a.ceiling:
+            log("pipeline ceiling: the same path with a pass-through model")
+            saved = a.compile
+            a.compile = False
+            try:
+                ceil = end_to_end_engine(a, dev, precision, pass_through_model(), scene,
+                                         work / f"out_passthrough_{a.tile}.tif")
+            finally:
+                a.compile = saved
+            result.update(pipeline_ceiling_chips_per_s=round(ceil["chips"] / ceil["seconds"], 3),
+                          pipeline_ceiling_run_chips_per_s=round(ceil["chips"] / ceil["run_s"], 3),
+                          pipeline_ceiling_finalize_s=round(ceil["finalize_s"], 3),
+                          pipeline_ceiling_cpu_s_per_chip=round(ceil["cpu_s"] / max(1, ceil["chips"]), 4))
+            log(f"pipeline ceiling: {result['pipeline_ceiling_chips_per_s']} chips/s end to end, "
+                f"{result['pipeline_ceiling_run_chips_per_s']} before the COG conversion")
 
         # (c) the peer
         have_tt = importlib.util.find_spec("terratorch") is not None

@@ -58,12 +58,15 @@ def test_bench_pipeline_canopy_small_cpu_with_peer(tmp_path):
 
 @pytest.mark.slow
 def test_bench_pipeline_embeddings_small_cpu(tmp_path):
-    """The embeddings path (random backbone built by build_backbone, Engine, COG) without a peer."""
+    """The embeddings path (random backbone built by build_backbone, Engine, COG) without a peer,
+    repeated twice (the median pair is reported), and the pass-through pipeline ceiling."""
     res = _run(tmp_path, "--model", "small-backbone", "--tile", "128", "--overlap", "16", "--batch", "4",
-               "--grid", "2x3", "--iters", "2", "--peer", "off")
-    _positive(res, COMMON)
+               "--grid", "2x3", "--iters", "2", "--peer", "off", "--repeats", "2", "--ceiling")
+    _positive(res, COMMON + ("pipeline_ceiling_chips_per_s", "pipeline_ceiling_run_chips_per_s"))
     assert res["chips"] == 6 and res["model"] == "small-backbone" and "error" not in res
     assert "peer_ratio" not in res
+    assert res["repeats"] == 2 and len(res["ratio_runs"]) == len(res["end_to_end_chips_per_s_runs"]) == 2
+    assert res["ratio"] in res["ratio_runs"]
 
 
 def test_bench_pipeline_reports_errors_as_json(tmp_path):
