@@ -62,14 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
-    seg.add_argument("--precision", default="fp32", help="fp32 or bf16 (fp32)")
+    seg.add_argument("--precision", default="fp32", help="fp32, bf16 or fp8 (fp32); fp8: float8 "
+                     "products in the backbone, on GPUs of compute capability 8.9+ (Ada, Hopper)")
     seg.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
     seg.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
     seg.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
     seg.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
                      "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
-    seg.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    seg.add_argument("--compile", action="store_true",
+                     help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
+                     "cache is warm), then faster chips; worth it on long runs, GPU or CPU")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
     seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -27,7 +27,7 @@ from .io.tiling import pad_to_tile, plan_chips, validate_tiling
 
 log = logging.getLogger("dinov3_geo")
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -69,10 +69,23 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def dtype_for(precision: str) -> torch.dtype:
-    """Model dtype for a precision name; DINOv3 does not support fp16."""
+    """Model dtype for a precision name (fp8: bf16, with float8 products in the backbone's linear
+    layers); DINOv3 does not support fp16."""
     if precision not in PRECISIONS:
-        raise UsageError("--precision", f"unknown precision '{precision}' (fp32 or bf16; DINOv3 does not support fp16)")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+        raise UsageError("--precision", f"unknown precision '{precision}' (fp32, bf16 or fp8; DINOv3 does not "
+                                        "support fp16)")
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def _use_fp8(model: torch.nn.Module, device: torch.device) -> None:
+    """Switch the model's backbone linear layers to float8 products (``--precision fp8``)."""
+    from .models.fp8 import check_fp8_device
+
+    check_fp8_device(device)
+    convert = getattr(model, "use_fp8_matmuls", None)
+    if convert is None:
+        raise UsageError("--precision", "fp8 needs a model with a DINOv3 backbone (use_fp8_matmuls)")
+    convert()
 
 
 def default_readers() -> int:
@@ -101,6 +114,8 @@ class Engine:
         self.tile, self.overlap = int(tile), int(overlap)
         self.readers = default_readers() if readers is None else max(1, int(readers))
         self.compile = bool(compile)
+        if precision == "fp8":
+            _use_fp8(model, device)
         self._pending = None        # (batch, results) of the batch in flight on the device
         self._forward = self._compiled(model) if compile else model
         self._pinned = device.type == "cuda"

@@ -120,6 +120,13 @@ class Backbone(nn.Module):
         """Scale 0..1 RGB to the model's input with this backbone's mean and std."""
         return normalise_rgb(x01, self.mean, self.std)
 
+    def use_fp8_matmuls(self) -> int:
+        """Run the blocks' linear layers as float8 products (see :mod:`.fp8`), in place; returns
+        how many layers were converted. The model must already be in bf16."""
+        from .fp8 import linears_to_fp8
+
+        return linears_to_fp8(self.vit.blocks)
+
     def compile_regions(self) -> list[nn.Module]:
         """The modules ``torch.compile`` should compile one by one: the transformer blocks, which
         share one compiled graph (one block is traced, not 24 or 40)."""

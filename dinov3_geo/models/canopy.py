@@ -60,6 +60,10 @@ class CanopyModel(nn.Module):
         """0..1 RGB -> the model's input (CHMv2 mean and std)."""
         return normalise_rgb(x01, self.mean, self.std)
 
+    def use_fp8_matmuls(self) -> int:
+        """Float8 products in the backbone's blocks; the CHMv2 head stays in bf16."""
+        return self.backbone.use_fp8_matmuls()
+
     def compile_regions(self) -> list[nn.Module]:
         """What ``torch.compile`` compiles: the backbone's blocks (one shared graph) and the head."""
         return [*self.backbone.compile_regions(), self.head]
