@@ -7,16 +7,18 @@
 # Installs the carried wheels whose package is missing (or, for timm, too old) into /tmp/site, then
 # runs benchmarks/bench_pipeline.py, one process per run, each writing OUTDIR/<run>.json:
 #   vitl_b16        canopy (ViT-L + DPT), batch 16, eager, with the TerraTorch peer on the same scene
+#                   and the pass-through pipeline ceiling (--ceiling: the host's own limit)
 #   vitl_b32        canopy, batch 32, eager
 #   vitl_bb_b64     ViT-L backbone embeddings (feature norm written), batch 64, eager
 #   vit7b_b16       ViT-7B backbone embeddings, batch 16, eager (smaller scene)
 #   vitl_b16_c      canopy, batch 16, --compile (warm-up not timed)
 #   vitl_b32_c      canopy, batch 32, --compile
+#   fp8_b16         bench_fp8.py: canopy ViT-L in bf16 and in fp8 against fp32 (errors, model-only speed)
 # bf16, 512 px chips, overlap 64, on the Salt Lake sample tiled to 24 x 24 chips (576; 12 x 12 for
 # the 7B): chip counts are multiples of every batch, so a compiled model never meets a short batch.
 # A failed or timed-out run leaves a JSON with "error" and the rest go on; the whole script keeps to
 # GPU_SH_BUDGET_S (default 290 s) by shortening the last runs' limits, compile runs last. At the end
-# it prints a table; OUTDIR/gpu_sh.log holds every run's output (7 files in all, so all come back
+# it prints a table; OUTDIR/gpu_sh.log holds every run's output (8 files in all, so all come back
 # from a device run's $OUT, which returns at most 8).
 #
 # GPU_SH_SMOKE=1 runs the same sequence on CPU with the small models (checks this script anywhere).
@@ -119,8 +121,8 @@ bench() {  # name, limit_s, args...
     return
   fi
   (( limit > left )) && limit=$left
-  say "$name: bench_pipeline.py $* (limit ${limit}s)"
-  timeout -k 10 "$limit" $PY benchmarks/bench_pipeline.py "$@" --work "$WORK" --json "$OUTDIR/$name.json" >>"$LOG" 2>&1
+  say "$name: $(basename "${SCRIPT:-bench_pipeline.py}") $* (limit ${limit}s)"
+  timeout -k 10 "$limit" $PY "${SCRIPT:-benchmarks/bench_pipeline.py}" "$@" --work "$WORK" --json "$OUTDIR/$name.json" >>"$LOG" 2>&1
   local rc=$?
   if [ ! -s "$OUTDIR/$name.json" ]; then
     if (( rc == 124 || rc == 137 )); then record_error "$name" "timed out after ${limit}s" "$@"
@@ -129,12 +131,14 @@ bench() {  # name, limit_s, args...
   say "$name: done (rc $rc)"
 }
 
-bench vitl_b16    150 --model "$CANOPY" --batch "$B1" --grid "$GRID" --peer auto "${COMMON[@]}"
+bench vitl_b16    150 --model "$CANOPY" --batch "$B1" --grid "$GRID" --peer auto --ceiling "${COMMON[@]}"
 bench vitl_b32     60 --model "$CANOPY" --batch "$B2" --grid "$GRID" --peer off "${COMMON[@]}"
 bench vitl_bb_b64  50 --model "$BB" --batch "$BB_B" --grid "$GRID" --peer off "${COMMON[@]}"
 bench vit7b_b16    70 --model "$BIG" --batch "$B7" --grid "$GRID7" --peer off "${COMMON[@]}"
 bench vitl_b16_c  120 --model "$CANOPY" --batch "$B1" --grid "$GRID" --peer off --compile "${COMMON[@]}"
 bench vitl_b32_c  120 --model "$CANOPY" --batch "$B2" --grid "$GRID" --peer off --compile "${COMMON[@]}"
+SCRIPT=benchmarks/bench_fp8.py bench fp8_b16 60 --model "$CANOPY" --batch "$B1" --device "$DEV" \
+  $([ "$DEV" = cpu ] && echo "--tile 128 --iters 2")
 
 # -- 3. the table ----------------------------------------------------------------------------------
 $PY - "$OUTDIR" <<'EOF' | tee -a "$LOG"
@@ -154,13 +158,19 @@ for name in order:
     rows.append([name, str(r.get("device", "-"))[:22], str(r.get("model", "-")), f("batch", "{}"),
                  "yes" if r.get("compile") else "no", f("chips", "{}"), f("model_only_chips_per_s"),
                  f("end_to_end_chips_per_s"), f("ratio", "{:.3f}"), f("peer_end_to_end_chips_per_s"),
-                 f("peer_ratio", "{:.3f}"), f("cog_finalize_s", "{:.1f}"), f("compile_warmup_s", "{:.0f}"),
+                 f("peer_ratio", "{:.3f}"), f("cog_finalize_s", "{:.1f}"), f("pipeline_ceiling_chips_per_s"),
+                 f("compile_warmup_s", "{:.0f}"),
                  f("peak_gpu_mb", "{}"), f("peak_rss_mb", "{}"), str(r.get("error", ""))[:60]])
 head = ["run", "device", "model", "batch", "compile", "chips", "model-only/s", "e2e/s", "ratio", "peer e2e/s",
-        "peer ratio", "cog s", "warm s", "GPU MB", "RSS MB", "error"]
+        "peer ratio", "cog s", "ceiling/s", "warm s", "GPU MB", "RSS MB", "error"]
 w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
 print("  ".join(h.ljust(w[i]) for i, h in enumerate(head)))
 for r in rows:
     print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+try:
+    r = json.loads((Path(sys.argv[1]) / "fp8_b16.json").read_text())
+    print("fp8_b16:", {k: r.get(k) for k in ("device", "bf16", "fp8", "fp8_speedup_over_bf16", "error") if k in r})
+except Exception as exc:
+    print("fp8_b16: no result", exc)
 EOF
 say "all done in $(( $(date +%s) - T0 )) s; JSON in $OUTDIR"
