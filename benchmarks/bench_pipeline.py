@@ -421,7 +421,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", choices=CANOPY_MODELS + BACKBONE_MODELS)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp8")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
@@ -492,13 +492,13 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
-    from dinov3_geo.engine import dtype_for, resolve_device
+    from dinov3_geo.engine import dtype_for, resolve_device, resolve_precision
 
     t_start = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = resolve_device(a.device)
-    precision = a.precision if a.precision != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
+    precision = resolve_precision(a.precision, dev)
     dtype = dtype_for(precision)
     result: dict = {"device": device_name(dev), "model": a.model, "chip": a.tile, "batch": a.batch,
                     "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": a.readers or default_readers(),

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .engine import Engine, RunStats, dtype_for, resolve_device, validate_batch_size
+from .engine import Engine, RunStats, dtype_for, resolve_device, resolve_precision, validate_batch_size
 from .errors import UsageError, WeightsNotFoundError
 from .io.scene import open_scene
 from .io.sinks import COGSink, check_output
@@ -45,12 +45,13 @@ class SegmentResult:
     area_km2: float
     seconds: float
     device: str
+    precision: str = "fp32"
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """The closing lines the command prints."""
         s = self.stats
-        lines = [f"done in {self.seconds:.1f} s on {self.device}: {s.chips_computed} chips computed "
+        lines = [f"done in {self.seconds:.1f} s on {self.device} ({self.precision}): {s.chips_computed} chips computed "
                  f"({s.chips_skipped} empty skipped), {s.chips_per_second:.2f} chips/s, {self.area_km2:.3f} km²",
                  f"wrote {self.output}"]
         if self.vector is not None:
@@ -62,7 +63,7 @@ class SegmentResult:
 def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = None, *,
             weights: Optional[PathLike] = None, backbone_weights: Optional[PathLike] = None,
             vector: Optional[PathLike] = None, min_height: float = 2.0, device: str = "auto",
-            batch_size: int = 8, precision: str = "fp32", tile: int = 512, overlap: int = 64,
+            batch_size: int = 8, precision: str = "auto", tile: int = 512, overlap: int = 64,
             bands: Optional[Sequence[int]] = None, gsd: Optional[float] = None,
             scale: Optional[tuple[float, float]] = None, overwrite: bool = False, compile: bool = False,
             progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None) -> SegmentResult:
@@ -78,8 +79,9 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         raise UsageError("--task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     validate_tiling(tile, overlap)
     validate_batch_size(batch_size)
-    dtype = dtype_for(precision)
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    dtype = dtype_for(precision)
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
     if vector is not None:
@@ -112,7 +114,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             output.unlink(missing_ok=True)
             raise
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
-                         time.perf_counter() - t0, str(dev), collected)
+                         time.perf_counter() - t0, str(dev), precision, collected)
 
 
 def _default_output(scene: PathLike, task: str) -> Path:

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
-    seg.add_argument("--precision", default="fp32", help="fp32, bf16 or fp8 (fp32); fp8: float8 "
-                     "products in the backbone, on GPUs of compute capability 8.9+ (Ada, Hopper)")
+    seg.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
+                     "on the CPU); fp8: float8 products in the backbone, GPUs of compute capability 8.9+")
     seg.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
     seg.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
     seg.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")

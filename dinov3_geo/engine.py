@@ -27,7 +27,7 @@ from .io.tiling import pad_to_tile, plan_chips, validate_tiling
 
 log = logging.getLogger("dinov3_geo")
 
-PRECISIONS = ("fp32", "bf16", "fp8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -68,12 +68,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise UsageError("--device", f"unknown device '{device}' (auto, cpu or cuda)")
 
 
-def dtype_for(precision: str) -> torch.dtype:
-    """Model dtype for a precision name (fp8: bf16, with float8 products in the backbone's linear
-    layers); DINOv3 does not support fp16."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU (fp32 there is several times slower and DINOv3 runs in bf16) and
+    fp32 on the CPU; other names are checked and returned. DINOv3 does not support fp16."""
     if precision not in PRECISIONS:
-        raise UsageError("--precision", f"unknown precision '{precision}' (fp32, bf16 or fp8; DINOv3 does not "
-                                        "support fp16)")
+        raise UsageError("--precision", f"unknown precision '{precision}' (auto, fp32, bf16 or fp8; DINOv3 does "
+                                        "not support fp16)")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def dtype_for(precision: str) -> torch.dtype:
+    """Model dtype for a resolved precision name (fp8: bf16, with float8 products in the backbone's
+    linear layers)."""
+    if precision not in PRECISIONS or precision == "auto":
+        raise UsageError("--precision", f"unknown precision '{precision}' (fp32, bf16 or fp8)")
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
@@ -102,12 +112,14 @@ def validate_batch_size(batch_size: int) -> None:
 class Engine:
     """Runs a dense model (normalised ``[B,3,T,T]`` -> ``[B,C,T,T]``) over a scene into a stitcher."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
                  batch_size: int = 8, tile: int = 512, overlap: int = 64, readers: Optional[int] = None,
                  compile: bool = False):
         validate_tiling(tile, overlap)
         validate_batch_size(batch_size)
         self.device = device
+        precision = resolve_precision(precision, device)
+        self.precision = precision
         self.dtype = dtype_for(precision)
         self.model = model
         self.batch_size = int(batch_size)

@@ -95,6 +95,7 @@ def test_multi_chip_scene_with_nodata_collar(chmv2, tmp_path):
     assert run.returncode == 0, run.stderr
     assert re.search(r"pixel size is 300\.\d\d m", run.stderr) and "--gsd" in run.stderr
     assert "km²" in run.stderr and str(out) in run.stderr
+    assert "on cpu (fp32)" in run.stderr             # --precision auto: fp32 on the CPU
     with rasterio.open(BAHAMAS) as src, rasterio.open(out) as ds:
         assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
         assert ds.dtypes == ("float32",) and np.isnan(ds.nodata)
