@@ -55,7 +55,7 @@ class SegmentResult:
                  f"({s.chips_skipped} empty skipped), {s.chips_per_second:.2f} chips/s, {self.area_km2:.3f} km²",
                  f"wrote {self.output}"]
         if self.vector is not None:
-            lines.append(f"wrote {self.vector} ({self.polygons} polygons)")
+            lines.append(f"wrote {self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
         lines.extend(f"note: {n}" for n in s.notes)
         return "\n".join(lines)
 
