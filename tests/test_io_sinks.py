@@ -235,6 +235,26 @@ def test_compressed_temp_when_large(sample, tmp_path, monkeypatch):
     assert leftovers(tmp_path, {"heights.tif"}) == []
 
 
+@pytest.mark.parametrize("at", [0, 1], ids=["first-strip", "second-strip"])
+def test_strip_writer_error_fails_the_run_and_cleans_up(sample, tmp_path, monkeypatch, at):
+    """A failed write of full-resolution rows (say, disk full) on the strip thread surfaces in the
+    caller, by the next strip or by finalize, and leaves nothing behind."""
+    out = tmp_path / "out.tif"
+    calls = []
+
+    def failing(self, strip, window):
+        calls.append(window)
+        if len(calls) > at:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(COGSink, "_write_strip", failing)
+    with open_scene(sample(SALT)) as scene:
+        with pytest.raises(OSError, match="No space left"):
+            with COGSink(out, scene) as sink:
+                stream(scene, sink, mean_model, 1, 256, 32)
+    assert leftovers(tmp_path, set()) == []
+
+
 def test_overview_worker_error_fails_finalise_and_cleans_up(sample, tmp_path, monkeypatch):
     out = tmp_path / "out.tif"
 

@@ -321,6 +321,7 @@ class COGSink:
         h, w = self.scene.height, self.scene.width
         raw = _temp_raw_ok(self.path.parent, h, w, self.count, np.dtype(self.dtype).itemsize)
         comp = {} if raw else _temp_compression()
+        _zstd_works()               # probe GDAL now, not in the COG conversion after the last chip
         self._tmp = temp_path(self.path)
         profile = dict(driver="GTiff", width=w, height=h, count=self.count,
                        dtype=self.dtype, crs=self.scene.crs, transform=self.scene.transform,
@@ -370,7 +371,7 @@ class COGSink:
             strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
             window = Window(0, self._next_row, self.scene.width, take)
-            self._strip_worker.submit(self._ds.write, strip[:, :take], window=window)
+            self._strip_worker.submit(self._write_strip, strip[:, :take], window)
             if self._ovr_worker is not None:
                 # strips arrive in order and are whole 512-row blocks except the last, so each
                 # level gets whole 2x2 cells
@@ -381,6 +382,10 @@ class COGSink:
             if take < have:
                 self._pending[self._next_row + take] = strip[:, take:]
             self._next_row += take
+
+    def _write_strip(self, strip: np.ndarray, window: Window) -> None:
+        """Full-resolution rows into the partial file (on the strip worker's thread)."""
+        self._ds.write(strip, window=window)
 
     def _write_overviews(self, row_off: int, strip: np.ndarray) -> None:
         for ds in self._ovr_ds:
