@@ -308,7 +308,7 @@ def end_to_end_engine(a, dev, precision: str, model, scene: Path, out: Path) -> 
     with open_scene(scene) as sc:
         engine = Engine(model, dev, precision, a.batch, a.tile, a.overlap, readers=a.readers, compile=a.compile)
         t = time.perf_counter()
-        if a.compile:
+        if a.compile or dev.type == "cuda":      # as segment() does
             engine.warm_up()
         warm = time.perf_counter() - t
         t0, c0 = time.perf_counter(), time.process_time()

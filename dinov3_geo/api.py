@@ -95,7 +95,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         _check_pixel_size(sc, gsd, collected)
         model = _load_task_model(task, weights, backbone_weights, dev, dtype, verify)
         engine = Engine(model, dev, precision, batch_size, tile, overlap, readers=readers, compile=compile)
-        if compile:
+        if compile or dev.type == "cuda":     # compile, kernel loading, cuBLAS set-up: before the chips
             engine.warm_up()
         with COGSink(output, sc, count=1, dtype="float32", nodata=float("nan"), overwrite=overwrite,
                      band_descriptions=["canopy_height_m"]) as sink:

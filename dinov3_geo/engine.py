@@ -129,6 +129,7 @@ class Engine:
         if precision == "fp8":
             _use_fp8(model, device)
         self._pending = None        # (batch, results) of the batch in flight on the device
+        self._early_notes: list[str] = []   # from warm_up, before any run
         self._forward = self._compiled(model) if compile else model
         self._pinned = device.type == "cuda"
 
@@ -149,7 +150,7 @@ class Engine:
     def run(self, scene, stitcher, progress: Optional[bool] = None) -> RunStats:
         """Read, infer and stitch every chip of ``scene``; the stitcher streams rows to its sink."""
         windows = plan_chips(scene.height, scene.width, self.tile, self.overlap)
-        stats = RunStats(chips_total=len(windows), batch_size=self.batch_size)
+        stats = RunStats(chips_total=len(windows), batch_size=self.batch_size, notes=list(self._early_notes))
         t0 = time.perf_counter()
         writer = _Writer(stitcher)
         bar = _progress_bar(len(windows), progress)
@@ -182,11 +183,39 @@ class Engine:
         return stats
 
     def warm_up(self) -> None:
-        """One batch of zeros through the model (compilation, cuDNN autotuning) outside the timings."""
-        x = torch.zeros(self.batch_size, 3, self.tile, self.tile, device=self.device)
-        with torch.inference_mode(), self._autocast():
-            self._forward(self.model.normalise(x).to(self.dtype))
-        self._sync()
+        """One batch of zeros through the model before the run: compilation, CUDA kernel loading and
+        cuBLAS/cuDNN set-up happen here, not in the first chips. Out of memory halves the batch
+        size here as in the run (the note appears in the run's notes)."""
+        while not self._warm_once():
+            self._free_memory()
+            self._lower_batch_size(self.batch_size // 2, self._early_notes)
+
+    def _warm_once(self) -> bool:
+        """One warm-up batch; False when it ran out of memory (retried after the ``except`` block,
+        whose traceback holds the failed attempt's tensors)."""
+        n = self.batch_size
+        try:
+            x = torch.zeros(n, 3, self.tile, self.tile, device=self.device)
+            with torch.inference_mode(), self._autocast():
+                self._forward(self.model.normalise(x).to(self.dtype))
+            self._sync()
+            return True
+        except torch.OutOfMemoryError as exc:
+            if n == 1:
+                raise self._out_of_memory_at_one() from exc
+        return False
+
+    def _out_of_memory_at_one(self) -> DeviceError:
+        return DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self.tile} px "
+                                             "tiles; try a smaller --tile or --precision bf16")
+
+    def _lower_batch_size(self, size: int, notes: list[str]) -> None:
+        """Lower the batch size to ``size`` (never raise it) and say so in ``notes`` and the log."""
+        if size < self.batch_size:
+            self.batch_size = size
+            note = f"out of GPU memory: batch size lowered to {size}"
+            notes.append(note)
+            log.warning(note)
 
     # -- reading --------------------------------------------------------------------------------
     def _read_ahead(self, scene, windows: Sequence[Window]) -> Iterator[_Chip]:
@@ -230,15 +259,12 @@ class Engine:
             out = self._forward_batch(batch)
         except torch.OutOfMemoryError as exc:
             if len(batch) == 1:
-                raise DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self.tile} px "
-                                                    "tiles; try a smaller --tile or --precision bf16") from exc
+                raise self._out_of_memory_at_one() from exc
         if out is None:
             self._free_memory()
-            if len(batch) // 2 < self.batch_size:   # never raised again by a later, larger remainder
-                self.batch_size = stats.batch_size = len(batch) // 2
-                note = f"out of GPU memory: batch size lowered to {self.batch_size}"
-                stats.notes.append(note)
-                log.warning(note)
+            # never raised again by a later, larger remainder
+            self._lower_batch_size(len(batch) // 2, stats.notes)
+            stats.batch_size = self.batch_size
             start = 0
             while start < len(batch):               # the rest in batches of the (maybe lowered again) size
                 size = self.batch_size

@@ -208,3 +208,33 @@ def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DinoGeoError, match="out of GPU memory.*--tile"):
         _run_segment(monkeypatch, _RunsOutOfMemory(limit=0), scene, tmp_path / "oom.tif", batch_size=2)
     assert not (tmp_path / "oom.tif").exists() and hidden(tmp_path) == []
+
+
+def test_out_of_memory_in_the_warm_up_lowers_the_batch_for_the_run(tmp_path, memory_sink):
+    """The warm-up batch (run before the chips on a GPU, and when compiling) backs off too; the run
+    starts at the size that fits and reports the notes."""
+    from dinov3_geo.engine import Engine
+    from dinov3_geo.io.scene import open_scene
+    from dinov3_geo.io.stitch import StreamingStitcher
+
+    scene = tiled_scene(tmp_path / "s.tif", crop=96, reps=2)             # 16 chips of 64
+    flaky = _RunsOutOfMemory(limit=3)
+    engine = Engine(flaky, torch.device("cpu"), "fp32", batch_size=8, tile=64, overlap=16, readers=2)
+    engine.warm_up()
+    assert engine.batch_size == 2 and flaky.sizes == [8, 4, 2]
+    with open_scene(scene) as sc:
+        sink = memory_sink(1, sc.height, sc.width)
+        stats = engine.run(sc, StreamingStitcher(sink, sc.height, sc.width, 1, 64, 16), progress=False)
+    assert stats.chips_computed == 16 and stats.batch_size == 2
+    assert all(s <= 2 for s in flaky.sizes[3:]), flaky.sizes
+    assert stats.notes == ["out of GPU memory: batch size lowered to 4", "out of GPU memory: batch size lowered to 2"]
+    assert np.isfinite(sink.array).all()
+
+
+def test_out_of_memory_in_the_warm_up_at_batch_one_is_one_clear_error():
+    from dinov3_geo.engine import Engine
+    from dinov3_geo.errors import DeviceError
+
+    engine = Engine(_RunsOutOfMemory(limit=0), torch.device("cpu"), "fp32", batch_size=2, tile=64, overlap=16)
+    with pytest.raises(DeviceError, match="out of GPU memory even at batch size 1"):
+        engine.warm_up()
