@@ -13,7 +13,8 @@
 #   vit7b_b16       ViT-7B backbone embeddings, batch 16, eager (smaller scene)
 #   vitl_b16_c      canopy, batch 16, --compile (warm-up not timed)
 #   vitl_b32_c      canopy, batch 32, --compile
-#   fp8_b16         bench_fp8.py: canopy ViT-L in bf16 and in fp8 against fp32 (errors, model-only speed)
+#   variants_b16    bench_model.py: canopy ViT-L variants (bf16, cuDNN autotuning, channels-last head,
+#                   fp8) against fp32: errors and model-only speed
 # bf16, 512 px chips, overlap 64, on the Salt Lake sample tiled to 24 x 24 chips (576; 12 x 12 for
 # the 7B): chip counts are multiples of every batch, so a compiled model never meets a short batch.
 # A failed or timed-out run leaves a JSON with "error" and the rest go on; the whole script keeps to
@@ -137,7 +138,7 @@ bench vitl_bb_b64  50 --model "$BB" --batch "$BB_B" --grid "$GRID" --peer off "$
 bench vit7b_b16    70 --model "$BIG" --batch "$B7" --grid "$GRID7" --peer off "${COMMON[@]}"
 bench vitl_b16_c  120 --model "$CANOPY" --batch "$B1" --grid "$GRID" --peer off --compile "${COMMON[@]}"
 bench vitl_b32_c  120 --model "$CANOPY" --batch "$B2" --grid "$GRID" --peer off --compile "${COMMON[@]}"
-SCRIPT=benchmarks/bench_fp8.py bench fp8_b16 60 --model "$CANOPY" --batch "$B1" --device "$DEV" \
+SCRIPT=benchmarks/bench_model.py bench variants_b16 80 --model "$CANOPY" --batch "$B1" --device "$DEV" \
   $([ "$DEV" = cpu ] && echo "--tile 128 --iters 2")
 
 # -- 3. the table ----------------------------------------------------------------------------------
@@ -168,9 +169,13 @@ print("  ".join(h.ljust(w[i]) for i, h in enumerate(head)))
 for r in rows:
     print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
 try:
-    r = json.loads((Path(sys.argv[1]) / "fp8_b16.json").read_text())
-    print("fp8_b16:", {k: r.get(k) for k in ("device", "bf16", "fp8", "fp8_speedup_over_bf16", "error") if k in r})
+    r = json.loads((Path(sys.argv[1]) / "variants_b16.json").read_text())
+    print("variants_b16:", r.get("device"), r.get("error", ""))
+    for name, v in r.items():
+        if isinstance(v, dict):
+            print(f"  {name:22s}", {k: v.get(k) for k in ("model_only_chips_per_s", "speedup_over_bf16",
+                                                          "median_rel_error", "p99_rel_error", "error") if k in v})
 except Exception as exc:
-    print("fp8_b16: no result", exc)
+    print("variants_b16: no result", exc)
 EOF
 say "all done in $(( $(date +%s) - T0 )) s; JSON in $OUTDIR"

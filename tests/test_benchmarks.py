@@ -80,15 +80,16 @@ def test_bench_pipeline_reports_errors_as_json(tmp_path):
     assert "error" in res and res["model"] == "small"
 
 
-def test_bench_fp8_small_cpu(tmp_path):
-    """bench_fp8.py: bf16 and fp8 against fp32 on real chips (errors and model-only speed)."""
+def test_bench_model_variants_small_cpu(tmp_path):
+    """bench_model.py: each variant (bf16, cuDNN autotuning, channels-last head, fp8) against fp32 on
+    real chips: errors and model-only speed."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fp8.py"), "--model", "small",
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_model.py"), "--model", "small",
                            "--device", "cpu", "--tile", "128", "--batch", "2", "--iters", "1", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    for precision in ("bf16", "fp8"):
-        _positive(res[precision], ("median_rel_error", "p99_rel_error", "max_rel_error", "model_only_chips_per_s"))
-        assert 0.9 < res[precision]["corr"] <= 1.0
-    _positive(res, ("fp8_speedup_over_bf16",))
+    for variant in ("bf16", "bf16_cudnn_benchmark", "bf16_channels_last", "fp8"):
+        _positive(res[variant], ("median_rel_error", "p99_rel_error", "max_rel_error", "model_only_chips_per_s",
+                                 "speedup_over_bf16"))
+        assert 0.9 < res[variant]["corr"] <= 1.0

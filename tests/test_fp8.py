@@ -2,7 +2,7 @@
 
 Float8 is emulated on the CPU (slow, same arithmetic as the fp8 GPU kernels: e4m3 inputs, float32
 accumulation, bf16 output), so the accuracy is checked here; speed is measured on a GPU
-(``benchmarks/bench_fp8.py``, ``benchmarks/RESULTS.md``).
+(``benchmarks/bench_model.py``, ``benchmarks/RESULTS.md``).
 """
 from __future__ import annotations
 

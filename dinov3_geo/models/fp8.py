@@ -5,7 +5,7 @@ has about twice the bf16 throughput. Each ``nn.Linear`` inside the transformer b
 :class:`Float8Linear`: its weight is stored once as float8 e4m3 with one scale per output channel,
 each input row is scaled to the e4m3 range on the fly, ``torch._scaled_mm`` multiplies with float32
 accumulation and returns bf16. Everything else (patch embedding, norms, attention scores, RoPE, the
-heads) stays in bf16. The accuracy cost against bf16 is measured by ``benchmarks/bench_fp8.py``.
+heads) stays in bf16. The accuracy cost against bf16 is measured by ``benchmarks/bench_model.py``.
 """
 from __future__ import annotations
 
