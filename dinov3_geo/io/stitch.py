@@ -149,9 +149,7 @@ class StreamingStitcher:
             return
         if need > self._wsum.shape[0]:
             capacity = max(need, 2 * self._wsum.shape[0])
-            self._acc = _grown(self._acc, capacity, axis=1)
-            self._wsum = _grown(self._wsum, capacity, axis=0)
-            self._valid = _grown(self._valid, capacity, axis=0)
+            self._acc, self._wsum, self._valid = (_grown(b, capacity) for b in (self._acc, self._wsum, self._valid))
         self._rows = need
 
     def _flush_to(self, limit: int) -> None:
@@ -165,8 +163,8 @@ class StreamingStitcher:
         self.rows_written += n
         self._base = limit
         keep = self._rows - n
-        for buf, axis in ((self._acc, 1), (self._wsum, 0), (self._valid, 0)):
-            _shift_rows(buf, n, keep, axis)
+        for buf in (self._acc, self._wsum, self._valid):
+            _shift_rows(buf, n, keep)
         self._rows = keep
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -185,25 +183,16 @@ class StreamingStitcher:
         return out
 
 
-def _grown(buf: np.ndarray, capacity: int, axis: int) -> np.ndarray:
-    """``buf`` with ``capacity`` rows along ``axis``: its rows first, zeros after."""
-    shape = list(buf.shape)
-    shape[axis] = capacity
-    out = np.zeros(shape, buf.dtype)
-    index = [slice(None)] * buf.ndim
-    index[axis] = slice(0, buf.shape[axis])
-    out[tuple(index)] = buf
+def _grown(buf: np.ndarray, capacity: int) -> np.ndarray:
+    """``buf`` with ``capacity`` rows (the second-last axis in every buffer): its rows first, zeros after."""
+    out = np.zeros((*buf.shape[:-2], capacity, buf.shape[-1]), buf.dtype)
+    out[..., :buf.shape[-2], :] = buf
     return out
 
 
-def _shift_rows(buf: np.ndarray, n: int, keep: int, axis: int) -> None:
-    """Move rows ``[n, n + keep)`` of ``buf`` to the front along ``axis`` and zero the ``n`` rows
+def _shift_rows(buf: np.ndarray, n: int, keep: int) -> None:
+    """Move rows ``[n, n + keep)`` of ``buf`` (second-last axis) to the front and zero the ``n`` rows
     after them (numpy copes with the overlap), so rows past the ones in use stay zero."""
-    def rows(a: int, b: int) -> tuple:
-        index = [slice(None)] * buf.ndim
-        index[axis] = slice(a, b)
-        return tuple(index)
-
     if keep:
-        buf[rows(0, keep)] = buf[rows(n, n + keep)]
-    buf[rows(keep, keep + n)] = 0
+        buf[..., :keep, :] = buf[..., n:n + keep, :]
+    buf[..., keep:keep + n, :] = 0
