@@ -195,9 +195,7 @@ class Engine:
         whose traceback holds the failed attempt's tensors)."""
         n = self.batch_size
         try:
-            x = torch.zeros(n, 3, self.tile, self.tile, device=self.device)
-            with torch.inference_mode(), self._autocast():
-                self._forward(self.model.normalise(x).to(self.dtype))
+            self._model_on_device(torch.zeros(n, 3, self.tile, self.tile, device=self.device))
             self._sync()
             return True
         except torch.OutOfMemoryError as exc:
@@ -304,9 +302,7 @@ class Engine:
             host[len(batch):] = 0
         x = host.to(self.device, non_blocking=True)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        with torch.inference_mode(), self._autocast():
-            y = self._forward(self.model.normalise(x).to(self.dtype))
-        y = y[:len(batch)].float()
+        y = self._model_on_device(x)[:len(batch)].float()
         if not self._pinned:
             return y.numpy()
         out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
@@ -314,6 +310,11 @@ class Engine:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         return out, done
+
+    def _model_on_device(self, x01: torch.Tensor) -> torch.Tensor:
+        """The model on 0..1 chips already on the device: normalise, cast, forward (autocast)."""
+        with torch.inference_mode(), self._autocast():
+            return self._forward(self.model.normalise(x01).to(self.dtype))
 
     def _autocast(self):
         if self.dtype == torch.bfloat16:
