@@ -60,12 +60,7 @@ def real_chips(batch: int, tile: int):
 
 def heights(model, x_uint8, dtype, dev):
     """The engine's device-side steps on ``x_uint8``: float32 heights on the CPU."""
-    import torch
-
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        x = x_uint8.to(dev).float().div_(255.0)
-        return model(model.normalise(x).to(dtype)).float().cpu()
+    return bp.device_steps(model, model, x_uint8.to(dev), dtype).cpu()
 
 
 def errors(got, ref) -> dict:

@@ -327,21 +327,28 @@ def end_to_end_engine(a, dev, precision: str, model, scene: Path, out: Path) -> 
 # ------------------------------------------------------------------------------------------------
 # (a) model only
 
+def device_steps(model, forward, x_uint8, dtype):
+    """What the engine does on the device to uint8 chips already there: to float, /255, normalise,
+    cast, ``forward`` (bf16 under autocast); float32 out."""
+    import torch
+
+    autocast = (torch.autocast(x_uint8.device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        x = x_uint8.float().div_(255.0)
+        return forward(model.normalise(x).to(dtype)).float()
+
+
 def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, iters: int | None) -> dict:
     """Chips/s of uint8 chips already on the device through the engine's device-side steps."""
     import torch
-    from contextlib import nullcontext
 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     gen = torch.Generator(device=dev).manual_seed(1)
     xb = torch.randint(0, 256, (batch, 3, tile, tile), generator=gen, device=dev, dtype=torch.int32).to(torch.uint8)
 
     def step():
-        with torch.inference_mode(), autocast:
-            x = xb.float().div_(255.0)
-            y = forward(model.normalise(x).to(dtype))
-            return y.float()
+        return device_steps(model, forward, xb, dtype)
 
     for _ in range(2):             # warm-up (allocator, kernels; compiled graphs are already built)
         step()
