@@ -50,24 +50,29 @@ class WeightsInfo:
         return official_hash_prefix(self.filename) or ""
 
 
-def _entry(arch: str, dataset: str, hash8: str, layers: tuple[int, ...]) -> WeightsInfo:
+#: 0-based blocks the dense (DPT) heads read, by backbone depth: ViT-L/16 (24 blocks), ViT-7B/16 (40).
+DENSE_LAYERS_BY_DEPTH: dict[int, tuple[int, ...]] = {24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
+_DEPTH = {"vitl16": 24, "vit7b16": 40}
+
+
+def _entry(arch: str, dataset: str, hash8: str) -> WeightsInfo:
     return WeightsInfo(
         name=f"dinov3-{arch}-{dataset}",
         arch=arch,
         dataset=dataset,
         filename=f"dinov3_{arch}_pretrain_{dataset}-{hash8}.pth",
         hf_repo=f"facebook/dinov3-{arch}-pretrain-{dataset}",
-        dense_layers=layers,
+        dense_layers=DENSE_LAYERS_BY_DEPTH[_DEPTH[arch]],
     )
 
 
 BACKBONES: dict[str, WeightsInfo] = {
     e.name: e
     for e in (
-        _entry("vitl16", "sat493m", "eadcf0ff", (4, 11, 17, 23)),
-        _entry("vit7b16", "sat493m", "a6675841", (9, 19, 29, 39)),
-        _entry("vitl16", "lvd1689m", "8aa4cbdd", (4, 11, 17, 23)),
-        _entry("vit7b16", "lvd1689m", "a955f4ea", (9, 19, 29, 39)),
+        _entry("vitl16", "sat493m", "eadcf0ff"),
+        _entry("vit7b16", "sat493m", "a6675841"),
+        _entry("vitl16", "lvd1689m", "8aa4cbdd"),
+        _entry("vit7b16", "lvd1689m", "a955f4ea"),
     )
 }
 
