@@ -17,21 +17,19 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .engine import Engine, RunStats, dtype_for, resolve_device, resolve_precision, validate_batch_size
-from .errors import UsageError, WeightsNotFoundError
-from .io.scene import open_scene
-from .io.sinks import COGSink, check_output
+from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
+from .io.scene import MAX_UPSAMPLE, open_scene
+from .io.sinks import COGSink, check_output, outputs_together
+from .io.vector import check_threshold, polygonize_threshold
 from .io.stitch import StreamingStitcher
-from .io.tiling import validate_tiling
+from .io.tiling import plan_chips, validate_tiling
 from .models import registry
+from .models.demo import DEMO_NOTE, demo_canopy_model, is_demo
 from .models.weights import search_dirs
 
 PathLike = Union[str, os.PathLike]
 TASKS = ("canopy",)
 CHMV2_TRAINING_GSD = 0.6
-
-
-class DinoGeoWarning(UserWarning):
-    """Something the user should know that does not stop the run (pixel size, band choice)."""
 
 
 @dataclass
@@ -66,15 +64,21 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             batch_size: int = 8, precision: str = "auto", tile: int = 512, overlap: int = 64,
             bands: Optional[Sequence[int]] = None, gsd: Optional[float] = None,
             scale: Optional[tuple[float, float]] = None, overwrite: bool = False, compile: bool = False,
-            progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None) -> SegmentResult:
+            progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None,
+            max_upsample: Optional[float] = MAX_UPSAMPLE) -> SegmentResult:
     """Run ``task`` over the raster ``scene`` and write a Cloud-Optimised GeoTIFF on its grid.
 
     ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid); with
     ``vector``, polygons of canopy at or above ``min_height`` m go to that GeoPackage (layer
     ``canopy``, the scene's CRS, with ``area_m2``, ``mean_height_m``, ``max_height_m``).
     ``output`` defaults to ``<scene>_<task>.tif`` beside the scene.
+    ``weights="demo"`` runs a small random model built in memory (meaningless heights, says so).
+    A ``gsd`` upsampling more than ``max_upsample`` times per axis is refused (``None``: no limit).
     """
     t0 = time.perf_counter()
+    collected: list[str] = []
+    if is_demo(weights):
+        _warn(DEMO_NOTE, collected)
     if task not in TASKS:
         raise UsageError("--task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     validate_tiling(tile, overlap)
@@ -88,31 +92,27 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         if Path(vector).resolve() == output.resolve():
             raise UsageError("--vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
-    collected: list[str] = []
-    with open_scene(scene, bands=bands, scale=scale, gsd=gsd) as sc:
+    check_threshold(min_height, "min_height")
+    with outputs_together(output, vector, overwrite) as (raster_out, vector_out), \
+            open_scene(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)
+        _say_resampling(sc, tile, overlap, collected)
         model = _load_task_model(task, weights, backbone_weights, dev, dtype, verify)
         engine = Engine(model, dev, precision, batch_size, tile, overlap, readers=readers, compile=compile)
         if compile or dev.type == "cuda":     # compile, kernel loading, cuBLAS set-up: before the chips
             engine.warm_up()
-        with COGSink(output, sc, count=1, dtype="float32", nodata=float("nan"), overwrite=overwrite,
-                     band_descriptions=["canopy_height_m"]) as sink:
+        with COGSink(raster_out, sc, count=1, dtype="float32", nodata=float("nan"),
+                     overwrite=overwrite or vector is not None, band_descriptions=["canopy_height_m"]) as sink:
             stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, tile, overlap, kind="continuous")
             stats = engine.run(sc, stitcher, progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)
         area = _area_km2(sc)
-    polygons = None
-    if vector is not None:
-        from .io.vector import polygonize_threshold
-
-        try:
-            polygons = polygonize_threshold(output, vector, min_height, layer="canopy", overwrite=overwrite)
-        except BaseException:  # failed or interrupted: no half job, so that the same command can be rerun
-            output.unlink(missing_ok=True)
-            raise
+        polygons = None
+        if vector is not None:      # both outputs replace earlier ones together, or neither does
+            polygons = polygonize_threshold(raster_out, vector_out, min_height, layer="canopy", overwrite=True)
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(dev), precision, collected)
 
@@ -142,6 +142,19 @@ def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None
               f"was trained on; heights may be unreliable (try --gsd {CHMV2_TRAINING_GSD})", collected)
 
 
+def _say_resampling(scene, tile: int, overlap: int, collected: list[str]) -> None:
+    """When ``gsd`` changes the grid a lot (2x or more per axis), say so before the work starts:
+    the factor, the chips and the working grid's size."""
+    factor = scene.resampling_factor
+    if not scene.resampled or 0.5 < factor < 2.0:
+        return
+    chips = len(plan_chips(scene.height, scene.width, tile, overlap))
+    size_gb = scene.width * scene.height * 4 / 1e9
+    _warn(f"{scene.path}: gsd resamples {factor:.2g}x per axis: {scene.input_profile['width']} x "
+          f"{scene.input_profile['height']} px -> {scene.width} x {scene.height} px, {chips} chips of {tile} px "
+          f"(~{size_gb:.2g} GB of temporary float32 heights; the output stays on the input grid)", collected)
+
+
 def _area_km2(scene) -> float:
     size = scene.pixel_size_m
     if size is None:
@@ -151,10 +164,14 @@ def _area_km2(scene) -> float:
 
 def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: Optional[PathLike],
                      device: torch.device, dtype: torch.dtype, verify: bool) -> torch.nn.Module:
-    from .models.canopy import load_canopy_model
+    from .models.canopy import get_chmv2_help, load_canopy_model
     from .models.weights import verify_official_hash
 
+    if is_demo(weights):
+        return demo_canopy_model(device, dtype)
     weights = Path(weights) if weights is not None else _find_chmv2()
+    if not weights.exists():
+        raise WeightsNotFoundError(weights, f"not found: {get_chmv2_help()}")
     if verify:
         for path in (weights, backbone_weights):
             if path is not None and Path(path).is_file():
@@ -171,11 +188,9 @@ def _find_chmv2() -> Path:
         for name in names:
             if (folder / name).exists():
                 return folder / name
-    raise WeightsNotFoundError(
-        "canopy weights",
-        f"not found. Request the gated CHMv2 weights at https://huggingface.co/{registry.CHMV2_HF_REPO} "
-        f"(or Meta's {registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}), "
-        f"put them in {search_dirs()[0]} (or set DINOV3GEO_WEIGHTS), or pass --weights PATH")
+    from .models.canopy import get_chmv2_help
+
+    raise WeightsNotFoundError("canopy weights", f"not found (weights): {get_chmv2_help()}")
 
 
 def _find_backbone_beside(head: Path) -> Optional[Path]:

@@ -13,14 +13,17 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
+from typing import Iterator, Optional, Sequence  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .errors import DinoGeoError, UsageError  # noqa: E402
+from .errors import DinoGeoError, DinoGeoWarning, UsageError  # noqa: E402
+from .io.scene import MAX_UPSAMPLE  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,20 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("scene", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...)")
     seg.add_argument("--task", default="canopy", help="task to run (canopy)")
     seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
-    seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
+    seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth; 'demo': a small random "
+                     "model built in memory (meaningless heights, to try the tool)")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
     seg.add_argument("--vector", help="also write canopy polygons to this GeoPackage")
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
     seg.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
-                     "on the CPU); fp8: float8 products in the backbone, GPUs of compute capability 8.9+")
+                     "on the CPU); fp8: float8 products in the backbone, fast on GPUs of compute capability "
+                     "8.9+, emulated (slow, for checking) on the CPU")
     seg.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
     seg.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
     seg.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
     seg.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
                      "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
+    seg.add_argument("--allow-large", action="store_true",
+                     help=f"allow a --gsd that upsamples more than {MAX_UPSAMPLE:g}x per axis (hours of work)")
     seg.add_argument("--compile", action="store_true",
                      help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
                      "cache is warm), then faster chips; worth it on long runs, GPU or CPU")
@@ -117,27 +124,61 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C so every cleanup path runs."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def _stop_once(signum, frame):
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that an impatient
+    second Ctrl-C cannot cut the clean-up of temporary files short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _catch_stop_signals() -> dict:
+    """Route SIGINT (unless ignored, as under nohup) and SIGTERM to :func:`_stop_once`; returns
+    the previous handlers."""
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_once)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _stop_once)
+    return previous
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _own_warnings_only() -> Iterator[None]:
+    """Inside the command: our warnings as ``warning: ...`` lines, the libraries' warnings (torch's
+    pickle notes, rasterio's 'crs was not provided') and GDAL's log lines hidden; all restored after."""
+    quiet = logging.NullHandler()
+    gdal_log = logging.getLogger("rasterio")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", DinoGeoWarning)
+        warnings.showwarning = _show_warning          # catch_warnings puts the previous one back
+        gdal_log.addHandler(quiet)
+        try:
+            yield
+        finally:
+            gdal_log.removeHandler(quiet)
+
+
+def _as_flag(where: Optional[str], parser: argparse.ArgumentParser) -> Optional[str]:
+    """The command-line flag of a library parameter name (``min_height`` -> ``--min-height``)."""
+    flags = {"max_upsample": "--allow-large"}
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        flags.update({a.dest: a.option_strings[-1] for a in sub._actions if a.option_strings})
+    return flags.get(where, where) if where and not os.path.exists(where) else where
+
+
 def run_segment(args: argparse.Namespace) -> int:
-    from rasterio.errors import NotGeoreferencedWarning
-
     from .api import segment
-
-    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
 
     result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                      overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify)
+                     verify=not args.no_verify, max_upsample=None if args.allow_large else MAX_UPSAMPLE)
     print(result.summary(), file=sys.stderr)
     return 0
 
@@ -147,11 +188,20 @@ COMMANDS = {"segment": run_segment}
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = _catch_stop_signals()
+    with _own_warnings_only():
+        code = _run(argv)
+    if code not in (130, 143):      # after a stop the process is ending: later signals stay ignored
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+
+
+def _run(argv: list[str]) -> int:
+    """Parse and run one command; every failure becomes one ``error:`` line and an exit code."""
     debug = "--debug" in argv
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    warnings.showwarning = _show_warning
+    parser = build_parser()
     try:
-        parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "config", None):
             args = parser.parse_args(with_config(argv, args.config, parser))
@@ -161,6 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DinoGeoError as exc:
         if debug:
             traceback.print_exc()
+        exc.where = _as_flag(exc.where, parser)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -174,8 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
