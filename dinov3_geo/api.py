@@ -20,7 +20,7 @@ from .engine import Engine, RunStats, dtype_for, resolve_device, resolve_precisi
 from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
 from .io.scene import MAX_UPSAMPLE, open_scene
 from .io.sinks import COGSink, check_output, outputs_together
-from .io.vector import check_threshold, polygonize_threshold
+from .io.vector import check_threshold
 from .io.stitch import StreamingStitcher
 from .io.tiling import plan_chips, validate_tiling
 from .models import registry
@@ -112,6 +112,8 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         area = _area_km2(sc)
         polygons = None
         if vector is not None:      # both outputs replace earlier ones together, or neither does
+            from .io.vector import polygonize_threshold
+
             polygons = polygonize_threshold(raster_out, vector_out, min_height, layer="canopy", overwrite=True)
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(dev), precision, collected)

@@ -155,7 +155,9 @@ class Scene:
 
     Attributes: ``path``, ``height``, ``width``, ``crs``, ``transform`` (working grid), ``bands``
     (1-based), ``dtype`` (source), ``pixel_size_m`` (x, y metres per working pixel, ``None`` without
-    CRS), ``input_profile`` (dict: crs, transform, width, height of the input grid), ``warnings``,
+    CRS), ``input_profile`` (dict: crs, transform, width, height of the input grid), ``gcps``
+    (``(gcps, crs)`` for a scene georeferenced by ground control points only, else ``None``; then
+    ``crs`` is theirs and ``transform`` the affine fit to them), ``warnings``,
     ``resampled`` (True when ``gsd`` changed the grid), ``scaling`` (per-band (lo, hi) or ``None``).
     """
 
@@ -192,7 +194,7 @@ class Scene:
         self.bands, self.warnings = _choose_bands(src, bands, self.path)
         self.gcps = _gcps_only(src)
         self.crs = self.gcps[1] if self.gcps else src.crs
-        self.input_profile = {**_Grid(src.crs, src.transform, src.width, src.height).as_dict(), "gcps": self.gcps}
+        self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
         if self.crs is None:
             self.warnings.append(f"{self.path}: no georeference (no CRS): outputs carry pixel coordinates only")
         self._probe(src)

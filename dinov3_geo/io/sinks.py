@@ -34,6 +34,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from pyogrio.errors import DataLayerError, DataSourceError
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
@@ -127,6 +128,25 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return False
 
 
+def _folder(target: Path) -> Path:
+    return target.parent if str(target.parent) else Path(".")
+
+
+def _no_space(target: Path) -> OutputError:
+    folder = _folder(Path(target))
+    free = shutil.disk_usage(folder).free
+    return OutputError(target, f"no space left on the disk of {folder.resolve()} ({free / 1e6:.1f} MB free): "
+                               "free some space or choose another folder")
+
+
+def require_space(target: Path, nbytes: int) -> None:
+    """:class:`OutputError` (disk full) unless ``target``'s folder has ``nbytes`` free: checked
+    before GDAL writes, since GDAL and libtiff print their own lines when a write hits a full disk."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(_folder(Path(target))).free < nbytes:
+            raise _no_space(target)
+
+
 @contextlib.contextmanager
 def writing(target: Path) -> Iterator[None]:
     """Turn a failed write (GDAL, OGR or OS error) of an output into one :class:`OutputError`
@@ -135,13 +155,9 @@ def writing(target: Path) -> Iterator[None]:
         yield
     except (DinoGeoError, KeyboardInterrupt):
         raise
-    except (RasterioError, OSError, RuntimeError) as exc:   # pyogrio raises DataSourceError (a RuntimeError)
-        target = Path(target)
-        folder = target.parent if str(target.parent) else Path(".")
-        if _disk_full(exc, folder):
-            free = shutil.disk_usage(folder).free
-            raise OutputError(target, f"no space left on the disk of {folder.resolve()} "
-                                      f"({free / 1e6:.1f} MB free): free some space or choose another folder") from None
+    except (RasterioError, OSError, DataSourceError, DataLayerError) as exc:
+        if _disk_full(exc, _folder(Path(target))):
+            raise _no_space(target) from None
         raise OutputError(target, f"cannot be written ({short_message(exc)})") from None
 
 
@@ -409,7 +425,10 @@ class COGSink:
                        nodata=self.nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                        bigtiff="IF_SAFER", num_threads="ALL_CPUS", **comp)
         try:
-            self._ds = rasterio.open(self._tmp, "w", **profile)
+            with warnings.catch_warnings():     # GCPs come next: not "not georeferenced"
+                if gcps is not None:
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self._tmp, "w", **profile)
             if gcps is not None:          # georeferenced by ground control points: keep them as they are
                 self._ds.gcps = gcps
             self._strip_worker = _StripWorker("cog-strips")
@@ -455,6 +474,7 @@ class COGSink:
             strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
             window = Window(0, self._next_row, self.scene.width, take)
+            require_space(self.path, strip[:, :take].nbytes)     # what it takes at most, uncompressed
             self._strip_worker.submit(self._write_strip, strip[:, :take], window)
             if self._ovr_worker is not None:
                 # strips arrive in order and are whole 512-row blocks except the last, so each
@@ -499,6 +519,7 @@ class COGSink:
                 self._describe(self._ds)
                 self._ds.close()
                 self._finish_overviews()
+                require_space(self.path, os.path.getsize(self._tmp) // 4)    # the least the COG takes
                 cog = temp_path(self.path, "cog")
                 self._to_cog(cog)
                 publish(cog, self.path, self.overwrite)
