@@ -313,11 +313,16 @@ def test_geographic_crs_works_with_pixel_size_note(cli, models, tmp_path):
         assert ds.crs.to_epsg() == 4326
 
 
+def plain_scene(path: Path) -> Path:
+    """A real crop with no georeference at all (no CRS, no transform)."""
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
+        ds.write(crop())
+    return path
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_no_georeference_works_in_pixel_space(cli, models, tmp_path):
-    scene = tmp_path / "plain.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
-        ds.write(crop())
+    scene = plain_scene(tmp_path / "plain.tif")
     out = tmp_path / "plain_canopy.tif"
     res = cli("segment", scene, "--weights", models["chm"], "-o", out, *FAST)
     assert_ok(res, out)
@@ -332,9 +337,7 @@ def test_no_georeference_works_in_pixel_space(cli, models, tmp_path):
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_library_warnings_do_not_reach_the_user(cli, models, tmp_path):
     """Meta .pth weights (torch pickles), a scene without CRS and a GeoPackage: only our own lines."""
-    scene = tmp_path / "plain.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
-        ds.write(crop())
+    scene = plain_scene(tmp_path / "plain.tif")
     out = tmp_path / "plain_canopy.tif"
     res = cli("segment", scene, "--weights", models["head"], "--backbone-weights", models["backbone"], "-o", out,
               "--vector", tmp_path / "plain.gpkg", *FAST)

@@ -2,6 +2,7 @@
 an out-of-memory batch is halved and retried with a note, and the result does not change."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -58,6 +60,21 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "partial" in p.name)
 
 
+@contextlib.contextmanager
+def started(cmd: list[str], cwd: Path, err_file: Path) -> Iterator[subprocess.Popen]:
+    """The command running with stderr into ``err_file`` and SIGINT as from a terminal; killed if
+    still running when the block ends."""
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                                cwd=cwd, env=_env(cwd), preexec_fn=_default_sigint)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def partial_exists(folder: Path, name: str = "canopy.tif") -> bool:
     return any(p.name.startswith(f".{name}.partial") for p in folder.iterdir())
 
@@ -91,19 +108,12 @@ def test_interrupt_part_way_then_rerun(chm, tmp_path, sig):
         target.write_bytes(b"previous canopy")
         cmd.append("--overwrite")
     err_file = tmp_path / "stderr.txt"
-    with open(err_file, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=tmp_path, env=_env(tmp_path), preexec_fn=_default_sigint)
-        try:
-            wait_until(lambda: partial_exists(out_dir) and _chips_done(err_file.read_text()) >= 6, proc, err_file)
-            sent = time.monotonic()
-            proc.send_signal(sig)
-            rc = proc.wait(timeout=20)
-            stopped = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with started(cmd, tmp_path, err_file) as proc:
+        wait_until(lambda: partial_exists(out_dir) and _chips_done(err_file.read_text()) >= 6, proc, err_file)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=20)
+        stopped = time.monotonic() - sent
     text = err_file.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # prompt, not a race with the machine's load: the chip count below shows the run stopped part way
@@ -141,20 +151,13 @@ def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(chm, tmp_path
     cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(chm), "-o", str(target),
            "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress", "--overwrite"]
     err_file = tmp_path / "stderr.txt"
-    with open(err_file, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=tmp_path, env=_env(tmp_path), preexec_fn=_default_sigint)
-        try:
-            wait_until(lambda: partial_exists(out_dir) and _chips_done(err_file.read_text()) >= 4, proc, err_file)
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline:
-                proc.send_signal(signal.SIGINT)
-                time.sleep(0.005)
-            rc = proc.wait(timeout=5)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with started(cmd, tmp_path, err_file) as proc:
+        wait_until(lambda: partial_exists(out_dir) and _chips_done(err_file.read_text()) >= 4, proc, err_file)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.005)
+        rc = proc.wait(timeout=5)
     text = err_file.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     assert rc == 130, (rc, text)
