@@ -1,8 +1,9 @@
-"""The Python API behind every command: ``segment(scene, task="canopy", ...)``.
+"""The Python API behind the canopy command: ``segment(scene, task="canopy", ...)``.
 
 One call validates every option and output path first (before any model loads), opens the scene,
-loads the model offline, streams the result into a COG on the input grid and, if asked, writes the
-GeoPackage of polygons. Notebooks and the command line call exactly this.
+loads the model offline, streams the result through the one pipeline (:func:`pipeline.write_dense`)
+into a COG on the input grid and, if asked, writes the GeoPackage of polygons. Notebooks and the
+command line call exactly this; any other dense model goes through :func:`pipeline.predict`.
 """
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .engine import Engine, RunStats, dtype_for, resolve_device, resolve_precision, validate_batch_size
+from .engine import RunSettings, RunStats
 from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
 from .io.scene import MAX_UPSAMPLE, open_scene
-from .io.sinks import COGSink, check_output, outputs_together
+from .io.sinks import check_output, outputs_together
+from .io.tiling import ChipPlan
 from .io.vector import check_threshold
-from .io.stitch import StreamingStitcher
-from .io.tiling import plan_chips, validate_tiling
 from .models import registry
 from .models.demo import DEMO_NOTE, demo_canopy_model, is_demo
+from .models.registry import CHMV2_TRAINING_GSD
 from .models.weights import search_dirs
+from .pipeline import DenseOutput, summary_lines, write_dense
 
 PathLike = Union[str, os.PathLike]
 TASKS = ("canopy",)
-CHMV2_TRAINING_GSD = 0.6
 
 
 @dataclass
@@ -48,13 +49,11 @@ class SegmentResult:
 
     def summary(self) -> str:
         """The closing lines the command prints."""
-        s = self.stats
-        lines = [f"done in {self.seconds:.1f} s on {self.device} ({self.precision}): {s.chips_computed} chips computed "
-                 f"({s.chips_skipped} empty skipped), {s.chips_per_second:.2f} chips/s, {self.area_km2:.3f} km²",
-                 f"wrote {self.output}"]
+        wrote: list[object] = [self.output]
         if self.vector is not None:
-            lines.append(f"wrote {self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
-        lines.extend(f"note: {n}" for n in s.notes)
+            wrote.append(f"{self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
+        lines = summary_lines(self.stats, self.seconds, self.device, self.precision, wrote,
+                              extra=f", {self.area_km2:.3f} km²")
         return "\n".join(lines)
 
 
@@ -71,42 +70,36 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid); with
     ``vector``, polygons of canopy at or above ``min_height`` m go to that GeoPackage (layer
     ``canopy``, the scene's CRS, with ``area_m2``, ``mean_height_m``, ``max_height_m``).
-    ``output`` defaults to ``<scene>_<task>.tif`` beside the scene.
-    ``weights="demo"`` runs a small random model built in memory (meaningless heights, says so).
-    A ``gsd`` upsampling more than ``max_upsample`` times per axis is refused (``None``: no limit).
+    ``output`` defaults to ``<scene>_<task>.tif`` beside the scene. ``weights="demo"`` runs a small
+    random model built in memory (meaningless heights; a warning says so). A ``gsd`` that upsamples
+    more than ``max_upsample`` times per axis is refused (``None``: no limit). With ``vector``,
+    earlier outputs are replaced only once both new ones are complete.
     """
     t0 = time.perf_counter()
     collected: list[str] = []
     if is_demo(weights):
         _warn(DEMO_NOTE, collected)
     if task not in TASKS:
-        raise UsageError("--task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
-    validate_tiling(tile, overlap)
-    validate_batch_size(batch_size)
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    dtype = dtype_for(precision)
+        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
+    settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
     if vector is not None:
         if Path(vector).resolve() == output.resolve():
-            raise UsageError("--vector", "the vector output must differ from the raster output")
+            raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
     check_threshold(min_height, "min_height")
+    _check_weights_exist(weights)
     with outputs_together(output, vector, overwrite) as (raster_out, vector_out), \
             open_scene(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)
-        _say_resampling(sc, tile, overlap, collected)
-        model = _load_task_model(task, weights, backbone_weights, dev, dtype, verify)
-        engine = Engine(model, dev, precision, batch_size, tile, overlap, readers=readers, compile=compile)
-        if compile or dev.type == "cuda":     # compile, kernel loading, cuBLAS set-up: before the chips
-            engine.warm_up()
-        with COGSink(raster_out, sc, count=1, dtype="float32", nodata=float("nan"),
-                     overwrite=overwrite or vector is not None, band_descriptions=["canopy_height_m"]) as sink:
-            stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, tile, overlap, kind="continuous")
-            stats = engine.run(sc, stitcher, progress=progress)
+        plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
+        _say_resampling(sc, plan, collected)
+        model = _load_task_model(task, weights, backbone_weights, settings.device, settings.dtype, verify)
+        stats, _ = write_dense(sc, model, raster_out, plan, settings, DenseOutput("continuous"),
+                               overwrite=overwrite or vector is not None, progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)
         area = _area_km2(sc)
@@ -116,7 +109,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
 
             polygons = polygonize_threshold(raster_out, vector_out, min_height, layer="canopy", overwrite=True)
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
-                         time.perf_counter() - t0, str(dev), precision, collected)
+                         time.perf_counter() - t0, str(settings.device), settings.precision, collected)
 
 
 def _default_output(scene: PathLike, task: str) -> Path:
@@ -130,7 +123,7 @@ def _warn(text: str, collected: list[str]) -> None:
 
 
 def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None:
-    """CHMv2 was trained near 0.6 m per pixel: far from that, say so and point to --gsd."""
+    """CHMv2 was trained near 0.6 m per pixel: far from that, say so and point to the gsd option."""
     size = scene.pixel_size_m
     if size is None:
         return
@@ -141,20 +134,20 @@ def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None
               f"at latitude {lat:.2f}; the output stays in degrees", collected)
     if gsd is None and (mean > 2.0 or mean < 0.2):
         _warn(f"{scene.path}: pixel size is {mean:.2f} m, far from the ~{CHMV2_TRAINING_GSD} m the canopy model "
-              f"was trained on; heights may be unreliable (try --gsd {CHMV2_TRAINING_GSD})", collected)
+              f"was trained on; heights may be unreliable (try `gsd` {CHMV2_TRAINING_GSD})", collected)
 
 
-def _say_resampling(scene, tile: int, overlap: int, collected: list[str]) -> None:
+def _say_resampling(scene, plan: ChipPlan, collected: list[str]) -> None:
     """When ``gsd`` changes the grid a lot (2x or more per axis), say so before the work starts:
     the factor, the chips and the working grid's size."""
     factor = scene.resampling_factor
     if not scene.resampled or 0.5 < factor < 2.0:
         return
-    chips = len(plan_chips(scene.height, scene.width, tile, overlap))
     size_gb = scene.width * scene.height * 4 / 1e9
     _warn(f"{scene.path}: gsd resamples {factor:.2g}x per axis: {scene.input_profile['width']} x "
-          f"{scene.input_profile['height']} px -> {scene.width} x {scene.height} px, {chips} chips of {tile} px "
-          f"(~{size_gb:.2g} GB of temporary float32 heights; the output stays on the input grid)", collected)
+          f"{scene.input_profile['height']} px -> {scene.width} x {scene.height} px, {len(plan.windows)} chips of "
+          f"{plan.tile} px (~{size_gb:.2g} GB of temporary float32 heights; the output stays on the input grid)",
+          collected)
 
 
 def _area_km2(scene) -> float:
@@ -166,14 +159,12 @@ def _area_km2(scene) -> float:
 
 def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: Optional[PathLike],
                      device: torch.device, dtype: torch.dtype, verify: bool) -> torch.nn.Module:
-    from .models.canopy import get_chmv2_help, load_canopy_model
+    from .models.canopy import load_canopy_model
     from .models.weights import verify_official_hash
 
     if is_demo(weights):
         return demo_canopy_model(device, dtype)
     weights = Path(weights) if weights is not None else _find_chmv2()
-    if not weights.exists():
-        raise WeightsNotFoundError(weights, f"not found: {get_chmv2_help()}")
     if verify:
         for path in (weights, backbone_weights):
             if path is not None and Path(path).is_file():
@@ -181,6 +172,14 @@ def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: O
     if backbone_weights is None and weights.is_file():
         backbone_weights = _find_backbone_beside(weights)
     return load_canopy_model(weights, backbone_weights=backbone_weights, device=device, dtype=dtype, verify=verify)
+
+
+def _check_weights_exist(weights: Optional[PathLike]) -> None:
+    """Before any work: a weights path that does not exist is an error saying where to get them."""
+    from .models.canopy import get_chmv2_help
+
+    if weights is not None and not is_demo(weights) and not Path(weights).exists():
+        raise WeightsNotFoundError(weights, f"not found: {get_chmv2_help(weights)}")
 
 
 def _find_chmv2() -> Path:
@@ -192,7 +191,7 @@ def _find_chmv2() -> Path:
                 return folder / name
     from .models.canopy import get_chmv2_help
 
-    raise WeightsNotFoundError("canopy weights", f"not found (weights): {get_chmv2_help()}")
+    raise WeightsNotFoundError("canopy weights", f"not found (`weights`): {get_chmv2_help()}")
 
 
 def _find_backbone_beside(head: Path) -> Optional[Path]:

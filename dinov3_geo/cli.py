@@ -2,28 +2,24 @@
 
 Every expected failure prints one line ``error: <file>: <problem>`` and exits 2 (usage) or 1 (a
 failed run); a traceback appears only with ``--debug``. Ctrl-C and SIGTERM stop the run and leave
-no file at the output paths.
+no file at the output paths. The library names parameters (``tile``, `` `overwrite` ``); this
+layer alone speaks in flags (:func:`in_flags`).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import re
+import signal
+import sys
+import traceback
+import warnings
+from typing import Iterator, Optional, Sequence
 
-# Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
-# on small CPUs (3-4x the CPU per chip on 2 cores). Set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from typing import Iterator, Optional, Sequence  # noqa: E402
-
-from . import __version__  # noqa: E402
-from .errors import DinoGeoError, DinoGeoWarning, UsageError  # noqa: E402
-from .io.scene import MAX_UPSAMPLE  # noqa: E402
+from . import __version__
+from .errors import DinoGeoError, DinoGeoWarning, UsageError
+from .io.scene import MAX_UPSAMPLE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
                      "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
-    seg.add_argument("--allow-large", action="store_true",
+    seg.add_argument("--allow-large", dest="max_upsample", action="store_const", const=None, default=MAX_UPSAMPLE,
                      help=f"allow a --gsd that upsamples more than {MAX_UPSAMPLE:g}x per axis (hours of work)")
     seg.add_argument("--compile", action="store_true",
                      help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
@@ -142,32 +138,50 @@ def _catch_stop_signals() -> dict:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {text_in_flags(str(message), option_names(build_parser()))}", file=sys.stderr)
+
+
+#: Parameters whose flag is not ``--`` + the name with dashes.
+FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "max_upsample": "--allow-large"}
+_QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
+
+
+def flag_for(param: str) -> str:
+    """The command-line flag of a library parameter name (``batch_size`` -> ``--batch-size``)."""
+    return FLAG_OF.get(param, "--" + param.replace("_", "-"))
+
+
+def in_flags(exc: DinoGeoError, params: set[str]) -> str:
+    """The error's one line with parameter names (``where``, and `` `name` `` in the text) as flags."""
+    where = flag_for(exc.where) if exc.where in params else exc.where
+    problem = text_in_flags(exc.problem, params)
+    return f"{where}: {problem}" if where else problem
+
+
+def text_in_flags(text: str, params: set[str]) -> str:
+    """``text`` with every `` `name` `` of a known parameter written as its flag."""
+    return _QUOTED.sub(lambda m: flag_for(m.group(1)) if m.group(1).split("=")[0] in params else m.group(1), text)
+
+
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option's destination (= the library parameter) across the commands."""
+    names = {a.dest for a in parser._actions if a.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= option_names(sub)
+    return names | {"verify", "verify=False"}
 
 
 @contextlib.contextmanager
 def _own_warnings_only() -> Iterator[None]:
     """Inside the command: our warnings as ``warning: ...`` lines, the libraries' warnings (torch's
-    pickle notes, rasterio's 'crs was not provided') and GDAL's log lines hidden; all restored after."""
-    quiet = logging.NullHandler()
-    gdal_log = logging.getLogger("rasterio")
+    pickle notes, rasterio's 'crs was not provided') hidden; all restored after."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("always", DinoGeoWarning)
         warnings.showwarning = _show_warning          # catch_warnings puts the previous one back
-        gdal_log.addHandler(quiet)
-        try:
-            yield
-        finally:
-            gdal_log.removeHandler(quiet)
-
-
-def _as_flag(where: Optional[str], parser: argparse.ArgumentParser) -> Optional[str]:
-    """The command-line flag of a library parameter name (``min_height`` -> ``--min-height``)."""
-    flags = {"max_upsample": "--allow-large"}
-    for sub in parser._subparsers._group_actions[0].choices.values():
-        flags.update({a.dest: a.option_strings[-1] for a in sub._actions if a.option_strings})
-    return flags.get(where, where) if where and not os.path.exists(where) else where
+        yield
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -178,7 +192,7 @@ def run_segment(args: argparse.Namespace) -> int:
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                      overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify, max_upsample=None if args.allow_large else MAX_UPSAMPLE)
+                     verify=not args.no_verify, max_upsample=args.max_upsample)
     print(result.summary(), file=sys.stderr)
     return 0
 
@@ -187,17 +201,22 @@ COMMANDS = {"segment": run_segment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; returns the exit code. Warning filters, the warning printer and the signal
+    handlers are set for the call and restored after it (after a stop the process is ending: later
+    signals stay ignored)."""
+    # Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
+    # on small CPUs (3-4x the CPU per chip on 2 cores). Takes effect if torch is not yet imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     previous = _catch_stop_signals()
     with _own_warnings_only():
-        code = _run(argv)
-    if code not in (130, 143):      # after a stop the process is ending: later signals stay ignored
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+    if code not in (130, 143):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
 
 
-def _run(argv: list[str]) -> int:
+def _main(argv: list[str]) -> int:
     """Parse and run one command; every failure becomes one ``error:`` line and an exit code."""
     debug = "--debug" in argv
     parser = build_parser()
@@ -211,8 +230,7 @@ def _run(argv: list[str]) -> int:
     except DinoGeoError as exc:
         if debug:
             traceback.print_exc()
-        exc.where = _as_flag(exc.where, parser)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_flags(exc, option_names(parser))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         if debug:

@@ -266,7 +266,10 @@ def test_landsat_bands_without_names_are_not_silently_taken_as_rgb():
         assert scene.bands == [1, 2, 3]
         assert len(scene.warnings) == 1
         text = scene.warnings[0]
-    assert str(STARS) in text and "1,2,3" in text and "--bands 3,2,1" in text and "blue" in text
+    assert str(STARS) in text and "1,2,3" in text and "`bands` 3,2,1" in text and "blue" in text
+    from dinov3_geo.cli import build_parser, option_names, text_in_flags
+
+    assert "choose them with --bands 3,2,1" in text_in_flags(text, option_names(build_parser()))   # as printed
     with open_scene(STARS, bands=[3, 2, 1]) as scene:
         assert scene.bands == [3, 2, 1] and scene.warnings == []
 

@@ -112,7 +112,7 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
         picked = [1]
     elif count < 3:
         raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
-                                "choose 1 or 3 with --bands (bands=[...] in Python)")
+                                "choose 1 or 3 with `bands`")
     else:
         picked = _rgb_by_colour_interp(src) or _rgb_by_description(src)
         if picked is None:
@@ -120,7 +120,7 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
             if count > 3:
                 return picked, [f"{where}: {count} bands with no colour interpretation or band names: used bands "
                                 "1,2,3 as red, green, blue; if the order differs (Landsat 5/7: 1,2,3 are blue, green, "
-                                "red) choose them with --bands, e.g. --bands 3,2,1 (bands=[3, 2, 1] in Python)"]
+                                "red) choose them with `bands` 3,2,1 (Python: bands=[3, 2, 1])"]
     warnings = []
     if len(picked) == 1:
         warnings.append(f"{where}: single band {picked[0]} (panchromatic?) repeated to 3 channels")
@@ -163,8 +163,9 @@ class Scene:
 
     def __init__(self, path, bands: Sequence[int] | None = None,
                  scale: tuple[float, float] | None = None, gsd: float | None = None,
-                 max_upsample: float | None = MAX_UPSAMPLE):
+                 nodata: float | None = None, max_upsample: float | None = MAX_UPSAMPLE):
         self.path = str(path)
+        self.nodata_override = _check_nodata(nodata)
         self.max_upsample = max_upsample
         self._local = threading.local()
         self._handles: list = []
@@ -235,8 +236,7 @@ class Scene:
         if self.max_upsample is not None and factor > self.max_upsample:
             raise UsageError("gsd", f"gsd={gsd:g} m upsamples the {max(px, py):.3g} m pixels {factor:.1f}x per axis "
                                     f"(to {width} x {height} px, {factor * factor:.0f}x the work); the limit is "
-                                    f"{self.max_upsample:g}x: choose a larger gsd or allow it (max_upsample; "
-                                    "--allow-large on the command line)")
+                                    f"{self.max_upsample:g}x: choose a larger gsd or allow it with `max_upsample`")
         transform = src.transform @ Affine.scale(src.width / width, src.height / height)
         return _Grid(src.crs, transform, width, height)
 
@@ -265,6 +265,8 @@ class Scene:
             mask = src.read_masks(band, out_shape=shape, resampling=Resampling.nearest) > 0
         except RasterioError as exc:
             raise InputError(self.path, f"unreadable pixels ({short_message(exc)})") from None
+        if self.nodata_override is not None:
+            mask = self._valid_by_value(data[None])
         values = data[mask & np.isfinite(data)]
         if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
             return 0.0, 1.0
@@ -287,6 +289,8 @@ class Scene:
         any is, so that every valid input pixel lies in a valid working pixel (written back exactly)."""
         kw = dict(crs=self._warp.crs, transform=self._warp.transform,
                   width=self._warp.width, height=self._warp.height)
+        if self.nodata_override is not None:      # the user's nodata: excluded from resampling, kept as is
+            kw.update(src_nodata=self.nodata_override, nodata=self.nodata_override)
         if self.resampling_factor < 1:
             data = WarpedVRT(src, resampling=Resampling.average, **kw)
             return data, data
@@ -321,7 +325,10 @@ class Scene:
             data = data_ds.read(self.bands, window=window)
             # GDAL's dataset-mask rule: a pixel is nodata only where every band is nodata (a dark
             # pixel with one band at the nodata value is data); alpha and internal masks are shared.
-            valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            if self.nodata_override is None:
+                valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            else:
+                valid = self._valid_by_value(data)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
         if data.dtype.kind == "f":
@@ -335,15 +342,25 @@ class Scene:
 
     def input_valid(self, window: Window) -> np.ndarray:
         """Validity ``[h, w]`` of ``window`` of the *input* grid, by the rule of :meth:`read` (any
-        selected band unmasked, none NaN): where outputs written back on the input grid have values."""
+        selected band unmasked, or not the ``nodata`` value; none NaN): where outputs written back on
+        the input grid have values."""
         src = self._handle()[0]
         try:
-            valid = np.any(src.read_masks(sorted(set(self.bands)), window=window) > 0, axis=0)
-            if self.dtype.startswith("float"):
-                valid &= np.all(np.isfinite(src.read(self.bands, window=window)), axis=0)
+            data = src.read(self.bands, window=window) if self.nodata_override is not None \
+                or self.dtype.startswith("float") else None
+            if self.nodata_override is None:
+                valid = np.any(src.read_masks(sorted(set(self.bands)), window=window) > 0, axis=0)
+            else:
+                valid = self._valid_by_value(data)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
+        if data is not None and data.dtype.kind == "f":
+            valid &= np.all(np.isfinite(data), axis=0)
         return valid
+
+        """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
+        if gsd is None or not gsd > 0:
+            raise UsageError("gsd", f"gsd must be a positive number of metres, got {gsd!r}")
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
         """uint8 passes through; other types map (lo, hi) per band to 0..1, clipped, float32."""
@@ -377,8 +394,19 @@ class Scene:
                 f"dtype={self.dtype}, resampled={self.resampled})")
 
 
+def _check_nodata(nodata: float | None) -> float | None:
+    """The user's input nodata value as a float (NaN allowed), or a UsageError naming ``nodata``."""
+    if nodata is None:
+        return None
+    try:
+        return float(nodata)
+    except (TypeError, ValueError):
+        raise UsageError("nodata", f"nodata must be a number, got {nodata!r}") from None
+
+
 def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
-               gsd: float | None = None, max_upsample: float | None = MAX_UPSAMPLE) -> Scene:
+               gsd: float | None = None, nodata: float | None = None,
+               max_upsample: float | None = MAX_UPSAMPLE) -> Scene:
     """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
 
     ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
@@ -386,6 +414,8 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
     the default scene-wide 2-98 % stretch (uint8 is always /255). ``gsd``: metres per pixel of the
     working grid (the input is resampled; outputs go back to the input grid); a ``gsd`` that
     upsamples more than ``max_upsample`` times per axis is refused (``None``: no limit).
+    ``nodata``: a value marking invalid input pixels (where every band has it), replacing the
+    file's own masks.
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
-    return Scene(path, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample)
+    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample)
