@@ -21,7 +21,7 @@ from .engine import RunSettings, RunStats
 from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
 from .io.scene import MAX_UPSAMPLE, open_scene
 from .io.sinks import check_output, outputs_together
-from .io.tiling import ChipPlan
+from .io.tiling import ChipPlan, validate_tiling
 from .io.vector import check_threshold
 from .models import registry
 from .models.demo import DEMO_NOTE, demo_canopy_model, is_demo
@@ -82,6 +82,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     if task not in TASKS:
         raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
+    validate_tiling(tile, overlap)          # before the scene is opened: a bad option is the one error
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
     if vector is not None:
@@ -98,7 +99,8 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
         _say_resampling(sc, plan, collected)
         model = _load_task_model(task, weights, backbone_weights, settings.device, settings.dtype, verify)
-        stats, _ = write_dense(sc, model, raster_out, plan, settings, DenseOutput("continuous"),
+        spec = DenseOutput("continuous", band_names=getattr(model, "band_names", None))   # canopy_height_m
+        stats, _ = write_dense(sc, model, raster_out, plan, settings, spec,
                                overwrite=overwrite or vector is not None, progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)

@@ -399,7 +399,7 @@ def test_unknown_argument(cli, good_scene):
 def test_cuda_requested_but_absent(cli, models, tmp_path, good_scene):
     out = tmp_path / "canopy.tif"
     res = cli("segment", good_scene, "--weights", models["chm"], "-o", out, "--device", "cuda")
-    assert_failed(res, 2, "--device", "no CUDA GPU", "'cpu'", output=out)
+    assert_failed(res, 2, "--device", "no CUDA GPU", "--device cpu", output=out)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ meaningless: it exists to try the tool and to test it, never to measure canopy.
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -22,28 +23,47 @@ def is_demo(weights: Optional[Union[str, os.PathLike]]) -> bool:
     return isinstance(weights, str) and weights == DEMO_WEIGHTS
 
 
-def demo_canopy_model(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                      seed: int = 0):
-    """A :class:`~dinov3_geo.models.canopy.CanopyModel` with random weights (seeded, so repeatable):
-    ViT of width 64, 4 blocks, 4 registers, patch 16; CHMv2 head with 32 bins. Eval mode, on ``device``."""
+DEMO_ARCH = dict(embed_dim=64, depth=4, num_heads=4, mlp_hidden=256, gated_mlp=False, qkv_bias=False,
+                 num_reg_tokens=4)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's global random stream seeded inside the block and put back as it was after it."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def demo_backbone(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random DINOv3-shaped :class:`~dinov3_geo.models.backbone.Backbone` (timm Eva, width 64,
+    4 blocks, 4 registers, patch 16, CHMv2 normalisation), seeded; ``load_backbone("demo")``."""
     from timm.models.eva import Eva
 
     from . import registry
     from .backbone import Backbone
-    from .canopy import CanopyModel, even_layers
-    from .heads.chmv2 import CHMv2Head
-    from .heads.dpt import DPTHeadConfig
     from .weights import ViTArch
 
-    arch = ViTArch(embed_dim=64, depth=4, num_heads=4, mlp_hidden=256, gated_mlp=False, qkv_bias=False,
-                   num_reg_tokens=4)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        backbone = Backbone(Eva(**arch.timm_kwargs()), arch, registry.CHMV2_MEAN, registry.CHMV2_STD, name="demo")
+    arch = ViTArch(**DEMO_ARCH)
+    with _seeded(seed):
+        vit = Eva(**arch.timm_kwargs())
+    return Backbone(vit, arch, registry.CHMV2_MEAN, registry.CHMV2_STD, name=DEMO_WEIGHTS).to(device, dtype).eval()
+
+
+def demo_canopy_model(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0):
+    """A :class:`~dinov3_geo.models.canopy.CanopyModel` with random weights (seeded, so repeatable):
+    :func:`demo_backbone` and a CHMv2 head with 32 bins. Eval mode, on ``device``."""
+    from .canopy import CanopyModel
+    from .heads.chmv2 import CHMv2Head
+    from .heads.dpt import DPTHeadConfig
+
+    backbone = demo_backbone(device, dtype, seed)
+    with _seeded(seed + 1):
         head = CHMv2Head(DPTHeadConfig(in_channels=64, channels=32, post_process_channels=(16, 32, 64, 64),
                                        n_hidden_channels=16, n_output_channels=32))
-    finally:
-        torch.random.set_rng_state(generator_state)     # the caller's random stream is left as it was
-    model = CanopyModel(backbone, head, even_layers(arch.depth))
-    return model.to(device=device, dtype=dtype).eval()
+    model = CanopyModel(backbone, head.to(device, dtype), backbone.dense_layers)
+    return model.eval()
