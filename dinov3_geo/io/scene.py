@@ -358,9 +358,12 @@ class Scene:
             valid &= np.all(np.isfinite(data), axis=0)
         return valid
 
-        """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
-        if gsd is None or not gsd > 0:
-            raise UsageError("gsd", f"gsd must be a positive number of metres, got {gsd!r}")
+    def _valid_by_value(self, data: np.ndarray) -> np.ndarray:
+        """Validity from the user's nodata value: a pixel is nodata where every band equals it (NaN
+        matches NaN), GDAL's dataset-mask rule."""
+        value = self.nodata_override
+        nodata = np.isnan(data) if np.isnan(value) else (data == value)
+        return ~np.all(nodata, axis=0)
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
         """uint8 passes through; other types map (lo, hi) per band to 0..1, clipped, float32."""
