@@ -58,6 +58,15 @@ class TrainResult:
         return "\n".join(lines)
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("device", "no CUDA GPU is available; use cpu")
+    return device
+
+
 def resolve_backbone(backbone: Union[str, PathLike, Backbone], device: str = "cpu", verify: bool = True) -> Backbone:
     """A loaded backbone from a registry name, a path, or an already loaded one."""
     if isinstance(backbone, Backbone):
@@ -65,7 +74,7 @@ def resolve_backbone(backbone: Union[str, PathLike, Backbone], device: str = "cp
     return load_backbone(backbone, device=device, verify=verify)
 
 
-def normalisation(ds: ChipDataset, backbone: Backbone, choice: str) -> tuple[tuple, tuple, str]:
+def chip_normalisation(ds: ChipDataset, backbone: Backbone, choice: str) -> tuple[tuple, tuple, str]:
     """(mean, std, source) of the chips: the dataset's own statistics (``dataset``; GEO-Bench's
     protocol), the backbone's (SAT), ImageNet's, or ``auto`` (the dataset's when it has them)."""
     if choice not in NORMALISATIONS:
@@ -101,12 +110,12 @@ def _cache(cache: Union[None, bool, PathLike]) -> Optional[Path]:
 
 
 def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls", Cs: Sequence[float] = C_GRID,
-                   normalise: str = "auto", seed: int = 0, device: str = "cpu", batch_size: int = 16,
+                   normalisation: str = "auto", seed: int = 0, device: str = "cpu", batch_size: int = 16,
                    cache=None, progress: Progress = None):
     """Fit a logistic-regression probe on a classification dataset; returns (probe, meta, metrics, choice)."""
     if ds.task != "classify":
         raise UsageError("task", "this training data is for segmentation, not classification")
-    mean, std, source = normalisation(ds, backbone, normalise)
+    mean, std, source = chip_normalisation(ds, backbone, normalisation)
     feats = _features(backbone, ds, mean, std, "vector", device, _cache(cache), batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
     fit = fit_probe(feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], len(ds.class_names),
@@ -123,14 +132,14 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
 
 
 def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", lrs: Sequence[float] = LR_GRID,
-                     epochs: int = 20, normalise: str = "auto", seed: int = 0, device: str = "cpu",
+                     epochs: int = 20, normalisation: str = "auto", seed: int = 0, device: str = "cpu",
                      batch_size: int = 8, cache=None, progress: Progress = None):
     """Train a linear or DPT segmentation head; returns (head, meta, metrics, choice)."""
     if ds.task != "segment":
         raise UsageError("task", "this training data is for classification, not segmentation")
     if head not in ("linear", "dpt"):
         raise UsageError("head", f"head must be linear or dpt, not {head!r}")
-    mean, std, source = normalisation(ds, backbone, normalise)
+    mean, std, source = chip_normalisation(ds, backbone, normalisation)
     feats = _features(backbone, ds, mean, std, "last" if head == "linear" else "layers", device, _cache(cache),
                       batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
@@ -192,16 +201,17 @@ def _one_source(**sources) -> None:
 
 def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=None, root=None,
                      backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, pooling: str = "cls",
-                     Cs: Sequence[float] = C_GRID, chip: Optional[int] = None, normalise: str = "auto",
-                     seed: int = 0, device: str = "cpu", batch_size: int = 16, cache=None, bands=None, scale=None,
+                     c_grid: Sequence[float] = C_GRID, chip: Optional[int] = None, normalisation: str = "auto",
+                     seed: int = 0, device: str = "auto", batch_size: int = 16, cache=None, bands=None, scale=None,
                      overwrite: bool = False, verify: bool = True, progress: Progress = None) -> TrainResult:
     """Train a logistic-regression probe and write it as a head file at ``output``."""
     t0 = time.perf_counter()
     check_output(output, overwrite)
     data = classification_data(chips=chips, geobench=geobench, torchgeo=torchgeo, root=root, chip=chip,
                                seed=seed, bands=bands, scale=scale)
+    device = resolve_device(device)
     bb = resolve_backbone(backbone, device, verify)
-    probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=Cs, normalise=normalise, seed=seed,
+    probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation, seed=seed,
                                                   device=device, batch_size=batch_size, cache=cache, progress=progress)
     save_head(output, probe, meta, overwrite)
     return TrainResult(Path(output), "classify", "probe", data.class_names, metrics, data.summary(), choice,
@@ -213,7 +223,7 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
                     class_names: Optional[Sequence[str]] = None,
                     backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, head: str = "dpt",
                     lrs: Sequence[float] = LR_GRID, epochs: int = 20, chip: Optional[int] = None,
-                    normalise: str = "auto", seed: int = 0, device: str = "cpu", batch_size: int = 8, cache=None,
+                    normalisation: str = "auto", seed: int = 0, device: str = "auto", batch_size: int = 8, cache=None,
                     bands=None, scale=None, overwrite: bool = False, verify: bool = True,
                     progress: Progress = None) -> TrainResult:
     """Train a linear or DPT segmentation head and write it as a head file at ``output``."""
@@ -222,8 +232,9 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
     data = segmentation_data(images=images, labels=labels, label_column=label_column, geobench=geobench,
                              torchgeo=torchgeo, root=root, chip=chip, class_names=class_names, seed=seed,
                              bands=bands, scale=scale)
+    device = resolve_device(device)
     bb = resolve_backbone(backbone, device, verify)
-    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs, normalise=normalise,
+    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs, normalisation=normalisation,
                                                      seed=seed, device=device, batch_size=batch_size, cache=cache,
                                                      progress=progress)
     save_head(output, module, meta, overwrite)
