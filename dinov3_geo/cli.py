@@ -98,8 +98,7 @@ def _names(text: str) -> list[str]:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """Options every ``train`` command shares."""
     p.add_argument("-o", "--output", required=True, help="head file to write (.safetensors)")
-    p.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone: dinov3-vitl16-sat493m (default), "
-                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors)")
+    _add_backbone_options(p)
     p.add_argument("--chip", type=int, help="chip size in px, a multiple of 16 (default: 224 for chips folders, "
                    "256 for rasters, the native size for GEO-Bench)")
     p.add_argument("--normalisation", default="auto", choices=("auto", "dataset", "backbone", "imagenet"),
@@ -108,10 +107,16 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B of raster inputs")
     p.add_argument("--scale", type=_scale, help="MIN,MAX of raster values mapped to 0..1")
     p.add_argument("--seed", type=int, default=0, help="random seed (0): same data and seed, same head")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing head file")
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    """The backbone and where its features are computed and cached (training and evaluation)."""
+    p.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone: dinov3-vitl16-sat493m (default), "
+                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
     p.add_argument("--cache", help="feature cache folder (default: the dinov3-geo cache)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing head file")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
 
 
@@ -150,13 +155,9 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     gb = esub.add_parser("geobench", help="GEO-Bench protocol beside the DINOv3 model card's figures")
     gb.add_argument("--root", required=True, help="GEO-Bench root (classification_v1.0/, segmentation_v1.0/)")
     gb.add_argument("--tasks", type=_names, help="task names (default: every task of the model card found)")
-    gb.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone name or path")
     gb.add_argument("--epochs", type=int, default=20, help="segmentation epochs per learning rate (20)")
-    gb.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
-    gb.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
-    gb.add_argument("--cache", help="feature cache folder (default: the dinov3-geo cache)")
     gb.add_argument("--json", action="store_true", help="print the results as JSON")
-    gb.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
+    _add_backbone_options(gb)
     return [train, cls, seg, ev, gb]
 
 
