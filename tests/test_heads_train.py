@@ -342,3 +342,54 @@ def test_geobench_without_partition(tmp_path, backbone_dir, capsys):
     out = tmp_path / "h.safetensors"
     code, err = run_cli(["train", "classify", "--geobench", folder, "--backbone", backbone_dir, "-o", out], capsys)
     _one_error(code, err, out, "no *_partition.json")
+
+
+# -- torchgeo ------------------------------------------------------------------------------------------
+
+def eurosat_folder(root: Path) -> Path:
+    """Real chips in torchgeo's EuroSAT on-disk layout: split lists and 13-band GeoTIFFs per class
+    folder (the RGB bands B04, B03, B02 hold the real chip; the others are zero)."""
+    base = root / "ds/images/remote_sensing/otherDatasets/sentinel_2/tif"
+    names = {"train": [], "val": [], "test": []}
+    for cls, scene in (("Forest", "rasterio_RGB.byte.tif"), ("Pasture", "opengeos_naip_m_4709963_se_14_1_20200831.tif")):
+        (base / cls).mkdir(parents=True)
+        for i, chip in enumerate(real_chips(SAMPLES / scene, 32, 8)):
+            data = np.zeros((13, 32, 32), np.uint16)
+            data[3], data[2], data[1] = chip[0] * 10, chip[1] * 10, chip[2] * 10     # B04, B03, B02
+            name = f"{cls}_{i}.tif"
+            with rasterio.open(base / cls / name, "w", driver="GTiff", width=32, height=32, count=13,
+                               dtype="uint16") as dst:
+                dst.write(data)
+            names[(("train",) * 4 + ("val",) * 2 + ("test",) * 2)[i]].append(name.replace(".tif", ".jpg"))
+    for split, files in names.items():
+        (root / f"eurosat-{split}.txt").write_text("\n".join(files) + "\n")
+    return root
+
+
+def test_torchgeo_eurosat_probe(tmp_path, backbone_dir, capsys):
+    """torchgeo's EuroSAT class reads a dataset in its own layout (download off); the probe trains on
+    its train split, C chosen on its val split, accuracy on its test split as scikit-learn computes it."""
+    root = eurosat_folder(tmp_path / "eurosat")
+    out = tmp_path / "probe.safetensors"
+    code, err = run_cli(["train", "classify", "--torchgeo", "EuroSAT", "--root", root, "--backbone", backbone_dir,
+                         "-o", out, "--c-grid", "0.1,10", "--device", "cpu", "--cache", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    head = load_head(out)
+    assert head.class_names == ["Forest", "Pasture"]
+    assert head.meta["training"]["splits"] == {"train": 8, "val": 4, "test": 4}
+    assert head.meta["bands"] == ["B04", "B03", "B02"]
+    from dinov3_geo.train.torchgeo_source import torchgeo_dataset
+    data = torchgeo_dataset("EuroSAT", root, "classify")
+    test = data.splits["test"]
+    feats = extract_features(load_backbone(backbone_dir), data.images[test], head.meta["normalisation"]["mean"],
+                             head.meta["normalisation"]["std"])
+    with torch.no_grad():
+        pred = head.module()(torch.from_numpy(feats.vectors("cls"))).argmax(1).numpy()
+    assert head.meta["metrics"]["test"]["accuracy"] == pytest.approx(accuracy_score(data.labels[test], pred))
+
+
+def test_torchgeo_missing_dataset(tmp_path, backbone_dir, capsys):
+    out = tmp_path / "h.safetensors"
+    code, err = run_cli(["train", "classify", "--torchgeo", "EuroSAT", "--root", tmp_path, "--backbone", backbone_dir,
+                         "-o", out], capsys)
+    _one_error(code, err, out, "torchgeo EuroSAT")
