@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
     seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
-    seg.add_argument("--vector", help="also write canopy polygons to this GeoPackage")
+    seg.add_argument("--vector", help="also write polygons to this GeoPackage (canopy, or one per class region "
+                     "with --head)")
+    seg.add_argument("--head", help="a segmentation head file from 'dinov3geo train segment': write its classes "
+                     "(uint8 COG, colour table, 255 nodata) instead of a task")
+    seg.add_argument("--backbone", help="backbone for --head (default: the one the head file names)")
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
@@ -149,6 +153,22 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     seg.add_argument("--lrs", type=_floats, help="learning rates to sweep (3e-5,1e-4,3e-4,1e-3)")
     seg.add_argument("--epochs", type=int, default=20, help="epochs per learning rate (20)")
     _add_training_options(seg)
+    clf = sub.add_parser("classify", help="classify every chip of a scene with a probe into a GeoPackage",
+                         description="One polygon per chip with the class, its probability and every class's.")
+    clf.add_argument("scene", help="input raster")
+    clf.add_argument("--head", required=True, help="a probe head file from 'dinov3geo train classify'")
+    clf.add_argument("-o", "--output", required=True, help="GeoPackage to write (layer 'chips')")
+    clf.add_argument("--backbone", help="backbone (default: the one the head file names)")
+    clf.add_argument("--tile", type=int, help="chip size in px (default: the probe's training chip size)")
+    clf.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
+    clf.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    clf.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (auto)")
+    clf.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B")
+    clf.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1")
+    clf.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    clf.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
+    clf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: only on a terminal)")
     ev = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate frozen-backbone heads.")
     esub = ev.add_subparsers(dest="eval_suite", parser_class=_Parser, metavar="SUITE")
     esub.required = True
@@ -158,7 +178,7 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     gb.add_argument("--epochs", type=int, default=20, help="segmentation epochs per learning rate (20)")
     gb.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_backbone_options(gb)
-    return [train, cls, seg, ev, gb]
+    return [train, cls, seg, clf, ev, gb]
 
 
 def with_config(argv: list[str], config: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -202,8 +222,35 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def run_segment_head(args: argparse.Namespace) -> int:
+    from .tasks.segment_head import segment_with_head
+
+    if args.output is None:
+        raise UsageError("output", "give the class raster to write with -o/--output")
+    result = segment_with_head(args.scene, args.head, args.output, vector=args.vector, backbone=args.backbone,
+                               tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
+                               precision=args.precision, bands=args.bands, scale=args.scale,
+                               overwrite=args.overwrite, progress=args.progress, verify=not args.no_verify)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from .tasks.classify import classify_scene
+
+    result = classify_scene(args.scene, args.head, args.output, backbone=args.backbone, tile=args.tile,
+                            batch_size=args.batch_size, device=args.device, precision=args.precision,
+                            bands=args.bands, scale=args.scale, overwrite=args.overwrite, progress=args.progress,
+                            verify=not args.no_verify)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from rasterio.errors import NotGeoreferencedWarning
+
+    if args.head is not None:
+        return run_segment_head(args)
 
     from .api import segment
 
@@ -265,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": run_segment, "train": run_train, "eval": run_eval}
+COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify, "eval": run_eval}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
