@@ -102,15 +102,16 @@ def geobench_classification(folder: Path) -> Path:
     return folder
 
 
-def geobench_segmentation(folder: Path) -> Path:
-    """The five real Chesapeake pairs as a GEO-Bench segmentation task (float 0..1 bands + label)."""
+def geobench_segmentation(folder: Path, size: int = 256) -> Path:
+    """The five real Chesapeake pairs (top-left ``size`` px) as a GEO-Bench segmentation task
+    (float 0..1 bands + label)."""
     folder.mkdir(parents=True)
     samples, ids = [], []
     for image in CHESAPEAKE:
         with rasterio.open(image) as src:
-            data = src.read().astype(np.float32) / 255
+            data = src.read(window=Window(0, 0, size, size)).astype(np.float32) / 255
         with rasterio.open(str(image).replace("_image", "_label")) as src:
-            label = src.read(1)
+            label = src.read(1, window=Window(0, 0, size, size))
         bands = {"Red": data[0], "Green": data[1], "Blue": data[2], "NearInfrared": data[3]}
         sid = image.name.replace("_image.tif", "")
         write_geobench_sample(folder / f"{sid}.hdf5", bands, label=label)
@@ -393,3 +394,26 @@ def test_torchgeo_missing_dataset(tmp_path, backbone_dir, capsys):
     code, err = run_cli(["train", "classify", "--torchgeo", "EuroSAT", "--root", tmp_path, "--backbone", backbone_dir,
                          "-o", out], capsys)
     _one_error(code, err, out, "torchgeo EuroSAT")
+
+
+@pytest.mark.slow
+def test_eval_geobench_table_and_json(tmp_path, backbone_dir, capsys):
+    """The protocol over a GEO-Bench root with one classification and one segmentation task: test
+    metrics beside the model card's ViT-L figures, the means, and the same as JSON."""
+    root = tmp_path / "geobench"
+    geobench_classification(root / "classification_v1.0" / "m-brick-kiln")
+    geobench_segmentation(root / "segmentation_v1.0" / "m-chesapeake-landcover", size=64)
+    args = ["eval", "geobench", "--root", root, "--backbone", backbone_dir, "--epochs", "1", "--device", "cpu",
+            "--cache", tmp_path / "cache"]
+    code = main([str(a) for a in args + ["--json"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    rows = {r["task"]: r for r in report["results"]}
+    assert rows["m-brick-kiln"]["model_card"] == 96.5 and rows["m-chesapeake-landcover"]["model_card"] == 75.6
+    assert 0 <= rows["m-brick-kiln"]["ours"] <= 100 and 0 <= rows["m-chesapeake-landcover"]["ours"] <= 100
+    assert report["means"]["classify"]["ours"] == pytest.approx(rows["m-brick-kiln"]["ours"])
+    assert "lr = " in rows["m-chesapeake-landcover"]["choice"]
+    assert main([str(a) for a in args]) == 0          # features now come from the cache
+    table = capsys.readouterr().out
+    assert "m-brick-kiln" in table and "96.5" in table and "mean segment" in table
