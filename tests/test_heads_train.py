@@ -417,3 +417,30 @@ def test_eval_geobench_table_and_json(tmp_path, backbone_dir, capsys):
     assert main([str(a) for a in args]) == 0          # features now come from the cache
     table = capsys.readouterr().out
     assert "m-brick-kiln" in table and "96.5" in table and "mean segment" in table
+
+
+def test_torchgeo_raster_pairs(tmp_path, backbone_dir, capsys):
+    """torchgeo RasterDatasets (the real NAIP scene and a class raster on its grid), intersected and
+    chipped by a GridGeoSampler, train a linear head."""
+    scene = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
+    (tmp_path / "tg" / "images").mkdir(parents=True)
+    (tmp_path / "tg" / "labels").mkdir()
+    with rasterio.open(scene) as src:
+        profile = dict(src.profile)
+        data = src.read(window=Window(0, 0, 256, 192))
+        transform = src.transform
+    profile.update(width=256, height=192, transform=transform)
+    with rasterio.open(tmp_path / "tg" / "images" / "naip.tif", "w", **profile) as dst:
+        dst.write(data)
+    classes = np.digitize(data[3], np.percentile(data[3], [50])).astype(np.uint8)
+    profile.update(count=1, nodata=None)
+    profile.pop("photometric", None)
+    with rasterio.open(tmp_path / "tg" / "labels" / "classes.tif", "w", **profile) as dst:
+        dst.write(classes, 1)
+    out = tmp_path / "head.safetensors"
+    code, err = run_cli(["train", "segment", "--torchgeo", "RasterDataset", "--root", tmp_path / "tg", "--head", "linear",
+                         "--backbone", backbone_dir, "-o", out, "--cache", tmp_path / "cache", *FAST_SEG], capsys)
+    assert code == 0, err
+    head = load_head(out)
+    assert head.class_names == ["class_0", "class_1"] and head.meta["training"]["chips"] == 12
+    assert head.meta["normalisation"]["source"] == "dataset"
