@@ -30,7 +30,6 @@ from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-ATTRIBUTES = ("area_m2", "mean_height_m", "max_height_m")
 
 
 @dataclass
@@ -191,23 +190,25 @@ class _LayerWriter:
 
 
 def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "canopy",
-                         overwrite: bool = False, strip_rows: int = 1024) -> int:
+                         overwrite: bool = False, strip_rows: int = 1024, batch: int = 5000) -> int:
     """Write polygons of pixels ``>= threshold`` (NaN and nodata excluded) of band 1 of
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
     Polygons are 4-connected pixel components in the raster's CRS, never split at strip borders,
     with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
     ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
-    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time.
+    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
+    the file ``batch`` at a time.
     """
     def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return (values >= threshold) & np.isfinite(values) & valid
 
-    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows)
+    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch)
 
 
 def polygonize_classes(raster_path, out_path, class_names: Sequence[str], layer: str = "classes",
-                       overwrite: bool = False, strip_rows: int = 1024, nodata: int = 255) -> int:
+                       overwrite: bool = False, strip_rows: int = 1024, nodata: int = 255,
+                       batch: int = 5000) -> int:
     """Write one polygon per 4-connected region of equal class of band 1 of the class raster
     ``raster_path`` (``nodata`` excluded) as layer ``layer`` of the GeoPackage ``out_path``, with
     ``class`` (value), ``class_name`` and ``area_m2``; regions are never split at strip (or chip)
@@ -222,10 +223,10 @@ def polygonize_classes(raster_path, out_path, class_names: Sequence[str], layer:
         return {"class": np.array(values, np.int32),
                 "class_name": [names[v] if v < len(names) else str(v) for v in values]}
 
-    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, columns=columns)
+    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch, columns=columns)
 
 
-def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, strip_rows: int,
+def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, strip_rows: int, batch: int,
                 columns: Callable[[list[_Component]], dict] | None = None) -> int:
     """Strips of band 1 -> ``select(values, valid)`` -> components (of equal values when
     ``columns`` is given, i.e. classes) merged across strips -> the GeoPackage layer."""
@@ -236,13 +237,17 @@ def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, stri
     with ds, bounded_gdal_cache(), atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
         os.unlink(tmp)  # the GPKG driver creates the file itself
         areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)
-        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, columns=columns)
+        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, batch=batch, columns=columns)
         merger = _StripMerger(ds.width, by_value=columns is not None)
         for row_off in range(0, ds.height, strip_rows):
             rows = min(strip_rows, ds.height - row_off)
             window = Window(0, row_off, ds.width, rows)
-            values = ds.read(1, window=window)
-            sel = select(values, ds.read_masks(1, window=window) > 0)
+            try:
+                values = ds.read(1, window=window)
+                sel = select(values, ds.read_masks(1, window=window) > 0)
+            except RasterioError as exc:
+                raise InputError(raster_path, f"cannot read rows {row_off}-{row_off + rows} "
+                                              f"({short_message(exc)})") from None
             writer.add(merger.add(row_off, values, sel, last=row_off + rows >= ds.height))
         writer.flush(force=True)
         return writer.count
