@@ -220,7 +220,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 #: Parameters whose flag is not ``--`` + the name with dashes.
-FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify"}
+FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "images": "--image", "class_names": "--classes"}
 _QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
 
 

@@ -78,7 +78,7 @@ def backbone_for_head(head: HeadFile, backbone: Union[None, PathLike, Backbone],
             return load_backbone(name, verify=verify)
         except WeightsError:
             raise UsageError("backbone", f"{head.source} was trained on backbone '{name}', which is not found "
-                                         "here; pass its path as backbone") from None
+                                         "here; give its path with `backbone`") from None
     return load_backbone(backbone, verify=verify)
 
 

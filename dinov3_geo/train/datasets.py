@@ -8,7 +8,7 @@ Segmentation labels are class indices ``0..K-1`` with 255 = ignore (unlabelled o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -165,16 +165,6 @@ def read_whole_image(path: PathLike, chip: int, bands=None, scale=None) -> np.nd
 
 
 # -- image / label raster pairs --------------------------------------------------------------------
-
-def parse_classes(text: Optional[str]) -> Optional[list[str]]:
-    """``"water,trees,..."`` (names of values 0, 1, ...) into a list; None stays None."""
-    if text is None:
-        return None
-    names = [n.strip() for n in str(text).split(",")]
-    if not names or any(not n for n in names):
-        raise UsageError("classes", f"expected comma-separated class names, got {text!r}")
-    return names
-
 
 def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: int = 256,
                  class_names: Optional[Sequence[str]] = None, val_fraction: float = 0.2, seed: int = 0,
@@ -357,8 +347,3 @@ def rasterise_labels(frame, column: str, names: list[str], grid: dict, where: Pa
     if not (out != IGNORE).any():
         raise InputError(where, f"labels do not overlap the image {image}")
     return out
-
-
-def with_splits(ds: ChipDataset, splits: dict[str, np.ndarray]) -> ChipDataset:
-    """The same chips with other splits."""
-    return replace(ds, splits=splits)

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from .geobench_data import geobench_task
-from .run import fit_classifier, fit_segmentation, resolve_backbone, resolve_device
+from ..engine import resolve_device
+from .run import fit_classifier, fit_segmentation, resolve_backbone
 
 PathLike = Union[str, os.PathLike]
 
@@ -127,7 +128,7 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
     if epochs < 1:
         raise UsageError("epochs", f"need at least one epoch, got {epochs}")
     picked = find_tasks(Path(root), tasks)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     column = "ViT-7B/16" if bb.depth == 40 else "ViT-L/16"
     report = GeoBenchReport(str(backbone), column)

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
+from ..engine import resolve_device
 from ..errors import UsageError
 from ..io.sinks import check_output
 from ..models import registry
@@ -56,15 +56,6 @@ class TrainResult:
         lines.append(f"wrote {self.output}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def resolve_device(device: str) -> str:
-    """``auto``: the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("device", "no CUDA GPU is available; use cpu")
-    return device
 
 
 def resolve_backbone(backbone: Union[str, PathLike, Backbone], device: str = "cpu", verify: bool = True) -> Backbone:
@@ -209,7 +200,7 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
     check_output(output, overwrite)
     data = classification_data(chips=chips, geobench=geobench, torchgeo=torchgeo, root=root, chip=chip,
                                seed=seed, bands=bands, scale=scale)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation, seed=seed,
                                                   device=device, batch_size=batch_size, cache=cache, progress=progress)
@@ -232,7 +223,7 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
     data = segmentation_data(images=images, labels=labels, label_column=label_column, geobench=geobench,
                              torchgeo=torchgeo, root=root, chip=chip, class_names=class_names, seed=seed,
                              bands=bands, scale=scale)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs, normalisation=normalisation,
                                                      seed=seed, device=device, batch_size=batch_size, cache=cache,
