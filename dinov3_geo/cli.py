@@ -278,12 +278,11 @@ def run_classify(args: argparse.Namespace) -> int:
 def run_segment(args: argparse.Namespace) -> int:
     from rasterio.errors import NotGeoreferencedWarning
 
+    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
     if args.head is not None:
         return run_segment_head(args)
 
     from .api import segment
-
-    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
 
     result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -102,10 +102,9 @@ class HeadRunResult:
     polygons: Optional[int]
     predict: object
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [self.predict.summary()]
+        lines = [f"warning: {w}" for w in self.predict.warnings] + [self.predict.summary()]
         if self.vector is not None:
             lines.append(f"wrote {self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
         return "\n".join(lines)
