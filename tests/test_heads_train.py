@@ -444,3 +444,17 @@ def test_torchgeo_raster_pairs(tmp_path, backbone_dir, capsys):
     head = load_head(out)
     assert head.class_names == ["class_0", "class_1"] and head.meta["training"]["chips"] == 12
     assert head.meta["normalisation"]["source"] == "dataset"
+
+
+def test_feature_cache_keyed_by_normalisation(tmp_path, backbone_dir):
+    """Features are cached per backbone, chips and normalisation: the same request reads the file
+    back (identical tensors), another normalisation computes and stores a second file."""
+    backbone = load_backbone(backbone_dir)
+    chips = np.stack(real_chips(SAMPLES / "rasterio_RGB.byte.tif", 32, 3)).astype(np.float32) / 255
+    a = extract_features(backbone, chips, (0.4, 0.4, 0.3), (0.2, 0.2, 0.1), kind="layers", cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    b = extract_features(backbone, chips, (0.4, 0.4, 0.3), (0.2, 0.2, 0.1), kind="layers", cache=tmp_path)
+    assert torch.equal(a.cls, b.cls) and all(torch.equal(x[0], y[0]) for x, y in zip(a.layers, b.layers))
+    c = extract_features(backbone, chips, (0.5, 0.5, 0.5), (0.2, 0.2, 0.1), kind="layers", cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not torch.equal(a.cls, c.cls)
+    assert a.layers[0][0].shape == (3, 32, 2, 2) and len(a.layers) == 4
