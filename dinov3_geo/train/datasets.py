@@ -179,8 +179,10 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
     if len(images) != len(labels) or not images:
         raise UsageError("labels", f"give one label raster per image ({len(images)} images, {len(labels)} labels)")
     pairs = [read_pair(img, lab, bands, scale) for img, lab in zip(images, labels)]
-    k = len(class_names) if class_names is not None else 1 + max(int(lab[lab != IGNORE].max(initial=0)) for _, lab, _ in pairs)
-    names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(k)]
+    if class_names is None:
+        k = 1 + max(int(lab[lab != IGNORE].max(initial=0)) for _, lab, _ in pairs)
+        class_names = [f"class_{i}" for i in range(k)]
+    names = list(class_names)
     for (_, lab, where) in pairs:
         check_label_values(lab, names, where)
     chips = [c for img, lab, _ in pairs for c in cut_chips(img, lab, chip)]

@@ -124,7 +124,8 @@ def predict_segmentation(head: torch.nn.Module, feats: Features, size: int, batc
 
 def _train_one(kind: str, lr: float, train: Features, y_train: torch.Tensor, val: Features, y_val: np.ndarray,
                num_classes: int, embed_dim: int, epochs: int, batch_size: int, seed: int,
-               ignore_classes: Sequence[int], progress: Progress, dpt_channels: Optional[int]) -> tuple[torch.nn.Module, float]:
+               ignore_classes: Sequence[int], progress: Progress,
+               dpt_channels: Optional[int]) -> tuple[torch.nn.Module, float]:
     """One learning rate: train, then the validation mIoU of the final head."""
     torch.manual_seed(seed)
     head = build_seg_head(kind, embed_dim, num_classes, DROPOUT, dpt_channels)

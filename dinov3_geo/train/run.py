@@ -88,8 +88,11 @@ def _features(backbone, ds, mean, std, kind, device, cache, batch_size, progress
 
 
 def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str) -> dict:
-    return {"task": ds.task, "class_names": list(ds.class_names), "colors": [list(c) for c in default_colors(len(ds.class_names))],
-            "backbone": backbone_identity(backbone), "normalisation": {"mean": list(mean), "std": list(std), "source": norm_source},
+    """Metadata every head file carries, whatever the head."""
+    return {"task": ds.task, "class_names": list(ds.class_names),
+            "colors": [list(c) for c in default_colors(len(ds.class_names))],
+            "backbone": backbone_identity(backbone),
+            "normalisation": {"mean": list(mean), "std": list(std), "source": norm_source},
             "bands": ds.bands, "scale": ds.scale, "chip_size": ds.chip_size, "training": ds.summary(),
             "ignore_classes": list(ds.ignore_classes)}
 
@@ -117,7 +120,8 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
         with torch.no_grad():
             pred = fit.probe(torch.from_numpy(feats.take(te).vectors(pooling))).argmax(1).numpy()
         metrics["test"] = scores(ds.labels[te], pred, len(ds.class_names), "classify")
-    meta = {**_base_meta(ds, backbone, mean, std, source), "head": "probe", "pooling": pooling, "layers": [backbone.depth - 1],
+    meta = {**_base_meta(ds, backbone, mean, std, source), "head": "probe", "pooling": pooling,
+            "layers": [backbone.depth - 1],
             "fit": {"C": fit.C, "sweep": fit.sweep, "refit": "train+val"}, "metrics": metrics}
     return fit.probe, meta, metrics, f"C = {fit.C:.3g} chosen on val"
 
@@ -202,8 +206,9 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
                                seed=seed, bands=bands, scale=scale)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
-    probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation, seed=seed,
-                                                  device=device, batch_size=batch_size, cache=cache, progress=progress)
+    probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation,
+                                                  seed=seed, device=device, batch_size=batch_size, cache=cache,
+                                                  progress=progress)
     save_head(output, probe, meta, overwrite)
     return TrainResult(Path(output), "classify", "probe", data.class_names, metrics, data.summary(), choice,
                        time.perf_counter() - t0, data.notes)
@@ -225,9 +230,9 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
                              bands=bands, scale=scale)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
-    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs, normalisation=normalisation,
-                                                     seed=seed, device=device, batch_size=batch_size, cache=cache,
-                                                     progress=progress)
+    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs,
+                                                     normalisation=normalisation, seed=seed, device=device,
+                                                     batch_size=batch_size, cache=cache, progress=progress)
     save_head(output, module, meta, overwrite)
     return TrainResult(Path(output), "segment", head, data.class_names, metrics, data.summary(), choice,
                        time.perf_counter() - t0, data.notes)
