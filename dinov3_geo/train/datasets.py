@@ -247,8 +247,8 @@ def check_overlap(src, grid: dict, path: PathLike, image: str) -> None:
     """Refuse labels whose footprint misses the image."""
     left, bottom, right, top = transform_bounds(src.crs, grid["crs"], *src.bounds)
     t = grid["transform"]
-    x0, y0 = t * (0, 0)
-    x1, y1 = t * (grid["width"], grid["height"])
+    x0, y0 = t @ (0, 0)
+    x1, y1 = t @ (grid["width"], grid["height"])
     if min(right, max(x0, x1)) <= max(left, min(x0, x1)) or min(top, max(y0, y1)) <= max(bottom, min(y0, y1)):
         raise InputError(path, f"labels do not overlap the image {image}")
 
