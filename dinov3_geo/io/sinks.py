@@ -508,10 +508,11 @@ class COGSink:
     def flush(self) -> None:
         """Write every row taken so far into the temporary file and wait for the writer threads
         (raises their first error); what is left for :meth:`finalize` is the COG conversion."""
-        self._drain(final=True)
-        self._strip_worker.join()
-        if self._ovr_worker is not None:
-            self._ovr_worker.join()
+        with writing(self.path):
+            self._drain(final=True)
+            self._strip_worker.join()
+            if self._ovr_worker is not None:
+                self._ovr_worker.join()
 
     def finalize(self) -> None:
         """Finish the file: resample back if needed, convert to COG, move onto the target."""

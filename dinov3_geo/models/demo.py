@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 DEMO_WEIGHTS = "demo"
-DEMO_NOTE = ("weights=demo: a small random canopy model built in memory; its heights are meaningless "
+DEMO_NOTE = ("`weights` demo: a small random canopy model built in memory; its heights are meaningless "
              "(for trying the tool; real CHMv2 weights: see the README's Weights section)")
 
 
