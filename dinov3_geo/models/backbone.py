@@ -133,7 +133,7 @@ def normalise_rgb(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     """``(x01 - mean) / std`` per channel of ``[B,3,H,W]``, on ``x01``'s device and dtype."""
     m = torch.tensor(mean, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
-    return (x01 - m) / s
+    return (x01 - m).div_(s)       # one temporary: the same arithmetic, in place on it
 
 
 def build_backbone(ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
