@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     seg = sub.add_parser("segment", help="dense prediction over a scene (canopy height) into a COG",
                          description="Run a dense task over a raster; write a COG on the same grid.")
-    seg.add_argument("scene", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...)")
+    seg.add_argument("scene", nargs="+", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...); several "
+                     "paths, a quoted glob ('scenes/*.tif') or @list.txt run a batch into the folder -o OUT_DIR/")
     seg.add_argument("--task", default="canopy", help="task to run (canopy)")
     seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
     seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar (default: only on a terminal)")
     seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
                      "command line win")
+    add_batch_options(seg)
     for p in (parser, seg):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -125,14 +127,49 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def add_batch_options(seg: argparse.ArgumentParser) -> None:
+    """Options of the batch path (many scenes into a folder, optionally on a Dask cluster)."""
+    seg.add_argument("--dask", help="batch on Dask: local[:N] (a local cluster of N worker processes) or a "
+                     "scheduler address such as tcp://host:8786 (default: $DASK_SCHEDULER_ADDRESS, else in-process)")
+    seg.add_argument("--split-above", type=int, metavar="PIXELS",
+                     help="batch: split scenes of more pixels into row bands run by different workers")
+
+
+def is_batch(args: argparse.Namespace) -> bool:
+    """Many scenes, a glob or @list, an output folder, or a Dask option: the batch path."""
+    from .batch.plan import GLOB_CHARS
+
+    out = args.output
+    folder = out is not None and (out.endswith(("/", os.sep)) or os.path.isdir(out))
+    named = any(s.startswith("@") or GLOB_CHARS & set(s) for s in args.scene)
+    return len(args.scene) > 1 or named or folder or bool(args.dask or args.split_above)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """``segment`` over many scenes into the folder ``-o``: one library call; exit 1 if any failed."""
+    from .batch import run_batch
+
+    if args.output is None:
+        raise UsageError("--output", "many scenes need an output folder: -o OUT_DIR/")
+    result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
+                       backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                       device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
+                       overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                       overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
+                       dask=args.dask, split_above=args.split_above, progress=args.progress)
+    print(result.summary_text(), file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from rasterio.errors import NotGeoreferencedWarning
 
     from .api import segment
 
     warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
-
-    result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
+    if is_batch(args):
+        return run_batch_command(args)
+    result = segment(args.scene[0], task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,

@@ -1,0 +1,128 @@
+"""Where a batch job runs: in this process, on a local Dask cluster, or on an existing scheduler.
+
+``dask=None`` runs scenes one after the other here (or on ``$DASK_SCHEDULER_ADDRESS`` when set);
+``"local"`` / ``"local:N"`` starts a :class:`distributed.LocalCluster` of N worker processes (one
+thread each; N defaults to the GPUs, else 2); any address with ``://`` joins that scheduler. Each
+worker loads the model once, on its first scene, through :class:`ModelPlugin`. Workers started with
+``--resources GPU=1`` get scenes only one at a time per GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Iterator, Optional
+
+from dinov3_geo.batch.work import JobOptions, Runtime
+from dinov3_geo.errors import UsageError
+
+PLUGIN_PREFIX = "dinov3geo-model"
+
+
+def dask_target(dask: Optional[str]) -> Optional[str]:
+    """The cluster to use: ``dask`` checked, or ``$DASK_SCHEDULER_ADDRESS``, or None (in-process)."""
+    target = dask if dask else os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    if target is None or target == "local" or "://" in target:
+        return target
+    if target.startswith("local:"):
+        n = target.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise UsageError("dask", f"expected local:N with N >= 1 workers, got '{target}'")
+        return target
+    raise UsageError("dask", f"expected local, local:N or a scheduler address such as tcp://host:8786, got '{target}'")
+
+
+def local_workers(target: str) -> int:
+    """Worker processes for ``local[:N]``: N, else one per GPU, else 2."""
+    if ":" in target:
+        return int(target.split(":", 1)[1])
+    import torch
+
+    return torch.cuda.device_count() or 2
+
+
+@contextlib.contextmanager
+def open_client(target: str) -> Iterator:
+    """A ``distributed.Client`` on ``target`` (a LocalCluster it starts and stops, or a scheduler)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise UsageError("dask", "needs Dask distributed: pip install 'dinov3-geo[cluster]'") from None
+    if target.startswith("local"):
+        n = local_workers(target)
+        gpus = _local_gpu_count()
+        resources = {"GPU": 1} if gpus else None
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, resources=resources,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(target, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise UsageError("dask", f"cannot reach the Dask scheduler at {target} ({exc})") from None
+    with client:
+        yield client
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def uses_gpus(client) -> bool:
+    """Whether the cluster's workers declare a ``GPU`` resource (then each task takes one)."""
+    workers = client.scheduler_info().get("workers", {})
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def torch_threads_per_worker(client) -> int:
+    """Threads each worker's torch may use: the cores of its machine shared by its workers."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    hosts: dict[str, int] = {}
+    for w in workers:
+        host = w.get("host", "")
+        hosts[host] = hosts.get(host, 0) + 1
+    per_host = max(hosts.values()) if hosts else 1
+    return max(1, (os.cpu_count() or 1) // per_host)
+
+
+try:
+    from distributed import WorkerPlugin as _Base
+except ImportError:  # distributed is only needed for the cluster paths
+    _Base = object
+
+
+class ModelPlugin(_Base):
+    """Holds one :class:`Runtime` per worker, loaded on the first scene and reused for the rest."""
+
+    def __init__(self, options: JobOptions, name: str):
+        self.options, self.name = options, name
+        self._runtime: Optional[Runtime] = None
+        self._lock = threading.Lock()
+        self._index: Optional[int] = None
+
+    def __getstate__(self):
+        return {"options": self.options, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["options"], state["name"])
+
+    def setup(self, worker) -> None:
+        """Remember the worker's index (its name on a LocalCluster) to pick its GPU."""
+        name = str(getattr(worker, "name", ""))
+        self._index = int(name) if name.isdigit() else None
+
+    def runtime(self) -> Runtime:
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = Runtime(self.options, gpu_index=self._index)
+            return self._runtime
+
+
+def worker_runtime(plugin_name: str) -> Runtime:
+    """The model of the worker this task runs on."""
+    from distributed import get_worker
+
+    return get_worker().plugins[plugin_name].runtime()

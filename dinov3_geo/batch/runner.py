@@ -1,0 +1,381 @@
+"""Run one task over many scenes: in this process or on a Dask cluster, resumable.
+
+:func:`run_batch` expands the inputs, skips the scenes whose output is complete (see
+:mod:`~dinov3_geo.batch.resume`), runs the rest (whole, or as row bands assembled into one COG for
+scenes above ``split_above`` pixels), then writes a VRT mosaic of every output, the combined
+GeoPackage when asked, and a JSON summary of what was done, skipped and failed. A failing scene
+is reported and the others go on; the result says whether all succeeded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from dinov3_geo.batch import cluster, mosaic, resume
+from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
+                                   plan_bands, read_grid)
+from dinov3_geo.batch.work import (TASK_OUTPUTS, JobOptions, Runtime, UnitResult, assemble, guarded,
+                                   remove_band_files, remove_stale_temporaries, vector_path)
+from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
+from dinov3_geo.io.tiling import plan_chips, validate_tiling
+
+
+@dataclass
+class SceneJob:
+    """One scene to run: where its output goes and, when split, its bands."""
+
+    scene: Path
+    output: Path
+    chips: int
+    bands: Optional[list[Band]] = None
+
+
+@dataclass
+class SceneOutcome:
+    """What happened to one scene: ``done``, ``skipped`` (complete already) or ``failed``."""
+
+    scene: str
+    output: str
+    status: str
+    reason: str = ""
+    chips: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    """What a batch job did, scene by scene, and the files it wrote."""
+
+    outcomes: list[SceneOutcome]
+    summary: Path
+    mosaic: Optional[Path] = None
+    vector: Optional[Path] = None
+    dashboard: Optional[str] = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def of(self, status: str) -> list[SceneOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def ok(self) -> bool:
+        """True when no scene failed."""
+        return not self.of("failed")
+
+    def summary_text(self) -> str:
+        """The closing lines the command prints."""
+        lines = [f"{len(self.of('done'))} done, {len(self.of('skipped'))} skipped (complete), "
+                 f"{len(self.of('failed'))} failed in {self.seconds:.1f} s"]
+        lines += [f"failed: {o.reason}" for o in self.of("failed")]
+        lines += [f"wrote {p}" for p in (self.mosaic, self.vector, self.summary) if p is not None]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=None, backbone_weights=None,
+              vector=None, min_height: float = 2.0, device: str = "auto", batch_size: int = 8,
+              precision: str = "auto", tile: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
+              gsd: Optional[float] = None, scale: Optional[tuple[float, float]] = None, overwrite: bool = False,
+              compile: bool = False, verify: bool = True, readers: Optional[int] = None,
+              dask: Optional[str] = None, split_above: Optional[int] = None,
+              progress: Optional[bool] = None) -> BatchResult:
+    """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
+
+    Each scene's COG is ``out_dir/<name>_<task>.tif`` on the scene's grid (with ``vector``, also its
+    polygons in ``<name>_<task>.gpkg``, and all of them in the GeoPackage ``vector``, layer
+    ``task``, with a ``scene`` column). ``dask``: None (in this process, or
+    ``$DASK_SCHEDULER_ADDRESS``), ``"local[:N]"`` or a scheduler address. Scenes above
+    ``split_above`` pixels run as row bands on several workers; the COG equals the unsplit run.
+    Rerunning skips complete outputs and redoes partial or stale ones.
+    """
+    t0 = time.perf_counter()
+    _validate(task, tile, overlap, batch_size, split_above)
+    target = cluster.dask_target(dask)
+    scenes = expand_inputs(inputs)
+    out_dir = _output_folder(out_dir)
+    check_distinct_outputs(scenes, out_dir, task)
+    vector = _check_vector(vector, out_dir / f"summary_{task}.json", overwrite)
+    weights, backbone_weights = _resolve_weights(task, weights, backbone_weights)
+    options = JobOptions(task, weights, backbone_weights, device, precision, int(batch_size), tile, overlap,
+                         tuple(bands) if bands else None, tuple(scale) if scale else None, gsd, min_height,
+                         vector is not None, compile, verify, readers)
+    recipe = _recipe(options)
+    outcomes, jobs = _triage(scenes, out_dir, options, recipe, overwrite, split_above)
+    report = _Progress(jobs, outcomes, progress)
+    dashboard = None
+    try:
+        if target is None:
+            _run_in_process(jobs, options, lambda job, res: _record(job, res, recipe, outcomes, report))
+        else:
+            with cluster.open_client(target) as client:
+                dashboard = getattr(client, "dashboard_link", None)
+                report.say(f"Dask cluster {client.scheduler.address}, dashboard {dashboard}")
+                _run_on_cluster(client, jobs, options, report,
+                                lambda job, res: _record(job, res, recipe, outcomes, report))
+    finally:
+        for job in jobs:           # interrupted or not: no temporary file stays behind
+            remove_stale_temporaries(job.output)
+    result = BatchResult(_in_input_order(outcomes, scenes), out_dir / f"summary_{task}.json", dashboard=dashboard)
+    _combined_products(result, out_dir, task, vector, overwrite)
+    result.seconds = time.perf_counter() - t0
+    _write_summary(result, task)
+    return result
+
+
+def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: Optional[int]) -> None:
+    from dinov3_geo.engine import validate_batch_size
+
+    if task not in TASK_OUTPUTS:
+        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASK_OUTPUTS)})")
+    validate_tiling(tile, overlap)
+    validate_batch_size(batch_size)
+    if split_above is not None and int(split_above) < 1:
+        raise UsageError("split_above", f"must be a positive number of pixels, got {split_above}")
+
+
+def _output_folder(out_dir) -> Path:
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(out_dir, "is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, f"cannot create the output folder ({exc.strerror})") from None
+    return out_dir
+
+
+def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
+    """The combined GeoPackage's path; an existing file is replaced only with ``overwrite`` or when
+    the last run of this job (its summary) wrote it."""
+    if vector is None:
+        return None
+    vector = Path(vector).absolute()
+    if vector.exists() and not overwrite:
+        try:
+            ours = json.loads(summary.read_text()).get("vector") == str(vector)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise OutputError(vector, "exists (use --overwrite to replace it)")
+    return vector
+
+
+def _resolve_weights(task: str, weights, backbone_weights) -> tuple[str, Optional[str]]:
+    """Absolute paths (workers may run elsewhere in the folder tree); missing ones fail here, once."""
+    from dinov3_geo.api import _find_chmv2
+
+    weights = Path(weights) if weights is not None else _find_chmv2()
+    for path in (weights, backbone_weights):
+        if path is not None and not Path(path).exists():
+            raise WeightsNotFoundError(path, "no such file or folder")
+    return str(Path(weights).absolute()), str(Path(backbone_weights).absolute()) if backbone_weights else None
+
+
+def _recipe(options: JobOptions) -> dict:
+    """What decides an output's values: the weights' hashes and the options (resume compares it)."""
+    recipe = {k: getattr(options, k) for k in ("task", "precision", "tile", "overlap", "bands", "scale", "gsd")}
+    recipe["weights_sha256"] = resume.weights_hash(options.weights)
+    recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
+    if options.vector:
+        recipe["min_height"] = options.min_height
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict, overwrite: bool,
+            split_above: Optional[int]) -> tuple[list[SceneOutcome], list[SceneJob]]:
+    """Skip the complete scenes, fail the unreadable ones, and make a job of every other one."""
+    outcomes, jobs = [], []
+    for scene in scenes:
+        output = output_for(scene, out_dir, options.task)
+        try:
+            grid = read_grid(scene)
+        except DinoGeoError as exc:
+            outcomes.append(SceneOutcome(str(scene), str(output), "failed", str(exc)))
+            continue
+        extra = (vector_path(output),) if options.vector else ()
+        why = resume.why_not_complete(output, scene, recipe, grid, extra)
+        if why is None and not overwrite:
+            outcomes.append(SceneOutcome(str(scene), str(output), "skipped", "complete"))
+            continue
+        if output.exists() and not resume.is_ours(output) and not overwrite:
+            outcomes.append(SceneOutcome(str(scene), str(output), "failed",
+                                         f"{output}: exists and was not written by a dinov3geo job "
+                                         "(use overwrite to replace it)"))
+            continue
+        remove_stale_temporaries(output)
+        resume.write_sidecar(output, "running", scene, recipe)
+        n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above)
+        split = plan_bands(grid.height, grid.width, options.tile, options.overlap, n) if n > 1 else None
+        chips = sum(len(plan_chips(b.read_stop - b.read_start, grid.width, options.tile, options.overlap))
+                    for b in split or [Band(0, 1, 0, grid.height, 0, grid.height)])
+        jobs.append(SceneJob(scene, output, chips, split))
+    return outcomes, jobs
+
+
+def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOutcome], report: "_Progress") -> None:
+    """Note a finished scene; a complete one gets its sidecar."""
+    if res.ok:
+        resume.write_sidecar(job.output, "complete", job.scene, recipe,
+                             {"chips": res.chips_total, "seconds": round(res.seconds, 3)})
+    outcome = SceneOutcome(str(job.scene), str(job.output), "done" if res.ok else "failed", res.reason,
+                           res.chips_total, round(res.seconds, 3))
+    outcomes.append(outcome)
+    report.scene_finished(job, outcome)
+
+
+# -- executors ---------------------------------------------------------------------------------
+
+def _run_in_process(jobs: list[SceneJob], options: JobOptions, done: Callable) -> None:
+    """Scenes one after the other with one model loaded here (only if some scene needs it)."""
+    runtime = Runtime(options) if jobs else None
+    for job in jobs:
+        if job.bands is None:
+            done(job, guarded(runtime.scene, job.scene, job.output))
+            continue
+        parts = [guarded(runtime.band, job.scene, job.output, band) for band in job.bands]
+        done(job, _assembled(job.scene, job.output, job.bands, options, parts))
+
+
+def _assembled(scene: Path, output: Path, bands: list[Band], options: JobOptions,
+               parts: list[UnitResult]) -> UnitResult:
+    """The scene's result from its bands' results: assembled into the COG when all succeeded."""
+    failed = [p for p in parts if not p.ok]
+    if failed:
+        remove_band_files(output)
+        return UnitResult(False, failed[0].reason, seconds=sum(p.seconds for p in parts))
+    res = guarded(assemble, scene, output, bands, options)
+    res.chips_total = sum(p.chips_total for p in parts)
+    res.chips_computed = sum(p.chips_computed for p in parts)
+    res.seconds += sum(p.seconds for p in parts)
+    return res
+
+
+def _scene_task(plugin: str, scene: Path, output: Path) -> UnitResult:
+    try:
+        runtime = cluster.worker_runtime(plugin)
+    except DinoGeoError as exc:
+        return UnitResult(False, str(exc))
+    return guarded(runtime.scene, scene, output)
+
+
+def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult:
+    try:
+        runtime = cluster.worker_runtime(plugin)
+    except DinoGeoError as exc:
+        return UnitResult(False, str(exc))
+    return guarded(runtime.band, scene, output, band)
+
+
+def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
+    """Every scene (or band) as a task; the model is loaded once per worker by a plugin."""
+    from distributed import as_completed
+
+    name = f"{cluster.PLUGIN_PREFIX}-{uuid.uuid4().hex[:8]}"
+    options = replace(options, torch_threads=options.torch_threads or cluster.torch_threads_per_worker(client))
+    client.register_plugin(cluster.ModelPlugin(options, name), name=name)
+    resources = {"GPU": 1} if cluster.uses_gpus(client) else None
+    owners, futures = {}, []
+    try:
+        for job in jobs:
+            if job.bands is None:
+                fut = client.submit(_scene_task, name, job.scene, job.output, resources=resources, pure=False)
+            else:
+                parts = [client.submit(_band_task, name, job.scene, job.output, b, resources=resources, pure=False)
+                         for b in job.bands]
+                futures += parts
+                for p, b in zip(parts, job.bands):
+                    owners[p.key] = (job, b)
+                fut = client.submit(_assembled, job.scene, job.output, job.bands, options, parts, pure=False)
+            owners[fut.key] = (job, None)
+            futures.append(fut)
+        for fut in as_completed(futures):
+            job, band = owners[fut.key]
+            try:
+                res = fut.result()
+            except Exception as exc:  # the worker died (KilledWorker) or the task could not run
+                res = UnitResult(False, f"{job.scene}: task failed on the cluster ({type(exc).__name__}: {exc})")
+            if band is not None:
+                report.band_finished(job, res)
+            else:
+                done(job, res)
+    finally:
+        client.cancel(futures)
+        try:
+            client.unregister_worker_plugin(name)
+        except Exception:  # noqa: BLE001 - workers that are gone have nothing to free
+            pass
+
+
+# -- products ----------------------------------------------------------------------------------
+
+def _in_input_order(outcomes: list[SceneOutcome], scenes: list[Path]) -> list[SceneOutcome]:
+    order = {str(s): i for i, s in enumerate(scenes)}
+    return sorted(outcomes, key=lambda o: order.get(o.scene, len(order)))
+
+
+def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Optional[Path], overwrite: bool) -> None:
+    """The VRT mosaic of every complete output and, when asked, the combined GeoPackage."""
+    complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
+    if not complete:
+        return
+    result.mosaic = out_dir / f"mosaic_{task}.vrt"
+    result.notes += mosaic.write_vrt([Path(o.output) for o in complete], result.mosaic)
+    if vector is not None:
+        parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
+        mosaic.merge_vectors(parts, vector, layer=task, overwrite=True)     # checked by _check_vector
+        result.vector = vector
+
+
+def _write_summary(result: BatchResult, task: str) -> None:
+    record = {"task": task, "seconds": round(result.seconds, 3), "dashboard": result.dashboard,
+              "mosaic": str(result.mosaic) if result.mosaic else None,
+              "vector": str(result.vector) if result.vector else None, "notes": result.notes}
+    for status in ("done", "skipped", "failed"):
+        record[status] = [asdict(o) for o in result.of(status)]
+    tmp = result.summary.with_name(f".{result.summary.name}.partial")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(result.summary)
+
+
+class _Progress:
+    """Job-wide progress on stderr: scenes and chips done, chips per second, time left."""
+
+    def __init__(self, jobs: list[SceneJob], outcomes: list[SceneOutcome], enabled: Optional[bool]):
+        self.enabled = enabled is not False
+        self.scenes_total = len(jobs)
+        self.chips_total = sum(j.chips for j in jobs)
+        self.scenes_done = self.chips_done = 0
+        self.t0 = time.perf_counter()
+        skipped = sum(o.status == "skipped" for o in outcomes)
+        failed = sum(o.status == "failed" for o in outcomes)
+        self.say(f"{len(jobs)} scene{'s' * (len(jobs) != 1)} to run ({self.chips_total} chips), "
+                 f"{skipped} complete already, {failed} unreadable")
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def band_finished(self, job: SceneJob, res: UnitResult) -> None:
+        self.chips_done += res.chips_total
+        self.say(f"{self._status()} {job.output.name}: band {'done' if res.ok else 'failed'}")
+
+    def scene_finished(self, job: SceneJob, outcome: SceneOutcome) -> None:
+        self.scenes_done += 1
+        if job.bands is None:
+            self.chips_done += outcome.chips
+        state = f"done in {outcome.seconds:.1f} s" if outcome.status == "done" else f"failed: {outcome.reason}"
+        self.say(f"{self._status()} {job.output.name}: {state}")
+
+    def _status(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.chips_done / elapsed if elapsed > 0 else 0.0
+        left = (self.chips_total - self.chips_done) / rate if rate > 0 else math.inf
+        eta = "?" if math.isinf(left) else f"{int(left // 60)}m{int(left % 60):02d}s"
+        return (f"[scenes {self.scenes_done}/{self.scenes_total}, chips {self.chips_done}/{self.chips_total}, "
+                f"{rate:.2f} chips/s, {eta} left]")
