@@ -46,6 +46,7 @@ class SceneOutcome:
     reason: str = ""
     chips: int = 0
     seconds: float = 0.0
+    bands: int = 1
 
 
 @dataclass
@@ -224,7 +225,7 @@ def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOu
         resume.write_sidecar(job.output, "complete", job.scene, recipe,
                              {"chips": res.chips_total, "seconds": round(res.seconds, 3)})
     outcome = SceneOutcome(str(job.scene), str(job.output), "done" if res.ok else "failed", res.reason,
-                           res.chips_total, round(res.seconds, 3))
+                           res.chips_total, round(res.seconds, 3), len(job.bands or [None]))
     outcomes.append(outcome)
     report.scene_finished(job, outcome)
 
