@@ -96,6 +96,7 @@ def test_inputs_from_globs_paths_and_list_files(scenes, tmp_path):
         expand_inputs([str(scenes / "nothing_*.tif")])
 
 
+@pytest.mark.slow
 def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_cluster, tmp_path):
     """The command on a two-worker cluster ($DASK_SCHEDULER_ADDRESS): every output identical to the
     run without Dask, a VRT mosaic, one GeoPackage layer with a scene column, a JSON summary."""
@@ -110,16 +111,19 @@ def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_clus
     summary = json.loads((out / "summary_canopy.json").read_text())
     assert sorted(Path(d["scene"]).name for d in summary["done"]) == sorted(f"{n}.tif" for n in CROPS)
     assert summary["failed"] == [] and summary["skipped"] == []
-    # the mosaic holds both Salt Lake crops in place (the NAIP crop has another CRS)
-    with rasterio.open(out / "mosaic_canopy.vrt") as mosaic, rasterio.open(out / "b_saltlake_canopy.tif") as b:
-        window = from_bounds(*b.bounds, transform=mosaic.transform).round_offsets().round_lengths()
-        np.testing.assert_array_equal(mosaic.read(1, window=window), b.read(1))
+    # one mosaic per CRS: both Salt Lake crops in place in the first, the NAIP crop in its own
+    for vrt, name in (("mosaic_canopy.vrt", "b_saltlake"), ("mosaic_canopy_EPSG-26914.vrt", "c_naip")):
+        with rasterio.open(out / vrt) as mosaic, rasterio.open(out / f"{name}_canopy.tif") as part:
+            window = from_bounds(*part.bounds, transform=mosaic.transform).round_offsets().round_lengths()
+            np.testing.assert_array_equal(mosaic.read(1, window=window), part.read(1))
+    assert summary["mosaics"] == [str(out / "mosaic_canopy.vrt"), str(out / "mosaic_canopy_EPSG-26914.vrt")]
     polygons = gpd.read_file(tmp_path / "all.gpkg", layer="canopy")
     per_scene = {n: len(gpd.read_file(out / f"{n}_canopy.gpkg", layer="canopy")) for n in CROPS}
     assert polygons.groupby("scene").size().to_dict() == {f"{n}.tif": k for n, k in per_scene.items() if k}
     assert hidden_files(out) == []
 
 
+@pytest.mark.slow
 def test_split_scene_equals_unsplit_run(scenes, weights, dask_cluster, tmp_path):
     """A scene cut into row bands on two workers, assembled into one COG equal to the unsplit run.
 
@@ -134,8 +138,12 @@ def test_split_scene_equals_unsplit_run(scenes, weights, dask_cluster, tmp_path)
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
     assert hidden_files(tmp_path / "split") == []
+    batched = run_batch(scene, tmp_path / "batched", weights=weights, batch_size=4, progress=False,
+                        dask=dask_cluster.scheduler_address, split_above=300 * 80, **FAST)
+    np.testing.assert_allclose(read(batched.outcomes[0].output), a, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_damaged_scene_fails_alone_and_rerun_skips_complete(scenes, weights, reference, tmp_path):
     folder = tmp_path / "in"
     shutil.copytree(scenes, folder)
@@ -160,6 +168,7 @@ def test_damaged_scene_fails_alone_and_rerun_skips_complete(scenes, weights, ref
     np.testing.assert_array_equal(read(out / "b_saltlake_canopy.tif"), read(reference / "b_saltlake_canopy.tif"))
 
 
+@pytest.mark.slow
 def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_path):
     folder = tmp_path / "in"
     shutil.copytree(scenes, folder)

@@ -4,14 +4,12 @@ scenes' polygons with a ``scene`` column.
 rasterio has no ``gdalbuildvrt``: GDAL's VRT driver writes the skeleton from the first output
 (``rasterio.shutil.copy(..., driver="VRT")``: CRS, data type, nodata, band descriptions, colour
 table) and we place one ``ComplexSource`` per output on the mosaic grid, as ``gdalbuildvrt
--resolution highest`` does. A VRT holds one CRS: outputs in other CRSs than the most common one
-are left out (and named in the notes).
+-resolution highest`` does. A VRT holds one CRS: outputs in several CRSs give one mosaic per CRS.
 """
 from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -21,38 +19,53 @@ import rasterio.shutil
 from dinov3_geo.io.sinks import atomic_output
 
 
-def write_vrt(outputs: Sequence[Path], path: Path) -> list[str]:
-    """Write the mosaic of ``outputs`` (north-up rasters with the same bands) to ``path``; return
+def write_vrts(outputs: Sequence[Path], path: Path) -> tuple[list[Path], list[str]]:
+    """Mosaics of ``outputs`` (north-up rasters with the same bands), one per CRS: the most common
+    CRS at ``path``, each other one beside it as ``<stem>_<CRS>.vrt``. Returns the files written and
     notes on outputs left out."""
-    grids, notes = {}, []
+    groups: dict = {}
+    notes = []
     for out in outputs:
         with rasterio.open(out) as ds:
             if ds.transform.b or ds.transform.d:
                 notes.append(f"{out.name}: rotated grid, left out of the mosaic")
                 continue
-            grids[out] = (ds.crs, ds.transform, ds.width, ds.height)
-    if not grids:
-        return notes
-    crs = Counter(g[0] for g in grids.values()).most_common(1)[0][0]
-    notes += [f"{o.name}: CRS {g[0]} differs from the mosaic's {crs}, left out of the mosaic"
-              for o, g in grids.items() if g[0] != crs]
-    grids = {o: g for o, g in grids.items() if g[0] == crs}
+            groups.setdefault(ds.crs, {})[out] = (ds.transform, ds.width, ds.height)
+    written = []
+    for i, (crs, grids) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
+        name = path if i == 0 else path.with_name(f"{path.stem}_{_crs_tag(crs)}{path.suffix}")
+        write_vrt(grids, name)
+        written.append(name)
+    return written, notes
+
+
+def _crs_tag(crs) -> str:
+    """A file-name-safe tag of a CRS: ``EPSG-32612``, else a short hash of its WKT."""
+    import hashlib
+
+    if crs is None:
+        return "no-crs"
+    epsg = crs.to_epsg()
+    return f"EPSG-{epsg}" if epsg else hashlib.sha256(crs.to_wkt().encode()).hexdigest()[:8]
+
+
+def write_vrt(grids: dict, path: Path) -> None:
+    """Write the VRT mosaic of ``{output: (transform, width, height)}`` (one CRS) to ``path``."""
     with atomic_output(path, overwrite=True, tag="partial") as tmp:
         rasterio.shutil.copy(next(iter(grids)), tmp, driver="VRT")
         tree = ET.parse(tmp)
         _place_sources(tree.getroot(), grids, path.parent)
         tree.write(tmp)
-    return notes
 
 
 def _place_sources(root: ET.Element, grids: dict, folder: Path) -> None:
     """Size and geotransform of the mosaic, and one ComplexSource per output in every band."""
-    rx = min(abs(g[1].a) for g in grids.values())
-    ry = min(abs(g[1].e) for g in grids.values())
-    left = min(g[1].c for g in grids.values())
-    top = max(g[1].f for g in grids.values())
-    right = max(g[1].c + g[2] * g[1].a for g in grids.values())
-    bottom = min(g[1].f + g[3] * g[1].e for g in grids.values())
+    rx = min(abs(t.a) for t, _, _ in grids.values())
+    ry = min(abs(t.e) for t, _, _ in grids.values())
+    left = min(t.c for t, _, _ in grids.values())
+    top = max(t.f for t, _, _ in grids.values())
+    right = max(t.c + w * t.a for t, w, _ in grids.values())
+    bottom = min(t.f + h * t.e for t, _, h in grids.values())
     root.set("rasterXSize", str(round((right - left) / rx)))
     root.set("rasterYSize", str(round((top - bottom) / ry)))
     for meta in root.findall("Metadata[@domain='IMAGE_STRUCTURE']"):   # the first file's, not the VRT's
@@ -62,7 +75,7 @@ def _place_sources(root: ET.Element, grids: dict, folder: Path) -> None:
         for old in [e for e in band if e.tag.endswith("Source")]:
             band.remove(old)
         nodata = band.findtext("NoDataValue")
-        for out, (_, t, w, h) in grids.items():
+        for out, (t, w, h) in grids.items():
             band.append(_source(out, folder, int(band.get("band")), t, w, h, rx, ry, left, top, nodata))
 
 

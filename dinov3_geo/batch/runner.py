@@ -55,7 +55,7 @@ class BatchResult:
 
     outcomes: list[SceneOutcome]
     summary: Path
-    mosaic: Optional[Path] = None
+    mosaics: list[Path] = field(default_factory=list)
     vector: Optional[Path] = None
     dashboard: Optional[str] = None
     seconds: float = 0.0
@@ -74,7 +74,7 @@ class BatchResult:
         lines = [f"{len(self.of('done'))} done, {len(self.of('skipped'))} skipped (complete), "
                  f"{len(self.of('failed'))} failed in {self.seconds:.1f} s"]
         lines += [f"failed: {o.reason}" for o in self.of("failed")]
-        lines += [f"wrote {p}" for p in (self.mosaic, self.vector, self.summary) if p is not None]
+        lines += [f"wrote {p}" for p in (*self.mosaics, self.vector, self.summary) if p is not None]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -325,8 +325,8 @@ def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Op
     complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
     if not complete:
         return
-    result.mosaic = out_dir / f"mosaic_{task}.vrt"
-    result.notes += mosaic.write_vrt([Path(o.output) for o in complete], result.mosaic)
+    result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete], out_dir / f"mosaic_{task}.vrt")
+    result.notes += notes
     if vector is not None:
         parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
         mosaic.merge_vectors(parts, vector, layer=task, overwrite=True)     # checked by _check_vector
@@ -335,7 +335,7 @@ def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Op
 
 def _write_summary(result: BatchResult, task: str) -> None:
     record = {"task": task, "seconds": round(result.seconds, 3), "dashboard": result.dashboard,
-              "mosaic": str(result.mosaic) if result.mosaic else None,
+              "mosaics": [str(p) for p in result.mosaics],
               "vector": str(result.vector) if result.vector else None, "notes": result.notes}
     for status in ("done", "skipped", "failed"):
         record[status] = [asdict(o) for o in result.of(status)]
