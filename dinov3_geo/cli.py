@@ -151,14 +151,21 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise UsageError("--output", "many scenes need an output folder: -o OUT_DIR/")
-    result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
-                       backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
-                       device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
-                       overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
-                       overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
-                       dask=args.dask, split_above=args.split_above, progress=args.progress)
+    try:
+        result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
+                           backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                           device=args.device, batch_size=args.batch_size, precision=args.precision,
+                           tile=args.tile, overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                           overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
+                           dask=args.dask, split_above=args.split_above, progress=args.progress)
+    except UsageError as exc:         # the library names parameters; here they are flags
+        raise UsageError(BATCH_FLAGS.get(exc.where or "", exc.where), exc.problem) from None
     print(result.summary_text(), file=sys.stderr)
     return 0 if result.ok else 1
+
+
+BATCH_FLAGS = {"dask": "--dask", "split_above": "--split-above", "task": "--task", "tile": "--tile",
+               "overlap": "--overlap", "batch_size": "--batch-size", "scenes": "scene"}
 
 
 def run_segment(args: argparse.Namespace) -> int:

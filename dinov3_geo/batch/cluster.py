@@ -15,7 +15,7 @@ import threading
 from typing import Iterator, Optional
 
 from dinov3_geo.batch.work import JobOptions, Runtime
-from dinov3_geo.errors import UsageError
+from dinov3_geo.errors import DeviceError, UsageError
 
 PLUGIN_PREFIX = "dinov3geo-model"
 
@@ -60,7 +60,7 @@ def open_client(target: str) -> Iterator:
     try:
         client = Client(target, timeout="20s")
     except (OSError, TimeoutError) as exc:
-        raise UsageError("dask", f"cannot reach the Dask scheduler at {target} ({exc})") from None
+        raise DeviceError(target, f"cannot reach the Dask scheduler ({exc})") from None
     with client:
         yield client
 
