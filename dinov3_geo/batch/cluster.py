@@ -121,6 +121,14 @@ class ModelPlugin(_Base):
             return self._runtime
 
 
+def chip_events(topic: str):
+    """A chip report that sends ``(unit, chips)`` to the client as events of ``topic`` (thread-safe)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    return lambda unit, chips: worker.log_event(topic, [unit, int(chips)])
+
+
 def worker_runtime(plugin_name: str) -> Runtime:
     """The model of the worker this task runs on."""
     from distributed import get_worker

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +22,7 @@ from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
 from dinov3_geo.batch.work import (TASK_OUTPUTS, JobOptions, Runtime, UnitResult, assemble, guarded,
-                                   remove_band_files, remove_stale_temporaries, vector_path)
+                                   remove_band_files, remove_stale_temporaries, unit_name, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
 from dinov3_geo.io.tiling import plan_chips, validate_tiling
 
@@ -112,7 +113,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     dashboard = None
     try:
         if target is None:
-            _run_in_process(jobs, options, lambda job, res: _record(job, res, recipe, outcomes, report))
+            _run_in_process(jobs, options, report, lambda job, res: _record(job, res, recipe, outcomes, report))
         else:
             with cluster.open_client(target) as client:
                 dashboard = getattr(client, "dashboard_link", None)
@@ -232,14 +233,14 @@ def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOu
 
 # -- executors ---------------------------------------------------------------------------------
 
-def _run_in_process(jobs: list[SceneJob], options: JobOptions, done: Callable) -> None:
+def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
     """Scenes one after the other with one model loaded here (only if some scene needs it)."""
     runtime = Runtime(options) if jobs else None
     for job in jobs:
         if job.bands is None:
-            done(job, guarded(runtime.scene, job.scene, job.output))
+            done(job, guarded(runtime.scene, job.scene, job.output, report.chips))
             continue
-        parts = [guarded(runtime.band, job.scene, job.output, band) for band in job.bands]
+        parts = [guarded(runtime.band, job.scene, job.output, band, report.chips) for band in job.bands]
         done(job, _assembled(job.scene, job.output, job.bands, options, parts))
 
 
@@ -262,7 +263,7 @@ def _scene_task(plugin: str, scene: Path, output: Path) -> UnitResult:
         runtime = cluster.worker_runtime(plugin)
     except DinoGeoError as exc:
         return UnitResult(False, str(exc))
-    return guarded(runtime.scene, scene, output)
+    return guarded(runtime.scene, scene, output, cluster.chip_events(plugin))
 
 
 def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult:
@@ -270,7 +271,7 @@ def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult
         runtime = cluster.worker_runtime(plugin)
     except DinoGeoError as exc:
         return UnitResult(False, str(exc))
-    return guarded(runtime.band, scene, output, band)
+    return guarded(runtime.band, scene, output, band, cluster.chip_events(plugin))
 
 
 def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
@@ -280,6 +281,7 @@ def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "
     name = f"{cluster.PLUGIN_PREFIX}-{uuid.uuid4().hex[:8]}"
     options = replace(options, torch_threads=options.torch_threads or cluster.torch_threads_per_worker(client))
     client.register_plugin(cluster.ModelPlugin(options, name), name=name)
+    client.subscribe_topic(name, lambda event: report.chips(*event[1]))
     resources = {"GPU": 1} if cluster.uses_gpus(client) else None
     owners, futures = {}, []
     try:
@@ -302,10 +304,11 @@ def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "
             except Exception as exc:  # the worker died (KilledWorker) or the task could not run
                 res = UnitResult(False, f"{job.scene}: task failed on the cluster ({type(exc).__name__}: {exc})")
             if band is not None:
-                report.band_finished(job, res)
+                report.band_finished(job, band, res)
             else:
                 done(job, res)
     finally:
+        client.unsubscribe_topic(name)
         client.cancel(futures)
         try:
             client.unregister_worker_plugin(name)
@@ -345,14 +348,19 @@ def _write_summary(result: BatchResult, task: str) -> None:
 
 
 class _Progress:
-    """Job-wide progress on stderr: scenes and chips done, chips per second, time left."""
+    """Job-wide progress on stderr: scenes and chips done, chips per second, time left. Chip counts
+    arrive per unit (scene or band) while it runs and when it ends; a line at least every
+    ``every`` seconds and whenever a scene ends."""
 
-    def __init__(self, jobs: list[SceneJob], outcomes: list[SceneOutcome], enabled: Optional[bool]):
-        self.enabled = enabled is not False
+    def __init__(self, jobs: list[SceneJob], outcomes: list[SceneOutcome], enabled: Optional[bool],
+                 every: float = 10.0):
+        self.enabled, self.every = enabled is not False, every
         self.scenes_total = len(jobs)
         self.chips_total = sum(j.chips for j in jobs)
-        self.scenes_done = self.chips_done = 0
-        self.t0 = time.perf_counter()
+        self.scenes_done = 0
+        self.units: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.t0 = self._last = time.perf_counter()
         skipped = sum(o.status == "skipped" for o in outcomes)
         failed = sum(o.status == "failed" for o in outcomes)
         self.say(f"{len(jobs)} scene{'s' * (len(jobs) != 1)} to run ({self.chips_total} chips), "
@@ -362,21 +370,33 @@ class _Progress:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
 
-    def band_finished(self, job: SceneJob, res: UnitResult) -> None:
-        self.chips_done += res.chips_total
-        self.say(f"{self._status()} {job.output.name}: band {'done' if res.ok else 'failed'}")
+    def chips(self, unit: str, chips: int) -> None:
+        """``chips`` of ``unit`` are done (a running count: the largest one seen counts)."""
+        with self._lock:
+            self.units[unit] = max(self.units.get(unit, 0), int(chips))
+            due = time.perf_counter() - self._last >= self.every
+        if due:
+            self.say(self._status())
+
+    def band_finished(self, job: SceneJob, band: Band, res: UnitResult) -> None:
+        self.chips(unit_name(job.output, band), res.chips_total)
+        self.say(f"{self._status()} {job.output.name}: band {band.index + 1}/{band.count} "
+                 f"{'done' if res.ok else 'failed'}")
 
     def scene_finished(self, job: SceneJob, outcome: SceneOutcome) -> None:
         self.scenes_done += 1
         if job.bands is None:
-            self.chips_done += outcome.chips
+            self.chips(unit_name(job.output), outcome.chips)
         state = f"done in {outcome.seconds:.1f} s" if outcome.status == "done" else f"failed: {outcome.reason}"
         self.say(f"{self._status()} {job.output.name}: {state}")
 
     def _status(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        rate = self.chips_done / elapsed if elapsed > 0 else 0.0
-        left = (self.chips_total - self.chips_done) / rate if rate > 0 else math.inf
+        with self._lock:
+            self._last = time.perf_counter()
+            done = sum(self.units.values())
+        elapsed = self._last - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.chips_total - done) / rate if rate > 0 else math.inf
         eta = "?" if math.isinf(left) else f"{int(left // 60)}m{int(left % 60):02d}s"
-        return (f"[scenes {self.scenes_done}/{self.scenes_total}, chips {self.chips_done}/{self.chips_total}, "
+        return (f"[scenes {self.scenes_done}/{self.scenes_total}, chips {done}/{self.chips_total}, "
                 f"{rate:.2f} chips/s, {eta} left]")

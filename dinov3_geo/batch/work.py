@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import rasterio
@@ -92,6 +92,10 @@ def guarded(fn, *args) -> UnitResult:
     return result
 
 
+ChipReport = Callable[[str, int], None]
+"""``report(unit, chips)``: ``chips`` of the unit (a scene or band) are done so far."""
+
+
 class Runtime:
     """One model loaded for ``options`` and the engine that runs it, reused scene after scene."""
 
@@ -115,7 +119,7 @@ class Runtime:
         if options.compile or device.type == "cuda":
             self.engine.warm_up()
 
-    def scene(self, scene: Path, output: Path) -> UnitResult:
+    def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
         """The whole scene into its COG (and its GeoPackage when the job asks for vectors)."""
         from dinov3_geo.io.scene import open_scene
 
@@ -123,29 +127,67 @@ class Runtime:
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
             with COGSink(output, sc, count=spec["count"], dtype=spec["dtype"], overwrite=True,
                          band_descriptions=spec["descriptions"]) as sink:
-                stats = self._run(sc, sink)
+                stats = self._run(sc, sink, _unit_reporter(report, unit_name(output)))
         _write_vector(output, self.options)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
 
-    def band(self, scene: Path, output: Path, band: Band) -> UnitResult:
+    def band(self, scene: Path, output: Path, band: Band, report: Optional[ChipReport] = None) -> UnitResult:
         """One row band of a split scene: its owned rows into the band's hidden file."""
         from dinov3_geo.io.scene import open_scene
 
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
             rows = SceneRows(sc, band.read_start, band.read_stop)
             with BandSink(band_path(output, band), sc, band, TASK_OUTPUTS[self.options.task]) as sink:
-                stats = self._run(rows, _Shifted(sink, band.read_start))
+                stats = self._run(rows, _Shifted(sink, band.read_start),
+                                  _unit_reporter(report, unit_name(output, band)))
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
 
-    def _run(self, scene, sink):
+    def _run(self, scene, sink, report: Optional[Callable[[int], None]]):
         from dinov3_geo.io.stitch import StreamingStitcher
 
         spec = TASK_OUTPUTS[self.options.task]
         stitcher = StreamingStitcher(sink, scene.height, scene.width, spec["count"], self.options.tile,
                                      self.options.overlap, kind=spec["kind"])
-        return self.engine.run(scene, stitcher, progress=False)
+        return self.engine.run(scene, ChipCounter(stitcher, report) if report else stitcher, progress=False)
+
+
+def unit_name(output: Path, band: Optional[Band] = None) -> str:
+    """The name progress reports use for a scene or one of its bands."""
+    return str(output) if band is None else f"{output}#band{band.index}"
+
+
+def _unit_reporter(report: Optional[ChipReport], unit: str) -> Optional[Callable[[int], None]]:
+    return None if report is None else (lambda chips: report(unit, chips))
+
+
+class ChipCounter:
+    """A chip consumer in front of the stitcher that reports the chips done, at most once every
+    ``every`` seconds and once at the end."""
+
+    def __init__(self, stitcher, report: Callable[[int], None], every: float = 1.0):
+        self.stitcher, self.report, self.every = stitcher, report, every
+        self.chips, self._last = 0, time.monotonic()
+
+    def add(self, window, values, valid) -> None:
+        self.stitcher.add(window, values, valid)
+        self._tick()
+
+    def skip(self, window) -> None:
+        self.stitcher.skip(window)
+        self._tick()
+
+    def close(self) -> None:
+        self.stitcher.close()
+        self.report(self.chips)
+
+    def _tick(self) -> None:
+        self.chips += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            self.report(self.chips)
 
 
 def _write_vector(output: Path, options: JobOptions) -> None:
