@@ -149,8 +149,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``segment`` over many scenes into the folder ``-o``: one library call; exit 1 if any failed."""
     from .batch import run_batch
 
-    if args.output is None:
-        raise UsageError("--output", "many scenes need an output folder: -o OUT_DIR/")
+    if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
+                               and os.path.splitext(args.output)[1]):
+        raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
     try:
         result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
                            backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,

@@ -226,7 +226,7 @@ def test_batch_usage_errors_name_the_flag(scenes, weights, tmp_path, capsys):
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--dask", "cluster"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--split-above", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: --output: many scenes need an output folder: -o OUT_DIR/",
+    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/",
                    "error: --dask: expected local, local:N or a scheduler address such as tcp://host:8786, "
                    "got 'cluster'",
                    "error: --split-above: must be a positive number of pixels, got 0"]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+from dataclasses import replace
 from typing import Iterator, Optional
 
 from dinov3_geo.batch.work import JobOptions, Runtime
@@ -77,15 +78,13 @@ def uses_gpus(client) -> bool:
     return any("GPU" in (w.get("resources") or {}) for w in workers.values())
 
 
-def torch_threads_per_worker(client) -> int:
-    """Threads each worker's torch may use: the cores of its machine shared by its workers."""
-    workers = client.scheduler_info().get("workers", {}).values()
+def workers_per_host(client) -> dict[str, int]:
+    """How many workers each machine of the cluster runs (they share its cores)."""
     hosts: dict[str, int] = {}
-    for w in workers:
+    for w in client.scheduler_info().get("workers", {}).values():
         host = w.get("host", "")
         hosts[host] = hosts.get(host, 0) + 1
-    per_host = max(hosts.values()) if hosts else 1
-    return max(1, (os.cpu_count() or 1) // per_host)
+    return hosts
 
 
 try:
@@ -95,24 +94,37 @@ except ImportError:  # distributed is only needed for the cluster paths
 
 
 class ModelPlugin(_Base):
-    """Holds one :class:`Runtime` per worker, loaded on the first scene and reused for the rest."""
+    """Holds one :class:`Runtime` per worker, loaded on the first scene and reused for the rest.
 
-    def __init__(self, options: JobOptions, name: str):
-        self.options, self.name = options, name
+    Unless the job sets ``torch_threads``, torch on each worker uses the cores of its machine
+    divided among the workers there (``hosts``: workers per host address)."""
+
+    def __init__(self, options: JobOptions, name: str, hosts: Optional[dict[str, int]] = None):
+        self.options, self.name, self.hosts = options, name, dict(hosts or {})
         self._runtime: Optional[Runtime] = None
         self._lock = threading.Lock()
         self._index: Optional[int] = None
 
     def __getstate__(self):
-        return {"options": self.options, "name": self.name}
+        return {"options": self.options, "name": self.name, "hosts": self.hosts}
 
     def __setstate__(self, state):
-        self.__init__(state["options"], state["name"])
+        self.__init__(state["options"], state["name"], state["hosts"])
 
     def setup(self, worker) -> None:
-        """Remember the worker's index (its name on a LocalCluster) to pick its GPU."""
+        """Remember the worker's index (its name on a LocalCluster) to pick its GPU, and share the
+        machine's cores among its workers."""
         name = str(getattr(worker, "name", ""))
         self._index = int(name) if name.isdigit() else None
+        if self.options.torch_threads is None:
+            from distributed.comm import get_address_host
+
+            sharing = self.hosts.get(get_address_host(worker.address), 1)
+            self.options = replace(self.options, torch_threads=max(1, (os.cpu_count() or 1) // sharing))
+
+    def teardown(self, worker) -> None:
+        """Free the model when the job ends (the plugin is unregistered)."""
+        self._runtime = None
 
     def runtime(self) -> Runtime:
         with self._lock:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -235,7 +235,12 @@ def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOu
 
 def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
     """Scenes one after the other with one model loaded here (only if some scene needs it)."""
-    runtime = Runtime(options) if jobs else None
+    try:
+        runtime = Runtime(options) if jobs else None
+    except DinoGeoError as exc:           # no model, no scene: each one says why
+        for job in jobs:
+            done(job, UnitResult(False, str(exc)))
+        return
     for job in jobs:
         if job.bands is None:
             done(job, guarded(runtime.scene, job.scene, job.output, report.chips))
@@ -279,8 +284,7 @@ def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "
     from distributed import as_completed
 
     name = f"{cluster.PLUGIN_PREFIX}-{uuid.uuid4().hex[:8]}"
-    options = replace(options, torch_threads=options.torch_threads or cluster.torch_threads_per_worker(client))
-    client.register_plugin(cluster.ModelPlugin(options, name), name=name)
+    client.register_plugin(cluster.ModelPlugin(options, name, cluster.workers_per_host(client)), name=name)
     client.subscribe_topic(name, lambda event: report.chips(*event[1]))
     resources = {"GPU": 1} if cluster.uses_gpus(client) else None
     owners, futures = {}, []
