@@ -181,21 +181,14 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
                                and os.path.splitext(args.output)[1]):
         raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
-    try:
-        result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
-                           backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
-                           device=args.device, batch_size=args.batch_size, precision=args.precision,
-                           tile=args.tile, overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
-                           overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
-                           dask=args.dask, split_above=args.split_above, progress=args.progress)
-    except UsageError as exc:         # the library names parameters; here they are flags
-        raise UsageError(BATCH_FLAGS.get(exc.where or "", exc.where), exc.problem) from None
-    print(result.summary_text(), file=sys.stderr)
+    result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
+                       backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                       device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
+                       overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                       overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
+                       dask=args.dask, split_above=args.split_above, progress=args.progress)
+    print(text_in_flags(result.summary_text(), option_names(build_parser())), file=sys.stderr)
     return 0 if result.ok else 1
-
-
-BATCH_FLAGS = {"dask": "--dask", "split_above": "--split-above", "task": "--task", "tile": "--tile",
-               "overlap": "--overlap", "batch_size": "--batch-size", "scenes": "scene"}
 
 
 def run_segment(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, exp
 from dinov3_geo.batch.work import (TASK_OUTPUTS, JobOptions, Runtime, UnitResult, assemble, guarded,
                                    remove_band_files, remove_stale_temporaries, unit_name, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
-from dinov3_geo.io.tiling import plan_chips, validate_tiling
+from dinov3_geo.io.tiling import ChipPlan, validate_tiling
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
         resume.write_sidecar(output, "running", scene, recipe)
         n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above)
         split = plan_bands(grid.height, grid.width, options.tile, options.overlap, n) if n > 1 else None
-        chips = sum(len(plan_chips(b.read_stop - b.read_start, grid.width, options.tile, options.overlap))
+        chips = sum(len(ChipPlan.build(b.read_stop - b.read_start, grid.width, options.tile, options.overlap))
                     for b in split or [Band(0, 1, 0, grid.height, 0, grid.height)])
         jobs.append(SceneJob(scene, output, chips, split))
     return outcomes, jobs
@@ -245,7 +245,10 @@ def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: "_Progres
         if job.bands is None:
             done(job, guarded(runtime.scene, job.scene, job.output, report.chips))
             continue
-        parts = [guarded(runtime.band, job.scene, job.output, band, report.chips) for band in job.bands]
+        parts = []
+        for band in job.bands:
+            parts.append(guarded(runtime.band, job.scene, job.output, band, report.chips))
+            report.band_finished(job, band, parts[-1])
         done(job, _assembled(job.scene, job.output, job.bands, options, parts))
 
 

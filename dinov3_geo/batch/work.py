@@ -1,15 +1,17 @@
 """The work of one scene or one row band, as it runs in the job's process or on a Dask worker.
 
-A :class:`Runtime` holds one loaded model and its engine and runs any number of scenes with it
-(on a Dask worker it lives in :class:`~dinov3_geo.batch.cluster.ModelPlugin`, so each worker loads
-its model once). Every function here returns a :class:`UnitResult` instead of raising for an
-expected failure, so one bad scene is reported and the others go on.
+A :class:`Runtime` holds one loaded model and its run settings and runs any number of scenes with
+it through the pipeline (on a Dask worker it lives in
+:class:`~dinov3_geo.batch.cluster.ModelPlugin`, so each worker loads its model once). Every
+function here returns a :class:`UnitResult` instead of raising for an expected failure, so one bad
+scene is reported and the others go on.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,14 @@ from rasterio.windows import Window
 from dinov3_geo.batch.plan import Band
 from dinov3_geo.errors import DinoGeoError, short_message
 from dinov3_geo.io.sinks import BLOCK, COGSink, atomic_output, bounded_gdal_cache
+from dinov3_geo.io.stitch import CLASS_NODATA
+from dinov3_geo.pipeline import DenseOutput
 
-#: What each task writes: bands, dtype, how chips blend, band descriptions.
-TASK_OUTPUTS: dict[str, dict[str, Any]] = {
-    "canopy": dict(count=1, dtype="float32", kind="continuous", descriptions=["canopy_height_m"]),
-}
+#: How each task's result is written (kind, dtype); band and class names come from the model.
+TASK_OUTPUTS: dict[str, DenseOutput] = {"canopy": DenseOutput("continuous")}
+
+ChipReport = Callable[[str, int], None]
+"""``report(unit, chips)``: ``chips`` of the unit (a scene or a band) are done so far."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ def band_path(output: Path, band: Band) -> Path:
     return output.with_name(f".{output.name}.band-{band.index:04d}-of-{band.count:04d}.tif")
 
 
+def unit_name(output: Path, band: Optional[Band] = None) -> str:
+    """The name progress reports use for a scene or one of its bands."""
+    return str(output) if band is None else f"{output}#band{band.index}"
+
+
 def guarded(fn, *args) -> UnitResult:
     """``fn(*args)``, with an expected failure (or a bug) turned into a failed result of one line."""
     t0 = time.perf_counter()
@@ -92,102 +102,73 @@ def guarded(fn, *args) -> UnitResult:
     return result
 
 
-ChipReport = Callable[[str, int], None]
-"""``report(unit, chips)``: ``chips`` of the unit (a scene or band) are done so far."""
-
-
 class Runtime:
-    """One model loaded for ``options`` and the engine that runs it, reused scene after scene."""
+    """One model loaded for ``options`` and its run settings, reused scene after scene through the
+    pipeline (:func:`~dinov3_geo.pipeline.write_dense`, :func:`~dinov3_geo.engine.run_chips`)."""
 
     def __init__(self, options: JobOptions, gpu_index: Optional[int] = None):
         import torch
 
         from dinov3_geo.api import _load_task_model
-        from dinov3_geo.engine import Engine, dtype_for, resolve_device, resolve_precision
+        from dinov3_geo.engine import RunSettings, resolve_device
+        from dinov3_geo.tasks import describe
 
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         device = resolve_device(options.device)
         if device.type == "cuda" and device.index is None and gpu_index is not None:
             device = torch.device("cuda", gpu_index % torch.cuda.device_count())
-        precision = resolve_precision(options.precision, device)
-        model = _load_task_model(options.task, options.weights, options.backbone_weights, device,
-                                 dtype_for(precision), options.verify)
+        self.settings = RunSettings.resolve(device, options.precision, options.batch_size, options.compile,
+                                            options.readers)
+        self.model = _load_task_model(options.task, options.weights, options.backbone_weights,
+                                      self.settings.device, self.settings.dtype, options.verify)
         self.options = options
-        self.engine = Engine(model, device, precision, options.batch_size, options.tile, options.overlap,
-                             readers=options.readers, compile=options.compile)
-        if options.compile or device.type == "cuda":
-            self.engine.warm_up()
+        self.info = describe(self.model)
+        base = TASK_OUTPUTS[options.task]
+        self.spec = DenseOutput(base.kind, base.dtype, self.info.band_names, self.info.class_names,
+                                self.info.colormap)
 
     def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
         """The whole scene into its COG (and its GeoPackage when the job asks for vectors)."""
         from dinov3_geo.io.scene import open_scene
+        from dinov3_geo.pipeline import write_dense
 
-        spec = TASK_OUTPUTS[self.options.task]
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
-            with COGSink(output, sc, count=spec["count"], dtype=spec["dtype"], overwrite=True,
-                         band_descriptions=spec["descriptions"]) as sink:
-                stats = self._run(sc, sink, _unit_reporter(report, unit_name(output)))
+            view = SceneRows(sc, 0, sc.height, _unit_reporter(report, unit_name(output)))
+            stats, _ = write_dense(view, self.model, output, self._plan(view), self.settings, self.spec,
+                                   self.info, overwrite=True, progress=False)
         _write_vector(output, self.options)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
 
     def band(self, scene: Path, output: Path, band: Band, report: Optional[ChipReport] = None) -> UnitResult:
         """One row band of a split scene: its owned rows into the band's hidden file."""
+        from dinov3_geo.engine import run_chips
         from dinov3_geo.io.scene import open_scene
+        from dinov3_geo.io.stitch import StreamingStitcher
+        from dinov3_geo.pipeline import output_channels
 
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
-            rows = SceneRows(sc, band.read_start, band.read_stop)
-            with BandSink(band_path(output, band), sc, band, TASK_OUTPUTS[self.options.task]) as sink:
-                stats = self._run(rows, _Shifted(sink, band.read_start),
-                                  _unit_reporter(report, unit_name(output, band)))
+            view = SceneRows(sc, band.read_start, band.read_stop, _unit_reporter(report, unit_name(output, band)))
+            plan = self._plan(view)
+            channels = self.info.channels or output_channels(self.model, plan.tile, self.settings)
+            with BandSink(band_path(output, band), sc, band, self.spec, channels) as sink:
+                stitcher = StreamingStitcher(_Shifted(sink, band.read_start), plan, channels, kind=self.spec.kind)
+                stats = run_chips(view, self.model, stitcher, plan, self.settings, progress=False)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
 
-    def _run(self, scene, sink, report: Optional[Callable[[int], None]]):
-        from dinov3_geo.io.stitch import StreamingStitcher
+    def _plan(self, view: "SceneRows"):
+        """The chip plan of a view. A band's rows start on the scene's chip grid and end on a chip's
+        end (:func:`~dinov3_geo.batch.plan.plan_bands`), so its plan is those chips of the scene's
+        plan, with the scene plan's blend weights over the rows the band owns."""
+        from dinov3_geo.io.tiling import ChipPlan
 
-        spec = TASK_OUTPUTS[self.options.task]
-        stitcher = StreamingStitcher(sink, scene.height, scene.width, spec["count"], self.options.tile,
-                                     self.options.overlap, kind=spec["kind"])
-        return self.engine.run(scene, ChipCounter(stitcher, report) if report else stitcher, progress=False)
-
-
-def unit_name(output: Path, band: Optional[Band] = None) -> str:
-    """The name progress reports use for a scene or one of its bands."""
-    return str(output) if band is None else f"{output}#band{band.index}"
+        return ChipPlan.build(view.height, view.width, self.options.tile, self.options.overlap)
 
 
 def _unit_reporter(report: Optional[ChipReport], unit: str) -> Optional[Callable[[int], None]]:
     return None if report is None else (lambda chips: report(unit, chips))
-
-
-class ChipCounter:
-    """A chip consumer in front of the stitcher that reports the chips done, at most once every
-    ``every`` seconds and once at the end."""
-
-    def __init__(self, stitcher, report: Callable[[int], None], every: float = 1.0):
-        self.stitcher, self.report, self.every = stitcher, report, every
-        self.chips, self._last = 0, time.monotonic()
-
-    def add(self, window, values, valid) -> None:
-        self.stitcher.add(window, values, valid)
-        self._tick()
-
-    def skip(self, window) -> None:
-        self.stitcher.skip(window)
-        self._tick()
-
-    def close(self) -> None:
-        self.stitcher.close()
-        self.report(self.chips)
-
-    def _tick(self) -> None:
-        self.chips += 1
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self._last = now
-            self.report(self.chips)
 
 
 def _write_vector(output: Path, options: JobOptions) -> None:
@@ -200,16 +181,36 @@ def _write_vector(output: Path, options: JobOptions) -> None:
 
 
 class SceneRows:
-    """Rows ``[start, stop)`` of a scene's working grid seen as a scene of their own (what the
-    engine reads for one band)."""
+    """Rows ``[start, stop)`` of an open scene's working grid seen as a scene of their own (a band,
+    or the whole scene), counting the chips read for progress (``report(chips)`` at most once
+    every ``every`` seconds). Everything else (grid, path, profile) is the scene's."""
 
-    def __init__(self, scene, start: int, stop: int):
-        self.scene, self.start = scene, start
-        self.height, self.width = stop - start, scene.width
-        self.path = scene.path
+    def __init__(self, scene, start: int, stop: int, report: Optional[Callable[[int], None]] = None,
+                 every: float = 1.0):
+        self.scene, self.start, self.height = scene, start, stop - start
+        self.report, self.every = report, every
+        self.chips, self._last = 0, time.monotonic()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self.scene, name)
 
     def read(self, window: Window):
-        return self.scene.read(Window(window.col_off, window.row_off + self.start, window.width, window.height))
+        chip = self.scene.read(Window(window.col_off, window.row_off + self.start, window.width, window.height))
+        if self.report is not None:
+            self._count()
+        return chip
+
+    def _count(self) -> None:
+        with self._lock:        # reader threads
+            self.chips += 1
+            now = time.monotonic()
+            due = now - self._last >= self.every
+            if due:
+                self._last = now
+            chips = self.chips
+        if due:
+            self.report(chips)
 
 
 class _Shifted:
@@ -223,16 +224,18 @@ class _Shifted:
 
 
 class BandSink:
-    """Keeps a band's owned rows (scene row numbers) in a GeoTIFF that appears only when complete."""
+    """Keeps a band's owned rows (scene row numbers) in a GeoTIFF that appears only when complete,
+    with the output's band descriptions, class names and colour table for the assembly."""
 
-    def __init__(self, path: Path, scene, band: Band, spec: dict[str, Any]):
-        self.path, self.band, self.spec = path, band, spec
+    def __init__(self, path: Path, scene, band: Band, spec: DenseOutput, channels: int):
+        self.path, self.band = path, band
         self.height = band.own_stop - band.own_start
-        self.profile = dict(driver="GTiff", width=scene.width, height=self.height, count=spec["count"],
-                            dtype=spec["dtype"], crs=scene.crs, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+        classes = spec.kind == "classes"
+        self.profile = dict(driver="GTiff", width=scene.width, height=self.height, count=1 if classes else channels,
+                            dtype=spec.sink_dtype(), crs=scene.crs, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                             transform=scene.transform * Affine.translation(0, band.own_start),
-                            nodata=float("nan") if spec["dtype"].startswith("float") else 255,
-                            bigtiff="IF_SAFER")
+                            nodata=CLASS_NODATA if classes else float("nan"), bigtiff="IF_SAFER")
+        self.descriptions, self.tags, self.colormap = spec.descriptions(channels), spec.tags(channels), spec.colormap
         self._stack = contextlib.ExitStack()
         self._ds = None
         self.rows = 0
@@ -241,6 +244,11 @@ class BandSink:
         tmp = self._stack.enter_context(atomic_output(self.path, overwrite=True, tag="partial"))
         self._stack.enter_context(bounded_gdal_cache())
         self._ds = self._stack.enter_context(rasterio.open(tmp, "w", **self.profile))
+        for i, text in enumerate(self.descriptions or [], 1):
+            self._ds.set_band_description(i, text)
+        self._ds.update_tags(**self.tags)
+        if self.colormap:
+            self._ds.write_colormap(1, self.colormap)
         return self
 
     def write(self, row_off: int, array: np.ndarray) -> None:
@@ -260,14 +268,14 @@ class BandSink:
 
 
 def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions) -> UnitResult:
-    """The bands' files, in row order, streamed into the scene's COG; the band files are removed."""
+    """The bands' files, in row order, streamed into the scene's COG (with the band files'
+    descriptions, class names and colour table); the band files are removed."""
     from dinov3_geo.io.scene import open_scene
 
-    spec = TASK_OUTPUTS[options.task]
     try:
-        with open_scene(scene, **options.scene_kwargs()) as sc, \
-                COGSink(output, sc, count=spec["count"], dtype=spec["dtype"], overwrite=True,
-                        band_descriptions=spec["descriptions"]) as sink:
+        with rasterio.open(band_path(output, bands[0])) as first:
+            meta = _band_file_meta(first)
+        with open_scene(scene, **options.scene_kwargs()) as sc, COGSink(output, sc, overwrite=True, **meta) as sink:
             for band in bands:
                 with rasterio.open(band_path(output, band)) as ds:
                     for off in range(0, ds.height, BLOCK):
@@ -277,6 +285,16 @@ def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions) 
     finally:
         remove_band_files(output)
     return UnitResult(True)
+
+
+def _band_file_meta(ds) -> dict[str, Any]:
+    """COGSink arguments that give the output what a band file carries."""
+    colormap = None
+    with contextlib.suppress(ValueError):
+        colormap = ds.colormap(1)
+    return dict(count=ds.count, dtype=ds.dtypes[0], nodata=ds.nodata, colormap=colormap,
+                band_descriptions=list(ds.descriptions) if all(ds.descriptions) else None,
+                tags={k: v for k, v in ds.tags().items() if k.startswith("CLASS_")})
 
 
 def remove_band_files(output: Path) -> None:
