@@ -175,11 +175,16 @@ def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_pa
     out = tmp_path / "out"
     assert run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST).ok
     os.utime(folder / "a_saltlake.tif")                                 # the input changed
+    leftovers = [".a_saltlake_canopy.tif.partial-x1y2.tif", ".c_naip_canopy.tif.band-0001-of-0003.tif",
+                 ".mosaic_canopy.vrt.partial-k3.vrt"]                  # as a killed run leaves them
+    for name in leftovers:
+        (out / name).write_bytes(b"")
     with rasterio.open(out / "b_saltlake_canopy.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:  # edited
         ds.write(np.zeros((1, ds.height, ds.width), np.float32))
     again = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
     assert [o.status for o in again.outcomes] == ["done", "done", "skipped"]
     assert np.nanmax(read(out / "b_saltlake_canopy.tif")) > 0
+    assert hidden_files(out) == []
     # a file of the user's at an output path, without a sidecar, is never replaced
     (out / "c_naip_canopy.tif").unlink()
     (out / "c_naip_canopy.tif.json").unlink()

@@ -22,7 +22,7 @@ from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
 from dinov3_geo.batch.work import (TASK_OUTPUTS, JobOptions, Runtime, UnitResult, assemble, guarded,
-                                   remove_band_files, remove_stale_temporaries, unit_name, vector_path)
+                                   remove_band_files, remove_temporaries, unit_name, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
 from dinov3_geo.io.tiling import ChipPlan, validate_tiling
 
@@ -108,6 +108,8 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
                          tuple(bands) if bands else None, tuple(scale) if scale else None, gsd, min_height,
                          vector is not None, compile, verify, readers)
     recipe = _recipe(options)
+    ours = _our_files(scenes, out_dir, task, vector)
+    remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
     outcomes, jobs = _triage(scenes, out_dir, options, recipe, overwrite, split_above)
     report = _Progress(jobs, outcomes, progress)
     dashboard = None
@@ -120,14 +122,26 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
                 report.say(f"Dask cluster {client.scheduler.address}, dashboard {dashboard}")
                 _run_on_cluster(client, jobs, options, report,
                                 lambda job, res: _record(job, res, recipe, outcomes, report))
-    finally:
-        for job in jobs:           # interrupted or not: no temporary file stays behind
-            remove_stale_temporaries(job.output)
+    finally:                       # interrupted or not: no temporary file stays behind
+        remove_temporaries(out_dir, ours)
     result = BatchResult(_in_input_order(outcomes, scenes), out_dir / f"summary_{task}.json", dashboard=dashboard)
     _combined_products(result, out_dir, task, vector, overwrite)
     result.seconds = time.perf_counter() - t0
     _write_summary(result, task)
     return result
+
+
+def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Path]) -> set[str]:
+    """Names of every file the job writes in ``out_dir`` (outputs, sidecars, per-scene vectors,
+    mosaics, summary, the combined GeoPackage when it lies there)."""
+    names = {f"summary_{task}.json"}
+    for scene in scenes:
+        output = output_for(scene, out_dir, task)
+        names |= {output.name, resume.sidecar_path(output).name, vector_path(output).name}
+    names |= {p.name for p in out_dir.glob(f"mosaic_{task}*.vrt")} | {f"mosaic_{task}.vrt"}
+    if vector is not None and vector.parent == out_dir:
+        names.add(vector.name)
+    return names
 
 
 def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: Optional[int]) -> None:
@@ -210,7 +224,6 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
                                          f"{output}: exists and was not written by a dinov3geo job "
                                          "(use overwrite to replace it)"))
             continue
-        remove_stale_temporaries(output)
         resume.write_sidecar(output, "running", scene, recipe)
         n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above)
         split = plan_bands(grid.height, grid.width, options.tile, options.overlap, n) if n > 1 else None

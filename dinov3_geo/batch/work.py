@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -304,10 +305,18 @@ def remove_band_files(output: Path) -> None:
             p.unlink()
 
 
-def remove_stale_temporaries(output: Path) -> None:
-    """Delete hidden temporary files an interrupted or killed run left beside ``output``
-    (``.NAME.partial-*``, ``.NAME.cog-*``, band files, the vector's temporaries)."""
-    for target in (output, vector_path(output)):
-        for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(p)
+#: Hidden temporaries beside a target: ``.NAME.<tag>-XXXX`` (io.sinks.temp_path), ``.NAME.band-...``.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial|cog|ovr|vrt|probe|band)(?:-.*)?$")
+
+
+def remove_temporaries(folder: Path, targets: set[str]) -> int:
+    """Delete the hidden temporary files an interrupted or killed run left in ``folder`` beside
+    the files named in ``targets`` (one listing of the folder); returns how many."""
+    removed = 0
+    for entry in os.scandir(folder):
+        match = _TEMPORARY.match(entry.name)
+        if match and match["target"] in targets and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
