@@ -93,7 +93,9 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     polygons in ``<name>_<task>.gpkg``, and all of them in the GeoPackage ``vector``, layer
     ``task``, with a ``scene`` column). ``dask``: None (in this process, or
     ``$DASK_SCHEDULER_ADDRESS``), ``"local[:N]"`` or a scheduler address. Scenes above
-    ``split_above`` pixels run as row bands on several workers; the COG equals the unsplit run.
+    ``split_above`` pixels run as row bands on several workers, assembled into one COG equal to the
+    unsplit run (bit for bit at ``batch_size=1``; other batch sizes group chips differently, which
+    changes values by float rounding only).
     Rerunning skips complete outputs and redoes partial or stale ones.
     """
     t0 = time.perf_counter()
@@ -114,7 +116,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     report = _Progress(jobs, outcomes, progress)
     dashboard = None
     try:
-        if target is None:
+        if target is None or not jobs:
             _run_in_process(jobs, options, report, lambda job, res: _record(job, res, recipe, outcomes, report))
         else:
             with cluster.open_client(target) as client:
