@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--compile", action="store_true",
                      help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
                      "cache is warm), then faster chips; worth it on long runs, GPU or CPU")
+    seg.add_argument("--dtype", default="float32", choices=("float32", "float16", "uint16"),
+                     help="output type: float32 (default), float16 (half the size), uint16 (decimetres, "
+                     "scale 0.1 in the file so GIS tools show metres; 65535 nodata)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
     seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -204,7 +207,7 @@ def run_segment(args: argparse.Namespace) -> int:
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                      overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify)
+                     verify=not args.no_verify, dtype=args.dtype)
     print(result.summary(), file=sys.stderr)
     return 0
 

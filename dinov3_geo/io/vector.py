@@ -167,12 +167,22 @@ class _LayerWriter:
         self.buffer = []
 
 
+def _in_units(ds, values: np.ndarray) -> np.ndarray:
+    """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
+    metres), unchanged when there are none."""
+    scale, offset = ds.scales[0], ds.offsets[0]
+    if scale == 1 and offset == 0:
+        return values
+    return values.astype(np.float32) * np.float32(scale) + np.float32(offset)
+
+
 def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "canopy",
                          overwrite: bool = False, strip_rows: int = 1024, batch: int = 5000) -> int:
     """Write polygons of pixels ``>= threshold`` (NaN and nodata excluded) of band 1 of
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
-    Polygons are 4-connected pixel components in the raster's CRS, never split at strip borders,
+    Values are taken in the band's unit (its scale and offset applied). Polygons are 4-connected
+    pixel components in the raster's CRS, never split at strip borders,
     with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
     ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
     ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
@@ -191,7 +201,7 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
             rows = min(strip_rows, ds.height - row_off)
             window = Window(0, row_off, ds.width, rows)
             try:
-                values = ds.read(1, window=window)
+                values = _in_units(ds, ds.read(1, window=window))
                 sel = (values >= threshold) & np.isfinite(values) & (ds.read_masks(1, window=window) > 0)
             except RasterioError as exc:
                 raise InputError(raster_path, f"cannot read rows {row_off}-{row_off + rows} "
