@@ -189,7 +189,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
                        device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                        overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                        overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
-                       dask=args.dask, split_above=args.split_above, progress=args.progress)
+                       dtype=args.dtype, dask=args.dask, split_above=args.split_above, progress=args.progress)
     print(text_in_flags(result.summary_text(), option_names(build_parser())), file=sys.stderr)
     return 0 if result.ok else 1
 

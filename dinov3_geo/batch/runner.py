@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
-from dinov3_geo.batch.work import (TASK_OUTPUTS, JobOptions, Runtime, UnitResult, assemble, guarded,
+from dinov3_geo.batch.work import (TASK_KINDS, JobOptions, Runtime, UnitResult, assemble, guarded,
                                    remove_band_files, remove_temporaries, unit_name, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
 from dinov3_geo.io.tiling import ChipPlan, validate_tiling
@@ -84,7 +84,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
               vector=None, min_height: float = 2.0, device: str = "auto", batch_size: int = 8,
               precision: str = "auto", tile: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
               gsd: Optional[float] = None, scale: Optional[tuple[float, float]] = None, overwrite: bool = False,
-              compile: bool = False, verify: bool = True, readers: Optional[int] = None,
+              compile: bool = False, verify: bool = True, readers: Optional[int] = None, dtype: str = "float32",
               dask: Optional[str] = None, split_above: Optional[int] = None,
               progress: Optional[bool] = None) -> BatchResult:
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
@@ -99,7 +99,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     Rerunning skips complete outputs and redoes partial or stale ones.
     """
     t0 = time.perf_counter()
-    _validate(task, tile, overlap, batch_size, split_above)
+    _validate(task, tile, overlap, batch_size, split_above, dtype)
     target = cluster.dask_target(dask)
     scenes = expand_inputs(inputs)
     out_dir = _output_folder(out_dir)
@@ -108,7 +108,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     weights, backbone_weights = _resolve_weights(task, weights, backbone_weights)
     options = JobOptions(task, weights, backbone_weights, device, precision, int(batch_size), tile, overlap,
                          tuple(bands) if bands else None, tuple(scale) if scale else None, gsd, min_height,
-                         vector is not None, compile, verify, readers)
+                         dtype, vector is not None, compile, verify, readers)
     recipe = _recipe(options)
     ours = _our_files(scenes, out_dir, task, vector)
     remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
@@ -146,11 +146,13 @@ def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Pa
     return names
 
 
-def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: Optional[int]) -> None:
+def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: Optional[int], dtype: str) -> None:
     from dinov3_geo.engine import validate_batch_size
+    from dinov3_geo.pipeline import DenseOutput
 
-    if task not in TASK_OUTPUTS:
-        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASK_OUTPUTS)})")
+    if task not in TASK_KINDS:
+        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASK_KINDS)})")
+    DenseOutput(TASK_KINDS[task], dtype)        # checks the dtype
     validate_tiling(tile, overlap)
     validate_batch_size(batch_size)
     if split_above is not None and int(split_above) < 1:
@@ -180,7 +182,7 @@ def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
         except (OSError, ValueError):
             ours = False
         if not ours:
-            raise OutputError(vector, "exists (use --overwrite to replace it)")
+            raise OutputError(vector, "exists (use `overwrite` to replace it)")
     return vector
 
 
@@ -197,7 +199,8 @@ def _resolve_weights(task: str, weights, backbone_weights) -> tuple[str, Optiona
 
 def _recipe(options: JobOptions) -> dict:
     """What decides an output's values: the weights' hashes and the options (resume compares it)."""
-    recipe = {k: getattr(options, k) for k in ("task", "precision", "tile", "overlap", "bands", "scale", "gsd")}
+    recipe = {k: getattr(options, k) for k in ("task", "precision", "tile", "overlap", "bands", "scale", "gsd",
+                                               "dtype")}
     recipe["weights_sha256"] = resume.weights_hash(options.weights)
     recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
     if options.vector:
@@ -224,7 +227,7 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
         if output.exists() and not resume.is_ours(output) and not overwrite:
             outcomes.append(SceneOutcome(str(scene), str(output), "failed",
                                          f"{output}: exists and was not written by a dinov3geo job "
-                                         "(use overwrite to replace it)"))
+                                         "(use `overwrite` to replace it)"))
             continue
         resume.write_sidecar(output, "running", scene, recipe)
         n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above)
@@ -274,7 +277,7 @@ def _assembled(scene: Path, output: Path, bands: list[Band], options: JobOptions
     if failed:
         remove_band_files(output)
         return UnitResult(False, failed[0].reason, seconds=sum(p.seconds for p in parts))
-    res = guarded(assemble, scene, output, bands, options)
+    res = guarded(assemble, scene, output, bands, options, parts[0].spec, parts[0].channels)
     res.chips_total = sum(p.chips_total for p in parts)
     res.chips_computed = sum(p.chips_computed for p in parts)
     res.seconds += sum(p.seconds for p in parts)

@@ -26,11 +26,10 @@ from rasterio.windows import Window
 from dinov3_geo.batch.plan import Band
 from dinov3_geo.errors import DinoGeoError, short_message
 from dinov3_geo.io.sinks import BLOCK, COGSink, atomic_output, bounded_gdal_cache
-from dinov3_geo.io.stitch import CLASS_NODATA
 from dinov3_geo.pipeline import DenseOutput
 
-#: How each task's result is written (kind, dtype); band and class names come from the model.
-TASK_OUTPUTS: dict[str, DenseOutput] = {"canopy": DenseOutput("continuous")}
+#: The kind of each task's result; dtype comes from the job, band and class names from the model.
+TASK_KINDS: dict[str, str] = {"canopy": "continuous"}
 
 ChipReport = Callable[[str, int], None]
 """``report(unit, chips)``: ``chips`` of the unit (a scene or a band) are done so far."""
@@ -52,6 +51,7 @@ class JobOptions:
     scale: Optional[tuple[float, float]] = None
     gsd: Optional[float] = None
     min_height: float = 2.0
+    dtype: str = "float32"
     vector: bool = False
     compile: bool = False
     verify: bool = True
@@ -72,6 +72,8 @@ class UnitResult:
     chips_computed: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    spec: Optional[DenseOutput] = None      # a band's: how the scene's COG is written
+    channels: int = 0
 
 
 def vector_path(output: Path) -> Path:
@@ -125,9 +127,9 @@ class Runtime:
                                       self.settings.device, self.settings.dtype, options.verify)
         self.options = options
         self.info = describe(self.model)
-        base = TASK_OUTPUTS[options.task]
-        self.spec = DenseOutput(base.kind, base.dtype, self.info.band_names, self.info.class_names,
-                                self.info.colormap)
+        kind = TASK_KINDS[options.task]
+        self.spec = DenseOutput(kind, "uint8" if kind == "classes" else options.dtype, self.info.band_names,
+                                self.info.class_names, self.info.colormap)
 
     def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
         """The whole scene into its COG (and its GeoPackage when the job asks for vectors)."""
@@ -154,10 +156,11 @@ class Runtime:
             plan = self._plan(view)
             channels = self.info.channels or output_channels(self.model, plan.tile, self.settings)
             with BandSink(band_path(output, band), sc, band, self.spec, channels) as sink:
-                stitcher = StreamingStitcher(_Shifted(sink, band.read_start), plan, channels, kind=self.spec.kind)
+                stitcher = StreamingStitcher(_Shifted(self.spec.encoder(sink), band.read_start), plan, channels,
+                                             kind=self.spec.kind)
                 stats = run_chips(view, self.model, stitcher, plan, self.settings, progress=False)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
-                          notes=list(stats.notes))
+                          notes=list(stats.notes), spec=self.spec, channels=channels)
 
     def _plan(self, view: "SceneRows"):
         """The chip plan of a view. A band's rows start on the scene's chip grid and end on a chip's
@@ -225,18 +228,16 @@ class _Shifted:
 
 
 class BandSink:
-    """Keeps a band's owned rows (scene row numbers) in a GeoTIFF that appears only when complete,
-    with the output's band descriptions, class names and colour table for the assembly."""
+    """Keeps a band's owned rows (scene row numbers, encoded as the output's) in a GeoTIFF that
+    appears only when complete."""
 
     def __init__(self, path: Path, scene, band: Band, spec: DenseOutput, channels: int):
         self.path, self.band = path, band
         self.height = band.own_stop - band.own_start
-        classes = spec.kind == "classes"
-        self.profile = dict(driver="GTiff", width=scene.width, height=self.height, count=1 if classes else channels,
-                            dtype=spec.sink_dtype(), crs=scene.crs, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
-                            transform=scene.transform * Affine.translation(0, band.own_start),
-                            nodata=CLASS_NODATA if classes else float("nan"), bigtiff="IF_SAFER")
-        self.descriptions, self.tags, self.colormap = spec.descriptions(channels), spec.tags(channels), spec.colormap
+        count = 1 if spec.kind == "classes" else channels
+        self.profile = dict(driver="GTiff", width=scene.width, height=self.height, count=count, dtype=spec.sink_dtype(),
+                            crs=scene.crs, tiled=True, blockxsize=BLOCK, blockysize=BLOCK, nodata=spec.nodata(),
+                            transform=scene.transform * Affine.translation(0, band.own_start), bigtiff="IF_SAFER")
         self._stack = contextlib.ExitStack()
         self._ds = None
         self.rows = 0
@@ -245,11 +246,6 @@ class BandSink:
         tmp = self._stack.enter_context(atomic_output(self.path, overwrite=True, tag="partial"))
         self._stack.enter_context(bounded_gdal_cache())
         self._ds = self._stack.enter_context(rasterio.open(tmp, "w", **self.profile))
-        for i, text in enumerate(self.descriptions or [], 1):
-            self._ds.set_band_description(i, text)
-        self._ds.update_tags(**self.tags)
-        if self.colormap:
-            self._ds.write_colormap(1, self.colormap)
         return self
 
     def write(self, row_off: int, array: np.ndarray) -> None:
@@ -268,15 +264,15 @@ class BandSink:
         self._stack.__exit__(exc_type, exc, tb)
 
 
-def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions) -> UnitResult:
-    """The bands' files, in row order, streamed into the scene's COG (with the band files'
-    descriptions, class names and colour table); the band files are removed."""
+def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions, spec: DenseOutput,
+             channels: int) -> UnitResult:
+    """The bands' files, in row order, streamed into the scene's COG (written as ``spec`` says for
+    ``channels`` model outputs); the band files are removed."""
     from dinov3_geo.io.scene import open_scene
 
     try:
-        with rasterio.open(band_path(output, bands[0])) as first:
-            meta = _band_file_meta(first)
-        with open_scene(scene, **options.scene_kwargs()) as sc, COGSink(output, sc, overwrite=True, **meta) as sink:
+        with open_scene(scene, **options.scene_kwargs()) as sc, \
+                spec.cog_sink(output, sc, channels, overwrite=True) as sink:
             for band in bands:
                 with rasterio.open(band_path(output, band)) as ds:
                     for off in range(0, ds.height, BLOCK):
@@ -286,16 +282,6 @@ def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions) 
     finally:
         remove_band_files(output)
     return UnitResult(True)
-
-
-def _band_file_meta(ds) -> dict[str, Any]:
-    """COGSink arguments that give the output what a band file carries."""
-    colormap = None
-    with contextlib.suppress(ValueError):
-        colormap = ds.colormap(1)
-    return dict(count=ds.count, dtype=ds.dtypes[0], nodata=ds.nodata, colormap=colormap,
-                band_descriptions=list(ds.descriptions) if all(ds.descriptions) else None,
-                tags={k: v for k, v in ds.tags().items() if k.startswith("CLASS_")})
 
 
 def remove_band_files(output: Path) -> None:
