@@ -184,12 +184,19 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
                                and os.path.splitext(args.output)[1]):
         raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
-    result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
-                       backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
-                       device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
-                       overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
-                       overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
-                       dtype=args.dtype, dask=args.dask, split_above=args.split_above, progress=args.progress)
+    try:
+        result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
+                           backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                           device=args.device, batch_size=args.batch_size, precision=args.precision,
+                           tile=args.tile, overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                           overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
+                           dtype=args.dtype, dask=args.dask, split_above=args.split_above, progress=args.progress)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            traceback.print_exc()
+        print("error: interrupted; finished scenes are kept and no partial file is left: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
     print(text_in_flags(result.summary_text(), option_names(build_parser())), file=sys.stderr)
     return 0 if result.ok else 1
 

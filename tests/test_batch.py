@@ -214,6 +214,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
         time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
+    assert err.splitlines()[-1].endswith("rerun the same command to resume")
     assert hidden_files(out) == []
     assert not (out / "stars_L7_ETMs_canopy.tif").exists()
     rerun = cli(*args)
