@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("scene", nargs="+", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...); several "
                      "paths, a quoted glob ('scenes/*.tif') or @list.txt run a batch into the folder -o OUT_DIR/")
     seg.add_argument("--task", default="canopy", help="task to run (canopy)")
-    seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
+    seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene), or a "
+                     "folder OUT_DIR/ for a batch (one <scene>_<task>.tif each, resumable)")
     seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
     seg.add_argument("--vector", help="also write canopy polygons to this GeoPackage")

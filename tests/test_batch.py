@@ -94,6 +94,8 @@ def test_inputs_from_globs_paths_and_list_files(scenes, tmp_path):
     assert [p.name for p in got] == ["a_saltlake.tif", "c_naip.tif", "b_saltlake.tif"]
     with pytest.raises(UsageError, match="no file matches"):
         expand_inputs([str(scenes / "nothing_*.tif")])
+    with pytest.raises(UsageError, match="a batch reads files"):
+        expand_inputs(["https://example.com/scene.tif"])
 
 
 @pytest.mark.slow

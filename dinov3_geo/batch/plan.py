@@ -29,6 +29,9 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for item in items:
         for name in _names_in(str(item)):
+            if "://" in name or name.startswith("/vsi"):
+                raise UsageError(name, "a batch reads files (local or on a shared file system); run remote "
+                                       "scenes one at a time, or mount them")
             if GLOB_CHARS & set(name):
                 matches = sorted(glob.glob(os.path.expanduser(name), recursive=True))
                 if not matches:
