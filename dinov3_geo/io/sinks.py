@@ -401,14 +401,21 @@ class COGSink:
             ds.close()
 
     # -- end ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every row taken so far into the temporary file and wait for the writer threads
+        (raises their first error); what is left for :meth:`finalize` is the COG conversion."""
+        self._drain(final=True)
+        self._strip_worker.join()
+        if self._ovr_worker is not None:
+            self._ovr_worker.join()
+
     def finalize(self) -> None:
         """Finish the file: resample back if needed, convert to COG, move onto the target."""
         cog = None
         try:
             if self._ds is None:
                 self.open()
-            self._drain(final=True)
-            self._strip_worker.join()
+            self.flush()
             if self._next_row < self.scene.height:
                 raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
             if self.colormap:
