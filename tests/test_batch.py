@@ -79,11 +79,12 @@ def reference(scenes, weights, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dask_cluster():
-    """One local Dask cluster for the module: two worker processes, one thread each."""
+    """One local Dask cluster for the module: two worker processes, one thread each, declaring a
+    ``GPU`` resource as GPU workers do (so every scene and band takes one; the model runs on the CPU)."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
         yield cluster
 
 
