@@ -38,9 +38,7 @@ def local_workers(target: str) -> int:
     """Worker processes for ``local[:N]``: N, else one per GPU, else 2."""
     if ":" in target:
         return int(target.split(":", 1)[1])
-    import torch
-
-    return torch.cuda.device_count() or 2
+    return _local_gpu_count() or 2
 
 
 @contextlib.contextmanager
@@ -70,6 +68,13 @@ def _local_gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def dashboard_link(client) -> Optional[str]:
+    """The scheduler's dashboard address, or None when it serves none."""
+    if "dashboard" not in (client.scheduler_info().get("services") or {}):
+        return None
+    return client.dashboard_link
 
 
 def uses_gpus(client) -> bool:

@@ -82,10 +82,6 @@ class Grid:
     crs: Optional[str]
     transform: tuple[float, ...]
 
-    @property
-    def pixels(self) -> int:
-        return self.height * self.width
-
 
 def read_grid(path: Path) -> Grid:
     """The grid of ``path`` from its header; InputError naming the file when it cannot be opened."""

@@ -120,8 +120,9 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
             _run_in_process(jobs, options, report, lambda job, res: _record(job, res, recipe, outcomes, report))
         else:
             with cluster.open_client(target) as client:
-                dashboard = getattr(client, "dashboard_link", None)
-                report.say(f"Dask cluster {client.scheduler.address}, dashboard {dashboard}")
+                dashboard = cluster.dashboard_link(client)
+                report.say(f"Dask cluster {client.scheduler.address}"
+                           + (f", dashboard {dashboard}" if dashboard else " (no dashboard)"))
                 _run_on_cluster(client, jobs, options, report,
                                 lambda job, res: _record(job, res, recipe, outcomes, report))
     finally:                       # interrupted or not: no temporary file stays behind

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 
 from dinov3_geo.batch.plan import Band
 from dinov3_geo.errors import DinoGeoError, short_message
-from dinov3_geo.io.sinks import BLOCK, COGSink, atomic_output, bounded_gdal_cache
+from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.pipeline import DenseOutput
 
 #: The kind of each task's result; dtype comes from the job, band and class names from the model.
