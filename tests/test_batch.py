@@ -196,6 +196,10 @@ def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_pa
     assert [o.status for o in third.outcomes] == ["skipped", "skipped", "failed"]
     assert "not written by a dinov3geo job" in third.outcomes[2].reason
     assert (out / "c_naip_canopy.tif").read_bytes() == b"mine"
+    # other weights: every output of the job is redone
+    other = write_random_chmv2(tmp_path / "other", seed=1)
+    fourth = run_batch([str(folder / "*_saltlake.tif")], out, weights=other, progress=False, **FAST)
+    assert [o.status for o in fourth.outcomes] == ["done", "done"]
 
 
 @pytest.mark.slow
