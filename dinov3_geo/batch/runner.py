@@ -9,9 +9,6 @@ is reported and the others go on; the result says whether all succeeded.
 from __future__ import annotations
 
 import json
-import math
-import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -21,8 +18,9 @@ from typing import Callable, Optional, Sequence
 from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
+from dinov3_geo.batch.progress import JobProgress
 from dinov3_geo.batch.work import (TASK_KINDS, JobOptions, Runtime, UnitResult, assemble, guarded,
-                                   remove_band_files, remove_temporaries, unit_name, vector_path)
+                                   remove_band_files, remove_temporaries, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
 from dinov3_geo.io.tiling import ChipPlan, validate_tiling
 
@@ -113,7 +111,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     ours = _our_files(scenes, out_dir, task, vector)
     remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
     outcomes, jobs = _triage(scenes, out_dir, options, recipe, overwrite, split_above)
-    report = _Progress(jobs, outcomes, progress)
+    report = JobProgress(jobs, outcomes, progress)
     dashboard = None
     try:
         if target is None or not jobs:
@@ -239,7 +237,7 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
     return outcomes, jobs
 
 
-def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOutcome], report: "_Progress") -> None:
+def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOutcome], report: JobProgress) -> None:
     """Note a finished scene; a complete one gets its sidecar."""
     if res.ok:
         resume.write_sidecar(job.output, "complete", job.scene, recipe,
@@ -252,7 +250,7 @@ def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOu
 
 # -- executors ---------------------------------------------------------------------------------
 
-def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
+def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: JobProgress, done: Callable) -> None:
     """Scenes one after the other with one model loaded here (only if some scene needs it)."""
     try:
         runtime = Runtime(options) if jobs else None
@@ -301,7 +299,7 @@ def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult
     return guarded(runtime.band, scene, output, band, cluster.chip_events(plugin))
 
 
-def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: "_Progress", done: Callable) -> None:
+def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: JobProgress, done: Callable) -> None:
     """Every scene (or band) as a task; the model is loaded once per worker by a plugin."""
     from distributed import as_completed
 
@@ -371,58 +369,3 @@ def _write_summary(result: BatchResult, task: str) -> None:
     tmp = result.summary.with_name(f".{result.summary.name}.partial")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(result.summary)
-
-
-class _Progress:
-    """Job-wide progress on stderr: scenes and chips done, chips per second, time left. Chip counts
-    arrive per unit (scene or band) while it runs and when it ends; a line at least every
-    ``every`` seconds and whenever a scene ends."""
-
-    def __init__(self, jobs: list[SceneJob], outcomes: list[SceneOutcome], enabled: Optional[bool],
-                 every: float = 10.0):
-        self.enabled, self.every = enabled is not False, every
-        self.scenes_total = len(jobs)
-        self.chips_total = sum(j.chips for j in jobs)
-        self.scenes_done = 0
-        self.units: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self.t0 = self._last = time.perf_counter()
-        skipped = sum(o.status == "skipped" for o in outcomes)
-        failed = sum(o.status == "failed" for o in outcomes)
-        self.say(f"{len(jobs)} scene{'s' * (len(jobs) != 1)} to run ({self.chips_total} chips), "
-                 f"{skipped} complete already, {failed} unreadable")
-
-    def say(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def chips(self, unit: str, chips: int) -> None:
-        """``chips`` of ``unit`` are done (a running count: the largest one seen counts)."""
-        with self._lock:
-            self.units[unit] = max(self.units.get(unit, 0), int(chips))
-            due = time.perf_counter() - self._last >= self.every
-        if due:
-            self.say(self._status())
-
-    def band_finished(self, job: SceneJob, band: Band, res: UnitResult) -> None:
-        self.chips(unit_name(job.output, band), res.chips_total)
-        self.say(f"{self._status()} {job.output.name}: band {band.index + 1}/{band.count} "
-                 f"{'done' if res.ok else 'failed'}")
-
-    def scene_finished(self, job: SceneJob, outcome: SceneOutcome) -> None:
-        self.scenes_done += 1
-        if job.bands is None:
-            self.chips(unit_name(job.output), outcome.chips)
-        state = f"done in {outcome.seconds:.1f} s" if outcome.status == "done" else f"failed: {outcome.reason}"
-        self.say(f"{self._status()} {job.output.name}: {state}")
-
-    def _status(self) -> str:
-        with self._lock:
-            self._last = time.perf_counter()
-            done = sum(self.units.values())
-        elapsed = self._last - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (self.chips_total - done) / rate if rate > 0 else math.inf
-        eta = "?" if math.isinf(left) else f"{int(left // 60)}m{int(left % 60):02d}s"
-        return (f"[scenes {self.scenes_done}/{self.scenes_total}, chips {done}/{self.chips_total}, "
-                f"{rate:.2f} chips/s, {eta} left]")
