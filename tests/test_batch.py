@@ -200,6 +200,10 @@ def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_pa
     other = write_random_chmv2(tmp_path / "other", seed=1)
     fourth = run_batch([str(folder / "*_saltlake.tif")], out, weights=other, progress=False, **FAST)
     assert [o.status for o in fourth.outcomes] == ["done", "done"]
+    # outputs found by a glob over the output folder are not taken as scenes
+    fifth = run_batch([str(folder / "a_*.tif"), str(out / "*.tif")], out, weights=other, progress=False, **FAST)
+    assert [Path(o.scene).name for o in fifth.outcomes] == ["a_saltlake.tif", "c_naip_canopy.tif"]
+    assert fifth.outcomes[0].status == "skipped" and any("2 input(s) left out" in n for n in fifth.notes)
 
 
 @pytest.mark.slow

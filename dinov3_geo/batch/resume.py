@@ -68,8 +68,9 @@ def read_sidecar(output: Path) -> Optional[dict[str, Any]]:
 
 
 def is_ours(output: Path) -> bool:
-    """Whether ``output`` was (being) written by a job: it has a sidecar."""
-    return read_sidecar(output) is not None
+    """Whether ``output`` was (being) written by a job: it has our sidecar."""
+    record = read_sidecar(output)
+    return isinstance(record, dict) and "recipe" in record and "version" in record
 
 
 def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Grid,

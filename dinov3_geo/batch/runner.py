@@ -99,7 +99,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     t0 = time.perf_counter()
     _validate(task, tile, overlap, batch_size, split_above, dtype)
     target = cluster.dask_target(dask)
-    scenes = expand_inputs(inputs)
+    scenes, outputs_given = _not_outputs(expand_inputs(inputs))
     out_dir = _output_folder(out_dir)
     check_distinct_outputs(scenes, out_dir, task)
     vector = _check_vector(vector, out_dir / f"summary_{task}.json", overwrite)
@@ -126,10 +126,21 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     finally:                       # interrupted or not: no temporary file stays behind
         remove_temporaries(out_dir, ours)
     result = BatchResult(_in_input_order(outcomes, scenes), out_dir / f"summary_{task}.json", dashboard=dashboard)
+    if outputs_given:
+        result.notes.append(f"{outputs_given} input(s) left out: outputs of a dinov3geo job (a glob over the output folder?)")
     _combined_products(result, out_dir, task, vector, overwrite)
     result.seconds = time.perf_counter() - t0
     _write_summary(result, task)
     return result
+
+
+def _not_outputs(scenes: list[Path]) -> tuple[list[Path], int]:
+    """The scenes that are not outputs of a job (a glob over the output folder would find those),
+    and how many were left out. UsageError when none is left."""
+    kept = [s for s in scenes if not resume.is_ours(s)]
+    if not kept:
+        raise UsageError("scene", "every input is an output of a dinov3geo job")
+    return kept, len(scenes) - len(kept)
 
 
 def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Path]) -> set[str]:
