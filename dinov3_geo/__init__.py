@@ -31,7 +31,7 @@ _EXPORTS = {
     "TaskModel": "dinov3_geo.tasks",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
-    "DinoGeoWarning": "dinov3_geo.api",
+    "DinoGeoWarning": "dinov3_geo.errors",
     "SegmentResult": "dinov3_geo.api",
 }
 

@@ -22,6 +22,7 @@ from dinov3_geo.batch.progress import JobProgress
 from dinov3_geo.batch.work import (TASK_KINDS, JobOptions, Runtime, UnitResult, assemble, guarded,
                                    remove_band_files, remove_temporaries, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
+from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan, validate_tiling
 
 
@@ -83,7 +84,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
               precision: str = "auto", tile: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
               gsd: Optional[float] = None, scale: Optional[tuple[float, float]] = None, overwrite: bool = False,
               compile: bool = False, verify: bool = True, readers: Optional[int] = None, dtype: str = "float32",
-              dask: Optional[str] = None, split_above: Optional[int] = None,
+              max_upsample: Optional[float] = MAX_UPSAMPLE, dask: Optional[str] = None, split_above: Optional[int] = None,
               progress: Optional[bool] = None) -> BatchResult:
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
 
@@ -106,7 +107,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     weights, backbone_weights = _resolve_weights(task, weights, backbone_weights)
     options = JobOptions(task, weights, backbone_weights, device, precision, int(batch_size), tile, overlap,
                          tuple(bands) if bands else None, tuple(scale) if scale else None, gsd, min_height,
-                         dtype, vector is not None, compile, verify, readers)
+                         dtype, vector is not None, compile, verify, readers, max_upsample=max_upsample)
     recipe = _recipe(options)
     ours = _our_files(scenes, out_dir, task, vector)
     remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
@@ -126,6 +127,10 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     finally:                       # interrupted or not: no temporary file stays behind
         remove_temporaries(out_dir, ours)
     result = BatchResult(_in_input_order(outcomes, scenes), out_dir / f"summary_{task}.json", dashboard=dashboard)
+    if options.weights == "demo":
+        from dinov3_geo.models.demo import DEMO_NOTE
+
+        result.notes.append(DEMO_NOTE)
     if outputs_given:
         result.notes.append(f"{outputs_given} input(s) left out: outputs of a dinov3geo job (a glob over the output folder?)")
     _combined_products(result, out_dir, task, vector, overwrite)
@@ -197,9 +202,13 @@ def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
 
 
 def _resolve_weights(task: str, weights, backbone_weights) -> tuple[str, Optional[str]]:
-    """Absolute paths (workers may run elsewhere in the folder tree); missing ones fail here, once."""
+    """Absolute paths (workers may run elsewhere in the folder tree), or ``demo``; missing files fail
+    here, once."""
     from dinov3_geo.api import _find_chmv2
+    from dinov3_geo.models.demo import is_demo
 
+    if is_demo(weights):
+        return weights, None
     weights = Path(weights) if weights is not None else _find_chmv2()
     for path in (weights, backbone_weights):
         if path is not None and not Path(path).exists():
@@ -210,8 +219,8 @@ def _resolve_weights(task: str, weights, backbone_weights) -> tuple[str, Optiona
 def _recipe(options: JobOptions) -> dict:
     """What decides an output's values: the weights' hashes and the options (resume compares it)."""
     recipe = {k: getattr(options, k) for k in ("task", "precision", "tile", "overlap", "bands", "scale", "gsd",
-                                               "dtype")}
-    recipe["weights_sha256"] = resume.weights_hash(options.weights)
+                                               "dtype")}     # max_upsample allows runs, changes no value
+    recipe["weights_sha256"] = resume.weights_hash(options.weights) if options.weights != "demo" else "demo"
     recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
     if options.vector:
         recipe["min_height"] = options.min_height

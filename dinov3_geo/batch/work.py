@@ -25,6 +25,7 @@ from rasterio.windows import Window
 
 from dinov3_geo.batch.plan import Band
 from dinov3_geo.errors import DinoGeoError, short_message
+from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.pipeline import DenseOutput
 
@@ -57,9 +58,11 @@ class JobOptions:
     verify: bool = True
     readers: Optional[int] = None
     torch_threads: Optional[int] = None
+    max_upsample: Optional[float] = MAX_UPSAMPLE
 
     def scene_kwargs(self) -> dict[str, Any]:
-        return dict(bands=list(self.bands) if self.bands else None, scale=self.scale, gsd=self.gsd)
+        return dict(bands=list(self.bands) if self.bands else None, scale=self.scale, gsd=self.gsd,
+                    max_upsample=self.max_upsample)
 
 
 @dataclass
