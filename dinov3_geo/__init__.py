@@ -4,6 +4,7 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 
 - ``load_backbone(weights, device=..., dtype=...)``: a DINOv3 ViT from Meta ``.pth``, HF folder or timm file.
 - ``segment(scene, task="canopy", ...)``: run a dense task over a raster, write a COG (and GeoPackage).
+- ``run_batch(["scenes/*.tif"], "out/", task="canopy", dask="local:2")``: many scenes, resumable, on Dask.
 - ``predict(scene, model, output, ...)``: any dense model over a raster into a COG (the one pipeline).
 - ``ChipPlan``, ``RunSettings``, ``run_chips``: the pipeline's parts, for other consumers of chips.
 """
@@ -20,6 +21,8 @@ _EXPORTS = {
     "Backbone": "dinov3_geo.models.backbone",
     "resolve_weights": "dinov3_geo.models.weights",
     "segment": "dinov3_geo.api",
+    "run_batch": "dinov3_geo.batch",
+    "BatchResult": "dinov3_geo.batch",
     "predict": "dinov3_geo.pipeline",
     "PredictResult": "dinov3_geo.pipeline",
     "ChipPlan": "dinov3_geo.pipeline",

@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     seg = sub.add_parser("segment", help="dense prediction over a scene (canopy height) into a COG",
                          description="Run a dense task over a raster; write a COG on the same grid.")
-    seg.add_argument("scene", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...)")
+    seg.add_argument("scene", nargs="+", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...); several "
+                     "paths, a quoted glob ('scenes/*.tif') or @list.txt run a batch into the folder -o OUT_DIR/")
     seg.add_argument("--task", default="canopy", help="task to run (canopy)")
-    seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
+    seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene), or a "
+                     "folder OUT_DIR/ for a batch (one <scene>_<task>.tif each, resumable)")
     seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth; 'demo': a small random "
                      "model built in memory (meaningless heights, to try the tool)")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="progress bar (default: only on a terminal)")
     seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
                      "command line win")
+    add_batch_options(seg)
     for p in (parser, seg, *add_head_commands(sub)):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -274,6 +277,49 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
     return names | {"verify", "verify=False"}
 
 
+def add_batch_options(seg: argparse.ArgumentParser) -> None:
+    """Options of the batch path (many scenes into a folder, optionally on a Dask cluster)."""
+    seg.add_argument("--dask", help="batch on Dask: local[:N] (a local cluster of N worker processes) or a "
+                     "scheduler address such as tcp://host:8786 (default: $DASK_SCHEDULER_ADDRESS, else in-process)")
+    seg.add_argument("--split-above", type=int, metavar="PIXELS",
+                     help="batch: split scenes of more pixels into row bands run by different workers")
+
+
+def is_batch(args: argparse.Namespace) -> bool:
+    """Many scenes, a glob or @list, an output folder, or a Dask option: the batch path."""
+    from .batch.plan import GLOB_CHARS
+
+    out = args.output
+    folder = out is not None and (out.endswith(("/", os.sep)) or os.path.isdir(out))
+    named = any(s.startswith("@") or GLOB_CHARS & set(s) for s in args.scene)
+    return len(args.scene) > 1 or named or folder or bool(args.dask or args.split_above)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """``segment`` over many scenes into the folder ``-o``: one library call; exit 1 if any failed."""
+    from .batch import run_batch
+
+    if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
+                               and os.path.splitext(args.output)[1]):
+        raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
+    try:
+        result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
+                           backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                           device=args.device, batch_size=args.batch_size, precision=args.precision,
+                           tile=args.tile, overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
+                           overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
+                           dtype=args.dtype, max_upsample=args.max_upsample, dask=args.dask,
+                           split_above=args.split_above, progress=args.progress)
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            traceback.print_exc()
+        print("error: interrupted; finished scenes are kept and no partial file is left: rerun the same "
+              "command to resume", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    print(text_in_flags(result.summary_text(), option_names(build_parser())), file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 @contextlib.contextmanager
 def _own_warnings_only() -> Iterator[None]:
     """Inside the command: our warnings as ``warning: ...`` lines, the libraries' warnings (torch's
@@ -290,7 +336,7 @@ def run_segment_head(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise UsageError("output", "give the class raster to write")
-    result = segment_with_head(args.scene, args.head, args.output, vector=args.vector, backbone=args.backbone,
+    result = segment_with_head(args.scene[0], args.head, args.output, vector=args.vector, backbone=args.backbone,
                                tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
                                precision=args.precision, bands=args.bands, scale=args.scale,
                                overwrite=args.overwrite, progress=args.progress, verify=not args.no_verify)
@@ -310,12 +356,16 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    if is_batch(args):
+        if args.head is not None:
+            raise UsageError("--head", "a segmentation head runs on one scene at a time; batches run --task")
+        return run_batch_command(args)
     if args.head is not None:
         return run_segment_head(args)
 
     from .api import segment
 
-    result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
+    result = segment(args.scene[0], task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,

@@ -75,6 +75,14 @@ class DenseOutput:
         """``sink`` itself, or for uint16 a wrapper that rounds blended rows to ``quantum`` steps."""
         return _Quantised(sink, self.quantum) if self.dtype == "uint16" and self.kind == "continuous" else sink
 
+    def cog_sink(self, output: PathLike, scene, channels: int, overwrite: bool = False) -> COGSink:
+        """The COG writer of a result with ``channels`` model outputs on ``scene``'s grid (its rows
+        go through :meth:`encoder`)."""
+        return COGSink(output, scene, count=1 if self.kind == "classes" else channels, dtype=self.sink_dtype(),
+                       nodata=self.nodata(), colormap=self.colormap, overwrite=overwrite,
+                       band_descriptions=self.descriptions(channels), tags=self.tags(channels),
+                       scales=self.scales(channels), nbits=16 if self.dtype == "float16" else None)
+
     def descriptions(self, channels: int) -> Optional[list[str]]:
         """Band descriptions of the file: the band names (continuous) or nothing (classes: the
         class names go into the file's metadata)."""
@@ -170,11 +178,7 @@ def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPl
     channels = info.channels or output_channels(model, plan.tile, settings, mean, std)
     if spec.kind == "classes" and channels > CLASS_NODATA:
         raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
-    count = 1 if spec.kind == "classes" else channels
-    with COGSink(output, scene, count=count, dtype=spec.sink_dtype(), nodata=spec.nodata(),
-                 colormap=spec.colormap, overwrite=overwrite, band_descriptions=spec.descriptions(channels),
-                 tags=spec.tags(channels), scales=spec.scales(channels),
-                 nbits=16 if spec.dtype == "float16" else None) as sink:
+    with spec.cog_sink(output, scene, channels, overwrite=overwrite) as sink:
         stitcher = StreamingStitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
         stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, mean=mean, std=std)
         last_chip = time.perf_counter()

@@ -1,0 +1,139 @@
+"""What a batch job is made of: the input scenes, their outputs, and the row bands of huge scenes.
+
+Inputs are glob patterns, paths, or ``@list.txt`` files (one path or pattern a line, ``#`` comments).
+Each scene's output lies in the output folder under the scene's name with the task as suffix
+(``a.tif`` -> ``a_canopy.tif``). A scene of more than ``split_above`` pixels is cut into row bands
+that own disjoint output rows and read one chip row more on each side (see :func:`plan_bands`).
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dinov3_geo.errors import InputError, UsageError
+from dinov3_geo.io.tiling import axis_starts
+
+GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """The scene paths named by ``items`` (globs, paths, ``@list.txt``), in order, without repeats.
+
+    A pattern that matches nothing, or a list file that cannot be read, is a :class:`UsageError`
+    naming it; a plain path is passed on as it is (a missing file fails as that scene's input)."""
+    paths: list[Path] = []
+    for item in items:
+        for name in _names_in(str(item)):
+            if "://" in name or name.startswith("/vsi"):
+                raise UsageError(name, "a batch reads files (local or on a shared file system); run remote "
+                                       "scenes one at a time, or mount them")
+            if GLOB_CHARS & set(name):
+                matches = sorted(glob.glob(os.path.expanduser(name), recursive=True))
+                if not matches:
+                    raise UsageError(name, "no file matches this pattern")
+                paths.extend(Path(m) for m in matches if not Path(m).is_dir())
+            else:
+                paths.append(Path(os.path.expanduser(name)))
+    unique = list(dict.fromkeys(p.absolute() for p in paths))
+    if not unique:
+        raise UsageError("scenes", "no input scene given")
+    return unique
+
+
+def _names_in(item: str) -> list[str]:
+    """``[item]``, or the lines of the list file when ``item`` is ``@FILE`` (relative lines are
+    taken from the list file's folder)."""
+    if not item.startswith("@"):
+        return [item]
+    path = Path(item[1:])
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(path, f"cannot read the list of scenes ({exc.strerror})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return [n if os.path.isabs(os.path.expanduser(n)) else str(path.parent / n) for n in names]
+
+
+def output_for(scene: Path, out_dir: Path, task: str) -> Path:
+    """``OUT_DIR/<scene stem>_<task>.tif``."""
+    return out_dir / f"{scene.stem}_{task}.tif"
+
+
+def check_distinct_outputs(scenes: Sequence[Path], out_dir: Path, task: str) -> None:
+    """UsageError when two scenes (same name in different folders) would write the same output."""
+    counts = Counter(output_for(s, out_dir, task) for s in scenes)
+    clash = [str(p) for p, n in counts.items() if n > 1]
+    if clash:
+        raise UsageError("scenes", f"several scenes would write {clash[0]} (scenes with the same file name "
+                                   "in different folders): run them into different output folders")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The input grid of a scene as the client sees it (no pixels read)."""
+
+    height: int
+    width: int
+    crs: Optional[str]
+    transform: tuple[float, ...]
+
+
+def read_grid(path: Path) -> Grid:
+    """The grid of ``path`` from its header; InputError naming the file when it cannot be opened."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from dinov3_geo.errors import short_message
+
+    if not os.path.exists(path) and "://" not in str(path) and not str(path).startswith("/vsi"):
+        raise InputError(path, "no such file")
+    try:
+        with rasterio.open(path) as ds:
+            return Grid(ds.height, ds.width, ds.crs.to_string() if ds.crs else None, tuple(ds.transform)[:6])
+    except RasterioError as exc:
+        raise InputError(path, f"not a readable raster ({short_message(exc)})") from None
+
+
+@dataclass(frozen=True)
+class Band:
+    """Rows ``[own_start, own_stop)`` of the output, computed from the working-grid rows
+    ``[read_start, read_stop)`` (whole chips: one chip row more on each side where there is one)."""
+
+    index: int
+    count: int
+    own_start: int
+    own_stop: int
+    read_start: int
+    read_stop: int
+
+
+def band_count(height: int, width: int, tile: int, overlap: int, split_above: Optional[int]) -> int:
+    """How many row bands a ``height`` x ``width`` grid is cut into: enough that each owns at most
+    ``split_above`` pixels, at most one per chip row; 1 when not split."""
+    if not split_above or height * width <= split_above:
+        return 1
+    rows = len(axis_starts(height, tile, overlap))
+    return max(1, min(rows, math.ceil(height * width / split_above)))
+
+
+def plan_bands(height: int, width: int, tile: int, overlap: int, count: int) -> list[Band]:
+    """``count`` row bands over a grid: band k owns rows ``[k*H//n, (k+1)*H//n)`` and reads every
+    chip row that touches them.
+
+    The chip rows a band reads start on the scene's chip grid and end on a chip's end, so the
+    band's own chip grid is exactly those chips of the scene's grid, and their blend weights over
+    the owned rows are the scene's: the owned rows come out equal to the unsplit run.
+    """
+    starts = axis_starts(height, tile, overlap)
+    th = min(tile, height)
+    bands = []
+    for k in range(count):
+        own_start, own_stop = k * height // count, (k + 1) * height // count
+        touching = [r for r in starts if r < own_stop and r + th > own_start]
+        bands.append(Band(k, count, own_start, own_stop, touching[0], touching[-1] + th))
+    return bands

@@ -1,0 +1,118 @@
+"""Resuming a job: a small JSON sidecar beside each output says how it was made.
+
+``<output>.json`` records the input's size and modification time, the weights' SHA-256, the
+options that change values, and the output's own size and modification time. An output is
+complete when its sidecar says so, every record still matches, and the file is a valid COG on the
+input's grid; anything else is redone. A sidecar in state ``running`` is written before a scene
+starts, so an output left by an interrupted run is known to be ours and replaced, while a file of
+the user's without a sidecar is never overwritten (unless ``overwrite``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from dinov3_geo.batch.plan import Grid
+
+SIDECAR_VERSION = 1
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".json")
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    """Size and modification time (ns) of ``path``."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_hash(path: Optional[os.PathLike]) -> Optional[str]:
+    """SHA-256 of a weights file, or of a folder's files (names and contents, in name order)."""
+    if path is None:
+        return None
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(16 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_sidecar(output: Path, state: str, scene: Path, recipe: dict[str, Any],
+                  extra: Optional[dict[str, Any]] = None) -> None:
+    """Write ``<output>.json`` atomically (state ``running`` or ``complete``)."""
+    record = {"version": SIDECAR_VERSION, "state": state, "input": {"path": str(scene), **file_stamp(scene)},
+              "recipe": recipe}
+    if state == "complete":
+        record["output"] = file_stamp(output)
+    record.update(extra or {})
+    path = sidecar_path(output)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_sidecar(output: Path) -> Optional[dict[str, Any]]:
+    """The sidecar's record, or None when there is none or it cannot be parsed."""
+    try:
+        return json.loads(sidecar_path(output).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_ours(output: Path) -> bool:
+    """Whether ``output`` was (being) written by a job: it has our sidecar."""
+    record = read_sidecar(output)
+    return isinstance(record, dict) and "recipe" in record and "version" in record
+
+
+def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Grid,
+                     extra_files: tuple[Path, ...] = ()) -> Optional[str]:
+    """None when ``output`` is complete for this scene and recipe, else the reason in a few words."""
+    record = read_sidecar(output)
+    if not output.exists():
+        return "no output yet"
+    if record is None:
+        return "no sidecar"
+    if record.get("version") != SIDECAR_VERSION or record.get("state") != "complete":
+        return "left unfinished by an earlier run"
+    try:
+        if {k: record["input"][k] for k in ("size", "mtime_ns")} != file_stamp(scene):
+            return "the input changed"
+        if record.get("recipe") != json.loads(json.dumps(recipe, default=str)):
+            return "the weights or options changed"
+        if record["output"] != file_stamp(output):
+            return "the output changed since it was written"
+    except (KeyError, TypeError, OSError):
+        return "sidecar incomplete"
+    missing = [p for p in extra_files if not p.exists()]
+    if missing:
+        return f"{missing[0].name} is missing"
+    return cog_problem(output, grid)
+
+
+def cog_problem(output: Path, grid: Grid) -> Optional[str]:
+    """None when ``output`` is a COG on ``grid`` whose last block reads, else what is wrong."""
+    import rasterio
+    from rasterio.errors import RasterioError
+    from rasterio.windows import Window
+
+    try:
+        with rasterio.open(output) as ds:
+            if ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") != "COG":
+                return "not a COG"
+            crs = ds.crs.to_string() if ds.crs else None
+            if (ds.height, ds.width, crs) != (grid.height, grid.width, grid.crs) or \
+                    not all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(tuple(ds.transform)[:6], grid.transform)):
+                return "not on the input's grid"
+            ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
+    except RasterioError as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:80]})"
+    return None

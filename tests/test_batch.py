@@ -1,0 +1,249 @@
+"""``dinov3geo segment`` over many scenes: in-process and on a local Dask cluster, split scenes,
+failures, interruption and resume. Real scene crops, a tiny random CHMv2, outputs compared as files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window, from_bounds
+
+from dinov3_geo.batch import expand_inputs, run_batch
+from dinov3_geo.errors import UsageError
+from dinov3_geo.testing.random_chmv2 import write_random_chmv2
+
+SAMPLES = Path(__file__).parents[1] / "data_samples"
+CROPS = {   # name: (sample, window); two of them side by side on the Salt Lake grid
+    "a_saltlake": ("landsat7_saltlake_truecolor_utm12n.tif", Window(200, 300, 300, 260)),
+    "b_saltlake": ("landsat7_saltlake_truecolor_utm12n.tif", Window(500, 300, 280, 300)),
+    "c_naip": ("opengeos_naip_m_4709963_se_14_1_20200831.tif", Window(100, 100, 300, 290)),
+}
+FAST = dict(tile=128, overlap=32, device="cpu")
+FAST_ARGS = ["--tile", "128", "--overlap", "32", "--device", "cpu"]
+
+
+def cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def crop(sample: str, window: Window, out: Path) -> Path:
+    with rasterio.open(SAMPLES / sample) as src:
+        data = src.read(window=window)
+        profile = src.profile | dict(width=window.width, height=window.height,
+                                     transform=src.window_transform(window))
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out
+
+
+def read(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def hidden_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return write_random_chmv2(tmp_path_factory.mktemp("model") / "chmv2")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes")
+    for name, (sample, window) in CROPS.items():
+        crop(sample, window, folder / f"{name}.tif")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(scenes, weights, tmp_path_factory) -> Path:
+    """Every scene run in this process, one after the other, without Dask."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_batch([str(scenes / "*.tif")], out, weights=weights, progress=False, **FAST)
+    assert [o.status for o in result.outcomes] == ["done"] * len(CROPS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """One local Dask cluster for the module: two worker processes, one thread each, declaring a
+    ``GPU`` resource as GPU workers do (so every scene and band takes one; the model runs on the CPU)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                      dashboard_address=None) as cluster:
+        yield cluster
+
+
+def test_inputs_from_globs_paths_and_list_files(scenes, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# scenes\n{scenes / 'a_saltlake.tif'}\n\n{scenes / 'c_*.tif'}\n")
+    got = expand_inputs([f"@{listing}", str(scenes / "b_saltlake.tif"), str(scenes / "a_saltlake.tif")])
+    assert [p.name for p in got] == ["a_saltlake.tif", "c_naip.tif", "b_saltlake.tif"]
+    with pytest.raises(UsageError, match="no file matches"):
+        expand_inputs([str(scenes / "nothing_*.tif")])
+    with pytest.raises(UsageError, match="a batch reads files"):
+        expand_inputs(["https://example.com/scene.tif"])
+
+
+@pytest.mark.slow
+def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_cluster, tmp_path):
+    """The command on a two-worker cluster ($DASK_SCHEDULER_ADDRESS): every output identical to the
+    run without Dask, a VRT mosaic, one GeoPackage layer with a scene column, a JSON summary."""
+    out = tmp_path / "out"
+    run = cli("segment", scenes / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS,
+              "--vector", tmp_path / "all.gpkg", env={"DASK_SCHEDULER_ADDRESS": dask_cluster.scheduler_address})
+    assert run.returncode == 0, run.stderr
+    assert "3 done, 0 skipped (complete), 0 failed" in run.stderr
+    assert "chips/s" in run.stderr and "left]" in run.stderr       # job-wide progress
+    for name in CROPS:
+        np.testing.assert_array_equal(read(out / f"{name}_canopy.tif"), read(reference / f"{name}_canopy.tif"))
+    summary = json.loads((out / "summary_canopy.json").read_text())
+    assert sorted(Path(d["scene"]).name for d in summary["done"]) == sorted(f"{n}.tif" for n in CROPS)
+    assert summary["failed"] == [] and summary["skipped"] == []
+    # one mosaic per CRS: both Salt Lake crops in place in the first, the NAIP crop in its own
+    for vrt, name in (("mosaic_canopy.vrt", "b_saltlake"), ("mosaic_canopy_EPSG-26914.vrt", "c_naip")):
+        with rasterio.open(out / vrt) as mosaic, rasterio.open(out / f"{name}_canopy.tif") as part:
+            window = from_bounds(*part.bounds, transform=mosaic.transform).round_offsets().round_lengths()
+            np.testing.assert_array_equal(mosaic.read(1, window=window), part.read(1))
+    assert summary["mosaics"] == [str(out / "mosaic_canopy.vrt"), str(out / "mosaic_canopy_EPSG-26914.vrt")]
+    polygons = gpd.read_file(tmp_path / "all.gpkg", layer="canopy")
+    per_scene = {n: len(gpd.read_file(out / f"{n}_canopy.gpkg", layer="canopy")) for n in CROPS}
+    assert polygons.groupby("scene").size().to_dict() == {f"{n}.tif": k for n, k in per_scene.items() if k}
+    assert hidden_files(out) == []
+
+
+@pytest.mark.slow
+def test_split_scene_equals_unsplit_run(scenes, weights, dask_cluster, tmp_path):
+    """A scene cut into row bands on two workers, assembled into one COG equal to the unsplit run.
+
+    At batch size 1 both runs give each chip to the model alone, so the values are bitwise equal;
+    at larger batches the chips meet the model in other batch compositions (float rounding only)."""
+    scene = [str(scenes / "a_saltlake.tif")]
+    whole = run_batch(scene, tmp_path / "whole", weights=weights, batch_size=1, progress=False, **FAST)
+    split = run_batch(scene, tmp_path / "split", weights=weights, batch_size=1, progress=False,
+                      dask=dask_cluster.scheduler_address, split_above=300 * 80, **FAST)
+    assert whole.ok and split.ok and split.outcomes[0].bands == 3
+    a, b = read(whole.outcomes[0].output), read(split.outcomes[0].output)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert hidden_files(tmp_path / "split") == []
+    batched = run_batch(scene, tmp_path / "batched", weights=weights, batch_size=4, progress=False,
+                        dask=dask_cluster.scheduler_address, split_above=300 * 80, **FAST)
+    np.testing.assert_allclose(read(batched.outcomes[0].output), a, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_damaged_scene_fails_alone_and_rerun_skips_complete(scenes, weights, reference, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(scenes, folder)
+    good = (scenes / "a_saltlake.tif").read_bytes()
+    (folder / "b_saltlake.tif").write_bytes(good[:len(good) // 3])        # a truncated download
+    out = tmp_path / "out"
+    first = cli("segment", folder / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS)
+    assert first.returncode == 1
+    assert f"failed: {folder / 'b_saltlake.tif'}:" in first.stderr
+    assert "Traceback" not in first.stderr
+    for name in ("a_saltlake", "c_naip"):
+        np.testing.assert_array_equal(read(out / f"{name}_canopy.tif"), read(reference / f"{name}_canopy.tif"))
+    assert not (out / "b_saltlake_canopy.tif").exists() and hidden_files(out) == []
+    summary = json.loads((out / "summary_canopy.json").read_text())
+    assert [Path(f["scene"]).name for f in summary["failed"]] == ["b_saltlake.tif"]
+    assert "\n" not in summary["failed"][0]["reason"]
+
+    shutil.copy(scenes / "b_saltlake.tif", folder / "b_saltlake.tif")    # the file is fixed: rerun
+    second = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    assert {Path(o.scene).name: o.status for o in second.outcomes} == {
+        "a_saltlake.tif": "skipped", "b_saltlake.tif": "done", "c_naip.tif": "skipped"}
+    np.testing.assert_array_equal(read(out / "b_saltlake_canopy.tif"), read(reference / "b_saltlake_canopy.tif"))
+
+
+@pytest.mark.slow
+def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(scenes, folder)
+    out = tmp_path / "out"
+    assert run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST).ok
+    os.utime(folder / "a_saltlake.tif")                                 # the input changed
+    leftovers = [".a_saltlake_canopy.tif.partial-x1y2.tif", ".c_naip_canopy.tif.band-0001-of-0003.tif",
+                 ".mosaic_canopy.vrt.partial-k3.vrt"]                  # as a killed run leaves them
+    for name in leftovers:
+        (out / name).write_bytes(b"")
+    with rasterio.open(out / "b_saltlake_canopy.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:  # edited
+        ds.write(np.zeros((1, ds.height, ds.width), np.float32))
+    again = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    assert [o.status for o in again.outcomes] == ["done", "done", "skipped"]
+    assert np.nanmax(read(out / "b_saltlake_canopy.tif")) > 0
+    assert hidden_files(out) == []
+    # a file of the user's at an output path, without a sidecar, is never replaced
+    (out / "c_naip_canopy.tif").unlink()
+    (out / "c_naip_canopy.tif.json").unlink()
+    (out / "c_naip_canopy.tif").write_bytes(b"mine")
+    third = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    assert [o.status for o in third.outcomes] == ["skipped", "skipped", "failed"]
+    assert "not written by a dinov3geo job" in third.outcomes[2].reason
+    assert (out / "c_naip_canopy.tif").read_bytes() == b"mine"
+    # other weights: every output of the job is redone
+    other = write_random_chmv2(tmp_path / "other", seed=1)
+    fourth = run_batch([str(folder / "*_saltlake.tif")], out, weights=other, progress=False, **FAST)
+    assert [o.status for o in fourth.outcomes] == ["done", "done"]
+    # outputs found by a glob over the output folder are not taken as scenes
+    fifth = run_batch([str(folder / "a_*.tif"), str(out / "*.tif")], out, weights=other, progress=False, **FAST)
+    assert [Path(o.scene).name for o in fifth.outcomes] == ["a_saltlake.tif", "c_naip_canopy.tif"]
+    assert fifth.outcomes[0].status == "skipped" and any("2 input(s) left out" in n for n in fifth.notes)
+
+
+@pytest.mark.slow
+def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp_path):
+    """SIGTERM once the first scene is complete; the rerun skips it, does the rest, leaves nothing partial."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for sample in sorted(SAMPLES.glob("*.tif")):
+        shutil.copy(sample, folder / sample.name)
+    out = tmp_path / "out"
+    args = ["segment", folder / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    first = out / "landsat7_saltlake_truecolor_utm12n_canopy.tif.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if first.exists() and json.loads(first.read_text())["state"] == "complete":
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1].endswith("rerun the same command to resume")
+    assert hidden_files(out) == []
+    assert not (out / "stars_L7_ETMs_canopy.tif").exists()
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((out / "summary_canopy.json").read_text())
+    assert [Path(s["scene"]).name for s in summary["skipped"]] == [first.name[:-len("_canopy.tif.json")] + ".tif"]
+    assert len(summary["done"]) == 3
+    assert hidden_files(out) == []
+
+
+def test_batch_usage_errors_name_the_flag(scenes, weights, tmp_path, capsys):
+    from dinov3_geo.cli import main
+
+    assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif")]) == 2
+    assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--dask", "cluster"]) == 2
+    assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--split-above", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/",
+                   "error: --dask: expected local, local:N or a scheduler address such as tcp://host:8786, "
+                   "got 'cluster'",
+                   "error: --split-above: must be a positive number of pixels, got 0"]
