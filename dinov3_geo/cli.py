@@ -164,9 +164,11 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     _add_training_options(seg)
     clf = sub.add_parser("classify", help="classify every chip of a scene with a probe into a GeoPackage",
                          description="One polygon per chip with the class, its probability and every class's.")
-    clf.add_argument("scene", help="input raster")
+    clf.add_argument("scene", nargs="+", help="input raster; several paths, a quoted glob ('scenes/*.tif') or "
+                     "@list.txt run a batch into the folder -o OUT_DIR/")
     clf.add_argument("--head", required=True, help="a probe head file from 'dinov3geo train classify'")
-    clf.add_argument("-o", "--output", required=True, help="GeoPackage to write (layer 'chips')")
+    clf.add_argument("-o", "--output", required=True, help="GeoPackage to write (layer 'chips'), or a folder "
+                     "OUT_DIR/ for a batch (one <scene>_chips.gpkg each, all in mosaic_classify.gpkg; resumable)")
     clf.add_argument("--backbone", help="backbone (default: the one the head file names)")
     clf.add_argument("--tile", type=int, help="chip size in px (default: the probe's training chip size)")
     clf.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
@@ -178,6 +180,7 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     clf.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
     clf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only on a terminal)")
+    add_batch_options(clf, split=False)
     ev = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate frozen-backbone heads.")
     esub = ev.add_subparsers(dest="eval_suite", parser_class=_Parser, metavar="SUITE")
     esub.required = True
@@ -277,12 +280,14 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
     return names | {"verify", "verify=False"}
 
 
-def add_batch_options(seg: argparse.ArgumentParser) -> None:
-    """Options of the batch path (many scenes into a folder, optionally on a Dask cluster)."""
+def add_batch_options(seg: argparse.ArgumentParser, split: bool = True) -> None:
+    """Options of the batch path (many scenes into a folder, optionally on a Dask cluster); ``split``:
+    the command's outputs are rasters that can be cut into row bands."""
     seg.add_argument("--dask", help="batch on Dask: local[:N] (a local cluster of N worker processes) or a "
                      "scheduler address such as tcp://host:8786 (default: $DASK_SCHEDULER_ADDRESS, else in-process)")
-    seg.add_argument("--split-above", type=int, metavar="PIXELS",
-                     help="batch: split scenes of more pixels into row bands run by different workers")
+    if split:
+        seg.add_argument("--split-above", type=int, metavar="PIXELS",
+                         help="batch: split scenes of more pixels into row bands run by different workers")
 
 
 def is_batch(args: argparse.Namespace) -> bool:
@@ -292,24 +297,34 @@ def is_batch(args: argparse.Namespace) -> bool:
     out = args.output
     folder = out is not None and (out.endswith(("/", os.sep)) or os.path.isdir(out))
     named = any(s.startswith("@") or GLOB_CHARS & set(s) for s in args.scene)
-    return len(args.scene) > 1 or named or folder or bool(args.dask or args.split_above)
+    return len(args.scene) > 1 or named or folder or bool(args.dask or getattr(args, "split_above", None))
+
+
+def batch_options(args: argparse.Namespace) -> dict:
+    """The batch's task and options from ``segment`` (``--task``, or ``--head``: the segment task) or
+    ``classify`` arguments."""
+    if args.command == "classify":
+        return dict(task="classify", head=args.head, backbone=args.backbone, tile=args.tile)
+    task = "segment" if args.head is not None else args.task
+    return dict(task=task, head=args.head, backbone=args.backbone, weights=args.weights,
+                backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
+                tile=args.tile, overlap=args.overlap, gsd=args.gsd, compile=args.compile, dtype=args.dtype,
+                max_upsample=args.max_upsample, split_above=args.split_above)
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    """``segment`` over many scenes into the folder ``-o``: one library call; exit 1 if any failed."""
+    """``segment`` or ``classify`` over many scenes into the folder ``-o``: one library call; exit 1
+    if any failed."""
     from .batch import run_batch
 
     if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
                                and os.path.splitext(args.output)[1]):
         raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
     try:
-        result = run_batch(args.scene, args.output, task=args.task, weights=args.weights,
-                           backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
-                           device=args.device, batch_size=args.batch_size, precision=args.precision,
-                           tile=args.tile, overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
-                           overwrite=args.overwrite, compile=args.compile, verify=not args.no_verify,
-                           dtype=args.dtype, max_upsample=args.max_upsample, dask=args.dask,
-                           split_above=args.split_above, progress=args.progress)
+        result = run_batch(args.scene, args.output, device=args.device, batch_size=args.batch_size,
+                           precision=args.precision, bands=args.bands, scale=args.scale, overwrite=args.overwrite,
+                           verify=not args.no_verify, dask=args.dask, progress=args.progress,
+                           **batch_options(args))
     except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()
@@ -347,7 +362,9 @@ def run_segment_head(args: argparse.Namespace) -> int:
 def run_classify(args: argparse.Namespace) -> int:
     from .tasks.classify import classify_scene
 
-    result = classify_scene(args.scene, args.head, args.output, backbone=args.backbone, tile=args.tile,
+    if is_batch(args):
+        return run_batch_command(args)
+    result = classify_scene(args.scene[0], args.head, args.output, backbone=args.backbone, tile=args.tile,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             bands=args.bands, scale=args.scale, overwrite=args.overwrite, progress=args.progress,
                             verify=not args.no_verify)
@@ -357,8 +374,6 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def run_segment(args: argparse.Namespace) -> int:
     if is_batch(args):
-        if args.head is not None:
-            raise UsageError("--head", "a segmentation head runs on one scene at a time; batches run --task")
         return run_batch_command(args)
     if args.head is not None:
         return run_segment_head(args)

@@ -1,8 +1,8 @@
 """What a batch job is made of: the input scenes, their outputs, and the row bands of huge scenes.
 
 Inputs are glob patterns, paths, or ``@list.txt`` files (one path or pattern a line, ``#`` comments).
-Each scene's output lies in the output folder under the scene's name with the task as suffix
-(``a.tif`` -> ``a_canopy.tif``). A scene of more than ``split_above`` pixels is cut into row bands
+Each scene's output lies in the output folder under the scene's name with the task's suffix
+(``a.tif`` -> ``a_canopy.tif``, ``a_classes.tif``, ``a_chips.gpkg``: :data:`TASKS`). A scene of more than ``split_above`` pixels is cut into row bands
 that own disjoint output rows and read one chip row more on each side (see :func:`plan_bands`).
 """
 from __future__ import annotations
@@ -19,6 +19,32 @@ from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.io.tiling import axis_starts
 
 GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """What a task writes per scene: ``output`` is ``continuous`` or ``classes`` (a COG, mosaicked
+    into a VRT; scenes may be split into row bands) or ``chips`` (a GeoPackage layer, merged into one
+    layer with a ``scene`` column); files are ``<scene stem>_<suffix><ext>``; ``layer`` names the
+    vector layer."""
+
+    output: str
+    suffix: str
+    ext: str
+    layer: str
+
+    @property
+    def dense(self) -> bool:
+        return self.output in ("continuous", "classes")
+
+
+#: The tasks a batch runs: ``canopy`` (CHMv2 heights), ``segment`` (a segmentation head's classes),
+#: ``classify`` (a probe's class per chip).
+TASKS: dict[str, BatchTask] = {
+    "canopy": BatchTask("continuous", "canopy", ".tif", "canopy"),
+    "segment": BatchTask("classes", "classes", ".tif", "classes"),
+    "classify": BatchTask("chips", "chips", ".gpkg", "chips"),
+}
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -60,8 +86,9 @@ def _names_in(item: str) -> list[str]:
 
 
 def output_for(scene: Path, out_dir: Path, task: str) -> Path:
-    """``OUT_DIR/<scene stem>_<task>.tif``."""
-    return out_dir / f"{scene.stem}_{task}.tif"
+    """``OUT_DIR/<scene stem>_<suffix><ext>`` of the task (``a_canopy.tif``)."""
+    spec = TASKS[task]
+    return out_dir / f"{scene.stem}_{spec.suffix}{spec.ext}"
 
 
 def check_distinct_outputs(scenes: Sequence[Path], out_dir: Path, task: str) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from dinov3_geo.batch.plan import Grid
 
@@ -74,8 +74,10 @@ def is_ours(output: Path) -> bool:
 
 
 def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Grid,
-                     extra_files: tuple[Path, ...] = ()) -> Optional[str]:
-    """None when ``output`` is complete for this scene and recipe, else the reason in a few words."""
+                     extra_files: tuple[Path, ...] = (),
+                     problem: Optional[Callable[[Path, Grid], Optional[str]]] = None) -> Optional[str]:
+    """None when ``output`` is complete for this scene and recipe, else the reason in a few words.
+    ``problem(output, grid)`` checks the file itself (default :func:`cog_problem`)."""
     record = read_sidecar(output)
     if not output.exists():
         return "no output yet"
@@ -95,7 +97,7 @@ def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Gr
     missing = [p for p in extra_files if not p.exists()]
     if missing:
         return f"{missing[0].name} is missing"
-    return cog_problem(output, grid)
+    return (problem or cog_problem)(output, grid)
 
 
 def cog_problem(output: Path, grid: Grid) -> Optional[str]:
@@ -114,5 +116,18 @@ def cog_problem(output: Path, grid: Grid) -> Optional[str]:
                 return "not on the input's grid"
             ds.read(1, window=Window(ds.width - 1, ds.height - 1, 1, 1))
     except RasterioError as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:80]})"
+    return None
+
+
+def geopackage_problem(output: Path, grid: Grid) -> Optional[str]:
+    """None when ``output`` is a GeoPackage whose layers can be listed, else what is wrong (a
+    per-chip output has no grid to check)."""
+    import pyogrio
+
+    try:
+        if not len(pyogrio.list_layers(output)):
+            return "no layer"
+    except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for a damaged file
         return f"unreadable ({str(exc).splitlines()[0][:80]})"
     return None

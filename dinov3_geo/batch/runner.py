@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dinov3_geo.batch import cluster, mosaic, resume
-from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for,
+from dinov3_geo.batch.plan import (TASKS, Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
 from dinov3_geo.batch.progress import JobProgress
-from dinov3_geo.batch.work import (TASK_KINDS, JobOptions, Runtime, UnitResult, assemble, guarded,
-                                   remove_band_files, remove_temporaries, vector_path)
+from dinov3_geo.batch.work import (JobOptions, Runtime, UnitResult, assemble, guarded, remove_band_files,
+                                   remove_temporaries, vector_path)
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan, validate_tiling
@@ -80,17 +80,23 @@ class BatchResult:
 
 
 def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=None, backbone_weights=None,
-              vector=None, min_height: float = 2.0, device: str = "auto", batch_size: int = 8,
-              precision: str = "auto", tile: int = 512, overlap: int = 64, bands: Optional[Sequence[int]] = None,
+              head=None, backbone=None, vector=None, min_height: float = 2.0, device: str = "auto",
+              batch_size: int = 8, precision: str = "auto", tile: Optional[int] = None,
+              overlap: Optional[int] = None, bands: Optional[Sequence[int]] = None,
               gsd: Optional[float] = None, scale: Optional[tuple[float, float]] = None, overwrite: bool = False,
               compile: bool = False, verify: bool = True, readers: Optional[int] = None, dtype: str = "float32",
               max_upsample: Optional[float] = MAX_UPSAMPLE, dask: Optional[str] = None, split_above: Optional[int] = None,
               progress: Optional[bool] = None) -> BatchResult:
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
 
-    Each scene's COG is ``out_dir/<name>_<task>.tif`` on the scene's grid (with ``vector``, also its
-    polygons in ``<name>_<task>.gpkg``, and all of them in the GeoPackage ``vector``, layer
-    ``task``, with a ``scene`` column). ``dask``: None (in this process, or
+    ``task``: ``canopy`` (CHMv2 ``weights``), ``segment`` (the segmentation ``head`` file on its
+    ``backbone``, as ``segment_with_head``) or ``classify`` (the probe ``head``, as
+    ``classify_scene``). ``tile`` and ``overlap`` default as the single-scene commands do (canopy
+    512/64; a head's training chip size). Each dense scene's COG is ``out_dir/<name>_<suffix>.tif``
+    on the scene's grid (suffix ``canopy`` or ``classes``; with ``vector``, also its polygons in
+    ``<name>_<suffix>.gpkg``, and all of them in the GeoPackage ``vector``, layer ``canopy`` or
+    ``classes``, with a ``scene`` column); ``classify`` writes ``<name>_chips.gpkg`` per scene and
+    every scene's chips in ``mosaic_classify.gpkg`` (layer ``chips``, with a ``scene`` column). ``dask``: None (in this process, or
     ``$DASK_SCHEDULER_ADDRESS``), ``"local[:N]"`` or a scheduler address. Scenes above
     ``split_above`` pixels run as row bands on several workers, assembled into one COG equal to the
     unsplit run (bit for bit at ``batch_size=1``; other batch sizes group chips differently, which
@@ -98,6 +104,12 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     Rerunning skips complete outputs and redoes partial or stale ones.
     """
     t0 = time.perf_counter()
+    if task not in TASKS:
+        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
+    if not TASKS[task].dense and (vector is not None or split_above is not None):
+        raise UsageError("vector" if vector is not None else "split_above", f"the {task} task writes one "
+                         "GeoPackage per scene: no polygons or row bands to ask for")
+    head, backbone, tile, overlap, bands, scale = _resolve_head(task, head, backbone, tile, overlap, bands, scale)
     _validate(task, tile, overlap, batch_size, split_above, dtype)
     target = cluster.dask_target(dask)
     scenes, outputs_given = _not_outputs(expand_inputs(inputs))
@@ -105,9 +117,11 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     check_distinct_outputs(scenes, out_dir, task)
     vector = _check_vector(vector, out_dir / f"summary_{task}.json", overwrite)
     weights, backbone_weights = _resolve_weights(task, weights, backbone_weights)
-    options = JobOptions(task, weights, backbone_weights, device, precision, int(batch_size), tile, overlap,
-                         tuple(bands) if bands else None, tuple(scale) if scale else None, gsd, min_height,
-                         dtype, vector is not None, compile, verify, readers, max_upsample=max_upsample)
+    options = JobOptions(task, weights, backbone_weights, head, backbone, device=device, precision=precision,
+                         batch_size=int(batch_size), tile=tile, overlap=overlap,
+                         bands=tuple(bands) if bands else None, scale=tuple(scale) if scale else None, gsd=gsd,
+                         min_height=min_height, dtype=dtype, vector=vector is not None, compile=compile,
+                         verify=verify, readers=readers, max_upsample=max_upsample)
     recipe = _recipe(options)
     ours = _our_files(scenes, out_dir, task, vector)
     remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
@@ -155,7 +169,7 @@ def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Pa
     for scene in scenes:
         output = output_for(scene, out_dir, task)
         names |= {output.name, resume.sidecar_path(output).name, vector_path(output).name}
-    names |= {p.name for p in out_dir.glob(f"mosaic_{task}*.vrt")} | {f"mosaic_{task}.vrt"}
+    names |= {p.name for p in out_dir.glob(f"mosaic_{task}*.vrt")} | {f"mosaic_{task}.vrt", f"mosaic_{task}.gpkg"}
     if vector is not None and vector.parent == out_dir:
         names.add(vector.name)
     return names
@@ -165,9 +179,7 @@ def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: 
     from dinov3_geo.engine import validate_batch_size
     from dinov3_geo.pipeline import DenseOutput
 
-    if task not in TASK_KINDS:
-        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASK_KINDS)})")
-    DenseOutput(TASK_KINDS[task], dtype)        # checks the dtype
+    DenseOutput(TASKS[task].output if TASKS[task].dense else "continuous", dtype)        # checks the dtype
     validate_tiling(tile, overlap)
     validate_batch_size(batch_size)
     if split_above is not None and int(split_above) < 1:
@@ -201,12 +213,38 @@ def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
     return vector
 
 
-def _resolve_weights(task: str, weights, backbone_weights) -> tuple[str, Optional[str]]:
+def _resolve_head(task: str, head, backbone, tile: Optional[int], overlap: Optional[int], bands, scale) -> tuple:
+    """For a head task: the head file checked here, once (its task, readable), absolute paths of it
+    and the backbone, and the tiling and band reading the single-scene command takes from the head
+    when not given. For canopy: 512 px chips with 64 px overlap unless given."""
+    if task == "canopy":
+        if head is not None:
+            raise UsageError("head", "the canopy task takes `weights`; a head runs as the segment task")
+        return None, None, tile or 512, 64 if overlap is None else overlap, bands, scale
+    from dinov3_geo.tasks.classify import load_classify_head
+    from dinov3_geo.tasks.segment_head import head_reading, head_tiling, load_segment_head
+
+    if head is None:
+        raise UsageError("head", f"the {task} task needs a head file")
+    hf = load_segment_head(head) if task == "segment" else load_classify_head(head)
+    if task == "segment":
+        tile, overlap = head_tiling(hf, tile, overlap)
+    else:       # one chip each, no overlap, as classify_scene
+        tile, overlap = tile or int(hf.meta["chip_size"]), 0
+    bands, scale = head_reading(hf, bands, scale)
+    if backbone is not None and Path(backbone).exists():       # else a registry name
+        backbone = str(Path(backbone).absolute())
+    return str(Path(head).absolute()), backbone, tile, overlap, bands, scale
+
+
+def _resolve_weights(task: str, weights, backbone_weights) -> tuple[Optional[str], Optional[str]]:
     """Absolute paths (workers may run elsewhere in the folder tree), or ``demo``; missing files fail
-    here, once."""
+    here, once. Head tasks take no canopy weights."""
     from dinov3_geo.api import _find_chmv2
     from dinov3_geo.models.demo import is_demo
 
+    if task != "canopy":
+        return None, None
     if is_demo(weights):
         return weights, None
     weights = Path(weights) if weights is not None else _find_chmv2()
@@ -222,6 +260,10 @@ def _recipe(options: JobOptions) -> dict:
                                                "dtype")}     # max_upsample allows runs, changes no value
     recipe["weights_sha256"] = resume.weights_hash(options.weights) if options.weights != "demo" else "demo"
     recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
+    if options.head is not None:       # a backbone named by the head file is recorded by name
+        recipe["head_sha256"] = resume.weights_hash(options.head)
+        recipe["backbone"] = resume.weights_hash(options.backbone) if options.backbone and \
+            Path(options.backbone).exists() else options.backbone
     if options.vector:
         recipe["min_height"] = options.min_height
     return json.loads(json.dumps(recipe, default=str))
@@ -239,7 +281,9 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
             outcomes.append(SceneOutcome(str(scene), str(output), "failed", str(exc)))
             continue
         extra = (vector_path(output),) if options.vector else ()
-        why = resume.why_not_complete(output, scene, recipe, grid, extra)
+        dense = TASKS[options.task].dense
+        why = resume.why_not_complete(output, scene, recipe, grid, extra,
+                                      None if dense else resume.geopackage_problem)
         if why is None and not overwrite:
             outcomes.append(SceneOutcome(str(scene), str(output), "skipped", "complete"))
             continue
@@ -249,7 +293,7 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
                                          "(use `overwrite` to replace it)"))
             continue
         resume.write_sidecar(output, "running", scene, recipe)
-        n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above)
+        n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above) if dense else 1
         split = plan_bands(grid.height, grid.width, options.tile, options.overlap, n) if n > 1 else None
         chips = sum(len(ChipPlan.build(b.read_stop - b.read_start, grid.width, options.tile, options.overlap))
                     for b in split or [Band(0, 1, 0, grid.height, 0, grid.height)])
@@ -368,15 +412,22 @@ def _in_input_order(outcomes: list[SceneOutcome], scenes: list[Path]) -> list[Sc
 
 
 def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Optional[Path], overwrite: bool) -> None:
-    """The VRT mosaic of every complete output and, when asked, the combined GeoPackage."""
+    """The VRT mosaic of every complete output and, when asked, the combined GeoPackage (per-chip
+    tasks: every scene's chips in one layer)."""
     complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
     if not complete:
+        return
+    spec = TASKS[task]
+    if not spec.dense:
+        result.vector = out_dir / f"mosaic_{task}.gpkg"
+        mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete], result.vector,
+                             layer=spec.layer, overwrite=True)
         return
     result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete], out_dir / f"mosaic_{task}.vrt")
     result.notes += notes
     if vector is not None:
         parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
-        mosaic.merge_vectors(parts, vector, layer=task, overwrite=True)     # checked by _check_vector
+        mosaic.merge_vectors(parts, vector, layer=spec.layer, overwrite=True)     # checked by _check_vector
         result.vector = vector
 
 

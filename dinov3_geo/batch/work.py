@@ -23,14 +23,11 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from dinov3_geo.batch.plan import Band
+from dinov3_geo.batch.plan import TASKS, Band
 from dinov3_geo.errors import DinoGeoError, short_message
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.pipeline import DenseOutput
-
-#: The kind of each task's result; dtype comes from the job, band and class names from the model.
-TASK_KINDS: dict[str, str] = {"canopy": "continuous"}
 
 ChipReport = Callable[[str, int], None]
 """``report(unit, chips)``: ``chips`` of the unit (a scene or a band) are done so far."""
@@ -38,11 +35,14 @@ ChipReport = Callable[[str, int], None]
 
 @dataclass(frozen=True)
 class JobOptions:
-    """Everything a worker needs to load the model and run scenes like ``segment`` does."""
+    """Everything a worker needs to load the model and run scenes like ``segment`` (or ``segment
+    --head``, ``classify``) does."""
 
     task: str = "canopy"
     weights: Optional[str] = None
     backbone_weights: Optional[str] = None
+    head: Optional[str] = None              # segment, classify: the head file
+    backbone: Optional[str] = None          # its backbone (None: the one the head file names)
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 8
@@ -126,24 +126,33 @@ class Runtime:
             device = torch.device("cuda", gpu_index % torch.cuda.device_count())
         self.settings = RunSettings.resolve(device, options.precision, options.batch_size, options.compile,
                                             options.readers)
-        self.model = _load_task_model(options.task, options.weights, options.backbone_weights,
-                                      self.settings.device, self.settings.dtype, options.verify)
+        if options.task == "canopy":
+            self.model = _load_task_model(options.task, options.weights, options.backbone_weights,
+                                          self.settings.device, self.settings.dtype, options.verify)
+        else:
+            self.model = load_head_model(options).to(self.settings.device)
         self.options = options
         self.info = describe(self.model)
-        kind = TASK_KINDS[options.task]
+        kind = TASKS[options.task].output
         self.spec = DenseOutput(kind, "uint8" if kind == "classes" else options.dtype, self.info.band_names,
-                                self.info.class_names, self.info.colormap)
+                                self.info.class_names, self.info.colormap) if TASKS[options.task].dense else None
 
     def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
-        """The whole scene into its COG (and its GeoPackage when the job asks for vectors)."""
+        """The whole scene into its output: a COG (and its GeoPackage when the job asks for
+        vectors), or the GeoPackage of its chips."""
         from dinov3_geo.io.scene import open_scene
         from dinov3_geo.pipeline import write_dense
+        from dinov3_geo.tasks.classify import write_chips
 
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
             view = SceneRows(sc, 0, sc.height, _unit_reporter(report, unit_name(output)))
-            stats, _ = write_dense(view, self.model, output, self._plan(view), self.settings, self.spec,
-                                   self.info, overwrite=True, progress=False)
-        _write_vector(output, self.options)
+            if self.spec is None:
+                stats, _ = write_chips(view, self.model, output, self._plan(view), self.settings, overwrite=True,
+                                       progress=False)
+            else:
+                stats, _ = write_dense(view, self.model, output, self._plan(view), self.settings, self.spec,
+                                       self.info, overwrite=True, progress=False)
+        _write_vector(output, self.options, self.info.class_names)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
 
@@ -174,17 +183,34 @@ class Runtime:
         return ChipPlan.build(view.height, view.width, self.options.tile, self.options.overlap)
 
 
+def load_head_model(options: JobOptions):
+    """The backbone and head of a ``segment`` or ``classify`` job, as the single-scene commands
+    build them."""
+    from dinov3_geo.tasks.classify import ChipClassifier, load_classify_head
+    from dinov3_geo.tasks.segment_head import SegmentHeadModel, backbone_for_head, load_segment_head
+
+    if options.task == "segment":
+        hf = load_segment_head(options.head)
+        return SegmentHeadModel(backbone_for_head(hf, options.backbone, options.verify), hf)
+    hf = load_classify_head(options.head)
+    return ChipClassifier(backbone_for_head(hf, options.backbone, options.verify), hf)
+
+
 def _unit_reporter(report: Optional[ChipReport], unit: str) -> Optional[Callable[[int], None]]:
     return None if report is None else (lambda chips: report(unit, chips))
 
 
-def _write_vector(output: Path, options: JobOptions) -> None:
-    """The per-scene polygons of ``output`` (the task's layer) beside it, when asked for."""
+def _write_vector(output: Path, options: JobOptions, class_names: Optional[tuple[str, ...]]) -> None:
+    """The per-scene polygons of a COG ``output`` (the task's layer) beside it, when asked for:
+    canopy above ``min_height``, or one polygon per region of equal class."""
     if not options.vector:
         return
-    from dinov3_geo.io.vector import polygonize_threshold
+    from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
 
-    polygonize_threshold(output, vector_path(output), options.min_height, layer=options.task, overwrite=True)
+    if options.task == "canopy":
+        polygonize_threshold(output, vector_path(output), options.min_height, layer="canopy", overwrite=True)
+    else:
+        polygonize_classes(output, vector_path(output), class_names, overwrite=True)
 
 
 class SceneRows:
@@ -281,7 +307,7 @@ def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions, 
                     for off in range(0, ds.height, BLOCK):
                         rows = min(BLOCK, ds.height - off)
                         sink.write(band.own_start + off, ds.read(window=Window(0, off, ds.width, rows)))
-        _write_vector(output, options)
+        _write_vector(output, options, spec.class_names)
     finally:
         remove_band_files(output)
     return UnitResult(True)

@@ -92,27 +92,44 @@ def classify_scene(scene: PathLike, head: PathLike, output: PathLike, *, backbon
                    overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True) -> ClassifyResult:
     """Classify every chip of ``scene`` (``tile`` px, default the probe's chip size, no overlap;
     border chips shifted inward) with a probe head file; write the chips as a GeoPackage layer ``chips``."""
-    import pyogrio
-
     from ..io.scene import open_scene
-    from ..io.sinks import atomic_output, check_output
-    from ..pipeline import ChipPlan, RunSettings, run_chips
+    from ..io.sinks import check_output
+    from ..pipeline import ChipPlan, RunSettings
 
     t0 = time.perf_counter()
     check_output(output, overwrite, inputs=[scene])
-    hf = load_head(head)
-    if hf.task != "classify":
-        raise WeightsError(head, f"a {hf.task} head: use it with segment, not classify")
+    hf = load_classify_head(head)
     model = ChipClassifier(backbone_for_head(hf, backbone, verify), hf)
     bands, scale = head_reading(hf, bands, scale)
-    collector = ChipCollector()
     with open_scene(scene, bands=bands, scale=scale) as sc:
         plan = ChipPlan.build(sc.height, sc.width, tile or model.chip_size, 0)
         settings = RunSettings.resolve(device, precision, batch_size)
-        stats = run_chips(sc, model, collector, plan, settings, progress=progress)
-        frame = chip_frame(collector, model.class_names, sc.transform, sc.crs)
-    with atomic_output(output, overwrite, inputs=[scene]) as tmp:
-        os.unlink(tmp)      # the GPKG driver creates the file itself
-        pyogrio.write_dataframe(frame, str(tmp), layer="chips", driver="GPKG")
+        stats, frame = write_chips(sc, model, Path(output), plan, settings, overwrite=overwrite, progress=progress)
     counts = {name: int((frame["class"] == name).sum()) for name in model.class_names}
     return ClassifyResult(Path(output), len(frame), counts, stats, time.perf_counter() - t0)
+
+
+def load_classify_head(head: PathLike):
+    """The probe file ``head``; a segmentation head is a WeightsError naming the file."""
+    hf = load_head(head)
+    if hf.task != "classify":
+        raise WeightsError(head, f"a {hf.task} head: use it with segment, not classify")
+    return hf
+
+
+def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, overwrite: bool = False,
+                progress: Optional[bool] = None):
+    """Classify the chips of ``plan`` over the open ``scene`` into the GeoPackage ``output`` (layer
+    ``chips``, written atomically); returns the run's stats and the chips' frame."""
+    import pyogrio
+
+    from ..io.sinks import atomic_output
+    from ..pipeline import run_chips
+
+    collector = ChipCollector()
+    stats = run_chips(scene, model, collector, plan, settings, progress=progress)
+    frame = chip_frame(collector, model.class_names, scene.transform, scene.crs)
+    with atomic_output(output, overwrite, inputs=[scene.path]) as tmp:
+        os.unlink(tmp)      # the GPKG driver creates the file itself
+        pyogrio.write_dataframe(frame, str(tmp), layer="chips", driver="GPKG")
+    return stats, frame

@@ -93,6 +93,21 @@ def head_reading(head: HeadFile, bands: Optional[Sequence[int]], scale: Optional
     return bands, scale
 
 
+def load_segment_head(head: PathLike) -> HeadFile:
+    """The segmentation head file ``head``; a probe is a WeightsError naming the file."""
+    hf = load_head(head)
+    if hf.task != "segment":
+        raise WeightsError(head, f"a {hf.task} head: use it with classify, not segment")
+    return hf
+
+
+def head_tiling(head: HeadFile, tile: Optional[int], overlap: Optional[int]) -> tuple[int, int]:
+    """Chip size and overlap to map with: ``tile`` defaults to the head's training chip size,
+    ``overlap`` to a quarter of the tile (at most 64)."""
+    tile = tile or int(head.meta["chip_size"])
+    return tile, min(64, tile // 4) if overlap is None else overlap
+
+
 @dataclass
 class HeadRunResult:
     """What applying a head wrote."""
@@ -130,12 +145,9 @@ def segment_with_head(scene: PathLike, head: PathLike, output: PathLike, *, vect
         if Path(vector).resolve() == Path(output).resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
-    hf = load_head(head)
-    if hf.task != "segment":
-        raise WeightsError(head, f"a {hf.task} head: use it with classify, not segment")
+    hf = load_segment_head(head)
     model = SegmentHeadModel(backbone_for_head(hf, backbone, verify), hf)
-    tile = tile or model.chip_size
-    overlap = min(64, tile // 4) if overlap is None else overlap
+    tile, overlap = head_tiling(hf, tile, overlap)
     bands, scale = head_reading(hf, bands, scale)
     result = predict(scene, model, output, kind="classes", tile=tile, overlap=overlap, batch_size=batch_size,
                      device=device, precision=precision, bands=bands, scale=scale, overwrite=overwrite,

@@ -1,0 +1,124 @@
+"""Heads in batch mode: ``dinov3geo segment 'scenes/*.tif' --head`` and ``dinov3geo classify
+'scenes/*.tif'`` into an output folder, in-process and on a two-worker Dask cluster, give exactly
+the single-scene commands' outputs, and a rerun skips what is complete. Real scene crops, a tiny
+random backbone, heads trained on the Chesapeake pairs of data_samples."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+
+from dinov3_geo.cli import main
+from test_batch import CROPS, cli, crop, hidden_files, read
+from test_heads_train import CHESAPEAKE, FAST_SEG, LANDCOVER, backbone_dir  # noqa: F401 (fixture)
+
+RUN = ["--tile", "64", "--device", "cpu"]
+SEG_RUN = [*RUN, "--overlap", "16"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """Two georeferenced crops of the samples (two CRSs: Salt Lake UTM 12N and NAIP UTM 14N)."""
+    folder = tmp_path_factory.mktemp("scenes")
+    for name in ("a_saltlake", "c_naip"):
+        sample, window = CROPS[name]
+        crop(sample, window, folder / f"{name}.tif")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def heads(backbone_dir, tmp_path_factory) -> dict[str, Path]:
+    """A linear segmentation head trained on four Chesapeake pairs, and a probe trained on chips of
+    the Chesapeake images (one class per image pair: enough to give two classes)."""
+    folder = tmp_path_factory.mktemp("heads")
+    args = ["train", "segment", "--classes", LANDCOVER, "--head", "linear", "--backbone", backbone_dir,
+            "-o", folder / "head.safetensors", "--cache", folder / "cache", *FAST_SEG]
+    for image in CHESAPEAKE[:4]:
+        args += ["--image", image, "--labels", str(image).replace("_image", "_label")]
+    assert main([str(a) for a in args]) == 0
+    chips = folder / "chips"
+    for label, image in (("north", CHESAPEAKE[0]), ("south", CHESAPEAKE[1])):
+        (chips / label).mkdir(parents=True)
+        for i in range(3):
+            crop(image, _window(i), chips / label / f"{i}.tif")
+    assert main([str(a) for a in ["train", "classify", "--chips", chips, "--backbone", backbone_dir, "--chip", "64",
+                                  "-o", folder / "probe.safetensors", "--c-grid", "1", "--device", "cpu",
+                                  "--cache", folder / "cache"]]) == 0
+    return {"segment": folder / "head.safetensors", "classify": folder / "probe.safetensors"}
+
+
+def _window(i: int):
+    from rasterio.windows import Window
+
+    return Window(64 * i, 64 * i, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def single(scenes, heads, backbone_dir, tmp_path_factory) -> Path:
+    """Each scene through the single-scene commands: class COG + polygons, chip GeoPackage."""
+    out = tmp_path_factory.mktemp("single")
+    for name in ("a_saltlake", "c_naip"):
+        scene = scenes / f"{name}.tif"
+        assert main([str(a) for a in ["segment", scene, "--head", heads["segment"], "--backbone", backbone_dir,
+                                      "-o", out / f"{name}_classes.tif", "--vector", out / f"{name}_classes.gpkg",
+                                      *SEG_RUN]]) == 0
+        assert main([str(a) for a in ["classify", scene, "--head", heads["classify"], "--backbone", backbone_dir,
+                                      "-o", out / f"{name}_chips.gpkg", *RUN]]) == 0
+    return out
+
+
+def chips(path: Path):
+    return pyogrio.read_dataframe(path, layer="chips")
+
+
+def check_like_single(out: Path, single: Path, combined: Path) -> None:
+    """Batch outputs equal to the single-scene ones; combined layers carry every scene's features."""
+    for name in ("a_saltlake", "c_naip"):
+        classes = read(single / f"{name}_classes.tif")
+        assert (classes < 7).all()                    # every pixel valid, one of the 7 classes
+        np.testing.assert_array_equal(read(out / f"{name}_classes.tif"), classes)
+        a, b = chips(out / f"{name}_chips.gpkg"), chips(single / f"{name}_chips.gpkg")
+        assert len(b) > 4
+        assert a.drop(columns="geometry").equals(b.drop(columns="geometry"))
+        assert a.geometry.equals(b.geometry)
+    polygons = pyogrio.read_dataframe(combined, layer="classes")
+    assert polygons.groupby("scene").size().to_dict() == {
+        f"{n}.tif": len(pyogrio.read_dataframe(single / f"{n}_classes.gpkg", layer="classes"))
+        for n in ("a_saltlake", "c_naip")}
+    every = chips(out / "mosaic_classify.gpkg")
+    assert every.groupby("scene").size().to_dict() == {
+        f"{n}.tif": len(chips(single / f"{n}_chips.gpkg")) for n in ("a_saltlake", "c_naip")}
+    assert (out / "mosaic_segment.vrt").exists() and hidden_files(out) == []
+
+
+def test_head_batches_equal_single_scene_runs_and_resume(scenes, heads, backbone_dir, single, tmp_path, capsys):
+    out = tmp_path / "out"
+    seg = ["segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir, "-o", f"{out}/",
+           "--vector", out / "all_classes.gpkg", *SEG_RUN]
+    clf = ["classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/", *RUN]
+    assert main([str(a) for a in seg]) == 0, capsys.readouterr().err
+    assert main([str(a) for a in clf]) == 0, capsys.readouterr().err
+    check_like_single(out, single, out / "all_classes.gpkg")
+    capsys.readouterr()
+    assert main([str(a) for a in seg]) == 0 and main([str(a) for a in clf]) == 0
+    assert capsys.readouterr().err.count("0 done, 2 skipped (complete), 0 failed") == 2
+    for task in ("segment", "classify"):
+        summary = json.loads((out / f"summary_{task}.json").read_text())
+        assert len(summary["skipped"]) == 2 and summary["done"] == []
+
+
+@pytest.mark.slow
+def test_head_batches_on_a_two_worker_cluster(scenes, heads, backbone_dir, single, tmp_path):
+    """``--dask local:2``: two worker processes, each loading backbone and head once; same files."""
+    out = tmp_path / "out"
+    seg = cli("segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir, "-o", f"{out}/",
+              "--vector", out / "all_classes.gpkg", *SEG_RUN, "--dask", "local:2")
+    assert seg.returncode == 0, seg.stderr
+    clf = cli("classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/",
+              *RUN, "--dask", "local:2")
+    assert clf.returncode == 0, clf.stderr
+    assert "2 done, 0 skipped (complete), 0 failed" in clf.stderr
+    check_like_single(out, single, out / "all_classes.gpkg")
