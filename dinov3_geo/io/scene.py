@@ -115,21 +115,22 @@ class Scene:
     """
 
     def __init__(self, path, bands: Sequence[int] | None = None,
-                 scale: tuple[float, float] | None = None, gsd: float | None = None):
+                 scale: tuple[float, float] | None = None, gsd: float | None = None,
+                 grid: dict | None = None):
         self.path = str(path)
         self._local = threading.local()
         self._handles: list = []
         self._lock = threading.Lock()
         src = _open_dataset(self.path)
         try:
-            self._inspect(src, bands, scale, gsd)
+            self._inspect(src, bands, scale, gsd, grid)
         except BaseException:
             src.close()
             raise
         self._register(src)
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _inspect(self, src, bands, scale, gsd) -> None:
+    def _inspect(self, src, bands, scale, gsd, grid=None) -> None:
         """Fill every attribute from the open source dataset."""
         if src.count == 0:
             subs = list(src.subdatasets)
@@ -148,8 +149,8 @@ class Scene:
         if src.crs is None:
             self.warnings.append("no georeference (no CRS): outputs carry pixel coordinates only")
         self._probe(src)
-        self.resampled = gsd is not None
-        self._warp = self._working_grid(src, gsd) if gsd is not None else None
+        self._warp = self._working_grid(src, gsd) if gsd is not None else self._target_grid(src, grid)
+        self.resampled = self._warp is not None
         grid = self._warp or _Grid(src.crs, src.transform, src.width, src.height)
         self.transform, self.width, self.height = grid.transform, grid.width, grid.height
         if self.width < MIN_SIZE or self.height < MIN_SIZE:
@@ -163,6 +164,17 @@ class Scene:
             src.read(self.bands[0], window=Window(src.width - 1, src.height - 1, 1, 1))
         except RasterioError as exc:
             raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {short_message(exc)})") from None
+
+    def _target_grid(self, src, grid: dict | None) -> _Grid | None:
+        """``grid`` (crs, transform, width, height: another scene's) when it differs from the input's."""
+        if grid is None:
+            return None
+        if src.crs is None:
+            raise InputError(self.path, "no georeference (no CRS): cannot be put on another scene's grid")
+        target = _Grid(grid["crs"], grid["transform"], grid["width"], grid["height"])
+        same = (src.crs == target.crs and src.transform.almost_equals(target.transform)
+                and (src.width, src.height) == (target.width, target.height))
+        return None if same else target
 
     def _working_grid(self, src, gsd: float) -> _Grid:
         """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
@@ -260,15 +272,7 @@ class Scene:
         return chip, valid
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
-        """uint8 passes through; other types map (lo, hi) per band to 0..1, clipped, float32."""
-        if self.scaling is None:
-            return data.copy() if not data.flags.writeable else data
-        out = np.empty(data.shape, dtype=np.float32)
-        for i, (lo, hi) in enumerate(self.scaling):
-            band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-            np.clip(band, 0.0, 1.0, out=out[i])
-        np.nan_to_num(out, copy=False, nan=0.0)
-        return out
+        return scale_to_unit(data, self.scaling)
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -291,14 +295,29 @@ class Scene:
                 f"dtype={self.dtype}, resampled={self.resampled})")
 
 
+def scale_to_unit(data: np.ndarray, scaling: list[tuple[float, float]] | None) -> np.ndarray:
+    """A chip ``[bands, h, w]`` as the model reads it: uint8 (``scaling`` None) passes through;
+    other types map (lo, hi) per band to 0..1, clipped, float32, NaN to 0."""
+    if scaling is None:
+        return data.copy() if not data.flags.writeable else data
+    out = np.empty(data.shape, dtype=np.float32)
+    for i, (lo, hi) in enumerate(scaling):
+        band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        np.clip(band, 0.0, 1.0, out=out[i])
+    np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
 def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
-               gsd: float | None = None) -> Scene:
+               gsd: float | None = None, grid: dict | None = None) -> Scene:
     """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
 
     ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
     first three; one band is repeated. ``scale=(MIN, MAX)`` maps values linearly to 0..1 instead of
     the default scene-wide 2-98 % stretch (uint8 is always /255). ``gsd``: metres per pixel of the
-    working grid (the input is resampled; outputs go back to the input grid).
+    working grid (the input is resampled; outputs go back to the input grid). ``grid``: another
+    scene's ``input_profile`` (crs, transform, width, height) to read this one on, warped
+    (bilinear) when it differs; pixels outside this scene's footprint are invalid.
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
-    return Scene(path, bands=bands, scale=scale, gsd=gsd)
+    return Scene(path, bands=bands, scale=scale, gsd=gsd, grid=grid)
