@@ -373,7 +373,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:
     """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS); outside is an error."""
     x, y = (float(v) for v in at)
-    col, row = ~reader.transform * (x, y)
+    col, row = ~reader.transform @ (x, y)
     if not (0 <= row < reader.height and 0 <= col < reader.width):
         left, bottom, right, top = _bounds(reader)
         raise UsageError("at", f"point {x:g},{y:g} is outside the scene (x {left:g}..{right:g}, "

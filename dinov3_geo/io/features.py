@@ -45,7 +45,7 @@ def cell_valid(valid: np.ndarray, cells: int | None = None, patch: int = PATCH) 
 def window_polygon(window: Window, transform: Affine) -> shapely.Polygon:
     """The footprint of ``window`` in map coordinates (rotated grids included)."""
     r, c, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
-    corners = [transform * (c, r), transform * (c + w, r), transform * (c + w, r + h), transform * (c, r + h)]
+    corners = [transform @ (c, r), transform @ (c + w, r), transform @ (c + w, r + h), transform @ (c, r + h)]
     return shapely.Polygon(corners)
 
 
@@ -92,9 +92,9 @@ class ChipEmbeddingWriter:
 
     def close(self) -> None:
         """Write the GeoParquet file (atomically: nothing at ``output`` unless complete)."""
-        frame = gpd.GeoDataFrame(self.records or None, columns=list(_COLUMNS), geometry="geometry",
-                                 crs=self.crs)
-        frame = frame.astype(_COLUMNS)
+        columns = {name: np.array([r[name] for r in self.records], dtype) for name, dtype in _COLUMNS.items()}
+        geometry = gpd.GeoSeries([r["geometry"] for r in self.records], crs=self.crs)
+        frame = gpd.GeoDataFrame(columns, geometry=geometry, crs=self.crs)
         frame.attrs[ATTRS_KEY] = self.attrs
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)

@@ -266,11 +266,12 @@ def features_dataarray(data, grid: CellGrid, band_names: Optional[list[str]] = N
     import xarray as xr
 
     t = grid.transform
-    ys = t.f + t.e * (np.arange(grid.height) + 0.5)
+    ys = t.f + t.e * (np.arange(grid.height) + 0.5)     # cell centres (north-up grids)
     xs = t.c + t.a * (np.arange(grid.width) + 0.5)
-    bands = band_names or [f"f{i}" for i in range(data.shape[0])]
-    out = xr.DataArray(data, dims=("band", "y", "x"), coords={"band": bands, "y": ys, "x": xs},
-                       name=FEATURES_VAR)
+    out = xr.DataArray(data, dims=("band", "y", "x"), name=FEATURES_VAR,
+                       coords={"band": np.arange(1, data.shape[0] + 1), "y": ys, "x": xs})
+    if band_names:
+        out.attrs["long_name"] = list(band_names)
     if grid.crs is not None:
         out = out.rio.write_crs(grid.crs)
     return out.rio.write_transform(t).rio.write_nodata(np.nan, encoded=False)
@@ -291,6 +292,6 @@ def open_features(path):
             da = ds[FEATURES_VAR]
             da.attrs.update(ds.attrs)
             return da
-        return rioxarray.open_rasterio(path, masked=True, chunks=True)
+        return rioxarray.open_rasterio(path, masked=True, chunks={"band": -1, "y": 512, "x": 512})
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a features file ({exc})") from None
