@@ -1,9 +1,10 @@
-"""Peak memory of the streaming I/O path on a large scene (no model, no torch).
+"""Peak memory of the streaming pipeline on a large scene, with a trivial model.
 
 Builds a SIZE x SIZE 3-band uint8 GeoTIFF (tiled, DEFLATE) block by block from a real sample scene
-repeated over the grid, then streams it through plan_chips -> Scene.read (reader threads) ->
-StreamingStitcher -> COGSink with a trivial stand-in model (mean of the channels). Prints one JSON
-line last: peak RSS (sampled and ru_maxrss), baseline, scene size, seconds.
+repeated over the grid, then streams it through the public pipeline (``dinov3_geo.predict``: chip
+plan -> reader threads -> batches -> model -> StreamingStitcher -> COGSink) with a stand-in model
+(the mean of the channels) on the CPU. Prints one JSON line last: peak RSS (sampled and
+ru_maxrss), baseline (after the imports), scene size, seconds.
 
     python benchmarks/bench_memory.py [--size 20000] [--tile 512] [--overlap 64] [--workdir DIR]
 """
@@ -16,19 +17,15 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import psutil
 import rasterio
+import torch
 from rasterio.windows import Window
 
-from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.sinks import COGSink
-from dinov3_geo.io.stitch import StreamingStitcher
-from dinov3_geo.io.tiling import pad_to_tile, plan_chips
+from dinov3_geo import predict
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
 BLOCK = 512
@@ -70,32 +67,20 @@ class PeakSampler(threading.Thread):
         return max(self.peak, self.proc.memory_info().rss)
 
 
+class ChannelMean(torch.nn.Module):
+    """The stand-in model: the mean of the three 0..1 channels, one band."""
+
+    channels = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1, keepdim=True)
+
+
 def stream(scene_path: Path, out: Path, tile: int, overlap: int, readers: int = 2) -> int:
     """Run the stand-in model over the scene; return the number of chips computed."""
-    computed = 0
-    with open_scene(scene_path) as scene, COGSink(out, scene, overwrite=True) as sink:
-        windows = plan_chips(scene.height, scene.width, tile, overlap)
-        stitcher = StreamingStitcher(sink, scene.height, scene.width, 1, tile, overlap)
-        with ThreadPoolExecutor(readers) as pool:
-            queue: deque = deque()
-            for win in windows:
-                queue.append((win, pool.submit(scene.read, win)))
-                if len(queue) > 4 * readers:
-                    computed += _consume(stitcher, tile, *queue.popleft())
-            while queue:
-                computed += _consume(stitcher, tile, *queue.popleft())
-        stitcher.close()
-    return computed
-
-
-def _consume(stitcher: StreamingStitcher, tile: int, win: Window, future) -> int:
-    chip, valid = future.result()
-    if not valid.any():
-        stitcher.skip(win)
-        return 0
-    padded, _ = pad_to_tile(chip, tile)
-    stitcher.add(win, padded.mean(0, keepdims=True, dtype=np.float32) / 255, valid)
-    return 1
+    result = predict(scene_path, ChannelMean(), out, tile=tile, overlap=overlap, device="cpu", precision="fp32",
+                     batch_size=8, overwrite=True, progress=False, readers=readers)
+    return result.stats.chips_computed
 
 
 def main() -> None:

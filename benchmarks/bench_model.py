@@ -60,7 +60,7 @@ def real_chips(batch: int, tile: int):
 
 def heights(model, x_uint8, dtype, dev):
     """The engine's device-side steps on ``x_uint8``: float32 heights on the CPU."""
-    return bp.device_steps(model, model, x_uint8.to(dev), dtype).cpu()
+    return bp.device_steps(model, x_uint8.to(dev), dtype).cpu()
 
 
 def errors(got, ref) -> dict:
@@ -107,11 +107,11 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from dinov3_geo.engine import Engine, dtype_for, resolve_device
+    from dinov3_geo.engine import Engine, RunSettings
     from dinov3_geo.models.canopy import load_canopy_model
 
     t0 = time.perf_counter()
-    dev = resolve_device(a.device)
+    dev = RunSettings.resolve(a.device).device
     result: dict = {"device": bp.device_name(dev), "model": a.model if a.weights is None else str(a.weights),
                     "chip": a.tile, "batch": a.batch, "compile": a.compile, "torch": torch.__version__}
     with bp.recorded(result, a.work, "bench-model-", t0) as work:
@@ -122,13 +122,13 @@ def main(argv=None) -> dict:
         for name in variants:
             model = load_canopy_model(weights, device=dev, dtype=torch.bfloat16, verify=False)
             precision, flags = variant_setup(name, model)
-            dtype = dtype_for(precision)
             try:
                 with flags:
-                    engine = Engine(model, dev, precision, a.batch, a.tile, 0, compile=a.compile)  # fp8: converts
+                    settings = RunSettings.resolve(dev, precision, a.batch, a.compile)
+                    Engine(model, settings)   # fp8: converts; compile: compiles the regions in place
+                    dtype = settings.dtype
                     got = heights(model, x, dtype, dev)
-                    speed = bp.model_only(dev, dtype, model, engine._forward, a.batch, a.tile, a.batch * a.iters,
-                                          a.iters)
+                    speed = bp.model_only(dev, dtype, model, a.batch, a.tile, a.batch * a.iters, a.iters)
                 result[name] = {**errors(got, ref), "model_only_chips_per_s": round(speed["chips_per_s"], 3)}
             except Exception as exc:      # one variant (fp8 on an older GPU) must not cost the others
                 result[name] = {"error": f"{type(exc).__name__}: {exc}"}

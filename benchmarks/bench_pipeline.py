@@ -5,11 +5,11 @@
     warm-up (the ``--compile`` warm-up is never timed);
 (b) end to end: the real command path on a real GeoTIFF (``data_samples/`` tiled into a larger
     tiled GeoTIFF): reading, scaling, host-to-device copies, model, stitching and COG writing. For
-    the canopy models this is ``dinov3_geo.segment(scene, "canopy", weights=DIR)`` itself, timed
-    from the end of model loading (and compile warm-up) to the finished COG; for the embedding
-    models (no task exists yet) it is ``Engine`` + ``StreamingStitcher`` + ``COGSink`` as
-    ``segment`` wires them, with a small module that writes the patch-feature norm;
-(d) with ``--ceiling``, the host pipeline's own limit: the same ``Engine`` + stitcher + COG path on
+    the canopy models this is the loaded canopy model through ``dinov3_geo.predict`` (the path
+    ``segment`` takes), timed without model loading and the warm-up batch (``RunStats``) to the
+    finished COG; for the embedding models the same ``predict`` with a small module that writes
+    the patch-feature norm;
+(d) with ``--ceiling``, the host pipeline's own limit: the same ``predict`` path on
     the same scene with a pass-through "model" (the first channel of the normalised chip), i.e.
     what end to end could reach with an infinitely fast model on this machine
     (``pipeline_ceiling_chips_per_s``, with and without the COG conversion after the last chip);
@@ -200,6 +200,9 @@ def feature_norm_model(backbone):
     import torch.nn.functional as F
 
     class FeatureNorm(torch.nn.Module):
+        channels = 1
+        band_names = ("feature_norm",)
+
         def __init__(self, bb):
             super().__init__()
             self.backbone = bb
@@ -224,6 +227,8 @@ def pass_through_model():
     import torch
 
     class PassThrough(torch.nn.Module):
+        channels = 1
+
         def normalise(self, x01):
             return x01
 
@@ -236,110 +241,46 @@ def pass_through_model():
 # ------------------------------------------------------------------------------------------------
 # (b) end to end
 
-@contextlib.contextmanager
-def patched(obj, name: str, make):
-    """Temporarily replace ``obj.name`` with ``make(original)`` (timing hooks; nothing else)."""
-    original = getattr(obj, name)
-    setattr(obj, name, make(original))
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
+def load_canopy(dev, dtype, weights: Path):
+    """The canopy model through our loader (what ``segment`` loads), and the seconds it took."""
+    from dinov3_geo.models.canopy import load_canopy_model
+
+    t = time.perf_counter()
+    model = load_canopy_model(weights, device=dev, dtype=dtype, verify=False)
+    return model, time.perf_counter() - t
 
 
-def end_to_end_canopy(a, dev, precision: str, scene: Path, weights: Path, out: Path) -> dict:
-    """``segment()`` itself; the clock starts when model loading (and compile warm-up) has ended."""
-    from dinov3_geo import api
-    from dinov3_geo.engine import Engine
-    from dinov3_geo.io.sinks import COGSink
+def end_to_end(a, dev, precision: str, model, scene: Path, out: Path) -> dict:
+    """``dinov3_geo.predict`` itself (the path ``segment`` takes once its model is loaded); the
+    clock leaves out the warm-up batch (compile, kernels), which ``RunStats`` times."""
+    from dinov3_geo import predict
 
-    marks: dict = {"warmup_s": 0.0, "finalize_s": 0.0}
-
-    def on_load(orig):
-        def wrapper(*args, **kw):
-            t = time.perf_counter()
-            model = orig(*args, **kw)
-            marks["load_s"] = time.perf_counter() - t
-            marks["model"] = model
-            marks["ready"], marks["ready_cpu"] = time.perf_counter(), time.process_time()
-            return model
-        return wrapper
-
-    def on_engine_init(orig):
-        def wrapper(self, *args, **kw):
-            orig(self, *args, **kw)
-            marks["engine"] = self
-        return wrapper
-
-    def timed(key: str, sets_ready: bool = False):
-        """Add the method's duration to ``marks[key]``; the clock restarts after it if ``sets_ready``."""
-        def make(orig):
-            def wrapper(self, *args, **kw):
-                t = time.perf_counter()
-                out = orig(self, *args, **kw)
-                marks[key] += time.perf_counter() - t
-                if sets_ready:
-                    marks["ready"], marks["ready_cpu"] = time.perf_counter(), time.process_time()
-                return out
-            return wrapper
-        return make
-
-    with patched(api, "_load_task_model", on_load), patched(Engine, "__init__", on_engine_init), \
-            patched(Engine, "warm_up", timed("warmup_s", sets_ready=True)), \
-            patched(COGSink, "finalize", timed("finalize_s")):
-        res = api.segment(scene, "canopy", out, weights=weights, device=str(dev), batch_size=a.batch,
-                          precision=precision, tile=a.tile, overlap=a.overlap, overwrite=True,
-                          compile=a.compile, progress=False, verify=False, readers=a.readers)
-        done, done_cpu = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = predict(scene, model, out, device=str(dev), batch_size=a.batch, precision=precision, tile=a.tile,
+                  overlap=a.overlap, overwrite=True, compile=a.compile, progress=False, readers=a.readers)
+    done, done_cpu = time.perf_counter(), time.process_time()
     s = res.stats
-    return dict(seconds=done - marks["ready"], cpu_s=done_cpu - marks["ready_cpu"], chips=s.chips_computed, chips_total=s.chips_total,
-                skipped=s.chips_skipped, run_s=s.seconds, finalize_s=marks["finalize_s"],
-                load_s=marks.get("load_s", 0.0), warmup_s=marks["warmup_s"], notes=list(s.notes),
-                batch_final=s.batch_size, model=marks["model"], engine=marks.get("engine"))
-
-
-def end_to_end_engine(a, dev, precision: str, model, scene: Path, out: Path) -> dict:
-    """Engine + StreamingStitcher + COGSink wired as ``api.segment`` wires them (embeddings)."""
-    from dinov3_geo.engine import Engine
-    from dinov3_geo.io.scene import open_scene
-    from dinov3_geo.io.sinks import COGSink
-    from dinov3_geo.io.stitch import StreamingStitcher
-
-    with open_scene(scene) as sc:
-        engine = Engine(model, dev, precision, a.batch, a.tile, a.overlap, readers=a.readers, compile=a.compile)
-        t = time.perf_counter()
-        if a.compile or dev.type == "cuda":      # as segment() does
-            engine.warm_up()
-        warm = time.perf_counter() - t
-        t0, c0 = time.perf_counter(), time.process_time()
-        sink = COGSink(out, sc, count=1, dtype="float32", nodata=float("nan"), overwrite=True,
-                       band_descriptions=["feature_norm"])
-        with sink:
-            stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, a.tile, a.overlap, kind="continuous")
-            stats = engine.run(sc, stitcher, progress=False)
-            t_fin = time.perf_counter()
-        done, done_cpu = time.perf_counter(), time.process_time()
-    return dict(seconds=done - t0, cpu_s=done_cpu - c0, chips=stats.chips_computed, chips_total=stats.chips_total,
-                skipped=stats.chips_skipped, run_s=stats.seconds, finalize_s=done - t_fin, load_s=0.0,
-                warmup_s=warm, notes=list(stats.notes), batch_final=stats.batch_size, model=model, engine=engine)
+    return dict(seconds=done - t0 - s.warmup_seconds, cpu_s=done_cpu - c0, chips=s.chips_computed,
+                chips_total=s.chips_total, skipped=s.chips_skipped, run_s=s.seconds, finalize_s=s.finalize_seconds,
+                warmup_s=s.warmup_seconds, notes=list(s.notes), batch_final=s.batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
 # (a) model only
 
-def device_steps(model, forward, x_uint8, dtype):
+def device_steps(model, x_uint8, dtype):
     """What the engine does on the device to uint8 chips already there: to float, /255, normalise,
-    cast, ``forward`` (bf16 under autocast); float32 out."""
+    cast, the model (bf16 under autocast); float32 out."""
     import torch
 
     autocast = (torch.autocast(x_uint8.device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         x = x_uint8.float().div_(255.0)
-        return forward(model.normalise(x).to(dtype)).float()
+        return model(model.normalise(x).to(dtype)).float()
 
 
-def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, iters: int | None) -> dict:
+def model_only(dev, dtype, model, batch: int, tile: int, chips: int, iters: int | None) -> dict:
     """Chips/s of uint8 chips already on the device through the engine's device-side steps."""
     import torch
 
@@ -348,7 +289,7 @@ def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, it
     xb = torch.randint(0, 256, (batch, 3, tile, tile), generator=gen, device=dev, dtype=torch.int32).to(torch.uint8)
 
     def step():
-        return device_steps(model, forward, xb, dtype)
+        return device_steps(model, xb, dtype)
 
     for _ in range(2):             # warm-up (allocator, kernels; compiled graphs are already built)
         step()
@@ -365,7 +306,6 @@ def model_only(dev, dtype, model, forward, batch: int, tile: int, chips: int, it
 # ------------------------------------------------------------------------------------------------
 # (c) the peer: TerraTorch tiled_inference, as /work/shared/bench/peer_terratorch.py
 
-from dinov3_geo.engine import default_readers  # noqa: E402
 from dinov3_geo.testing.peer import load_tiled_inference  # noqa: E402
 
 
@@ -499,16 +439,15 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
-    from dinov3_geo.engine import dtype_for, resolve_device, resolve_precision
+    from dinov3_geo import RunSettings
 
     t_start = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
-    dev = resolve_device(a.device)
-    precision = resolve_precision(a.precision, dev)
-    dtype = dtype_for(precision)
+    settings = RunSettings.resolve(a.device, a.precision, a.batch, a.compile, a.readers)
+    dev, precision, dtype = settings.device, settings.precision, settings.dtype
     result: dict = {"device": device_name(dev), "model": a.model, "chip": a.tile, "batch": a.batch,
-                    "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": a.readers or default_readers(),
+                    "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": settings.readers,
                     "torch": torch.__version__, "python": platform.python_version()}
     with recorded(result, a.work, "bench-pipeline-", t_start) as work:
         # scene
@@ -531,31 +470,23 @@ def main(argv=None) -> dict:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         weights = ensure_canopy_weights(a.model, work) if a.model in CANOPY_MODELS else None
-        backbone_model, load_s = None, 0.0
+        if weights is not None:
+            model, load_s = load_canopy(dev, dtype, weights)
+            what = f"canopy model ({a.model})"
+        else:
+            t = time.perf_counter()
+            model = feature_norm_model(random_backbone(a.model, dev, dtype))
+            load_s, what = time.perf_counter() - t, f"embeddings ({a.model})"
         runs_e2e, runs_mo = [], []
         for _ in range(max(1, a.repeats)):
-            if weights is not None:
-                log(f"end to end: segment() canopy, {a.model}, batch {a.batch}, {precision}"
-                    f"{', compile' if a.compile else ''}")
-                e2e = end_to_end_canopy(a, dev, precision, scene, weights, out)
-            else:
-                if backbone_model is None:
-                    t = time.perf_counter()
-                    backbone_model = feature_norm_model(random_backbone(a.model, dev, dtype))
-                    load_s = time.perf_counter() - t
-                log(f"end to end: Engine embeddings ({a.model}), batch {a.batch}, {precision}"
-                    f"{', compile' if a.compile else ''}")
-                e2e = end_to_end_engine(a, dev, precision, backbone_model, scene, out)
-                e2e["load_s"] = load_s
+            log(f"end to end: predict(), {what}, batch {a.batch}, {precision}{', compile' if a.compile else ''}")
+            e2e = end_to_end(a, dev, precision, model, scene, out)
+            e2e["load_s"] = load_s
             gpu_e2e = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
             e2e["chips_per_s"] = e2e["chips"] / e2e["seconds"]
             log(f"end to end: {e2e['chips']} chips in {e2e['seconds']:.2f} s = {e2e['chips_per_s']:.2f} chips/s")
-            engine = e2e.pop("engine")
-            model = e2e.pop("model")
-            forward = getattr(engine, "_forward", None)      # a compiled module has no truth value
-            if forward is None:
-                forward = model
-            mo = model_only(dev, dtype, model, forward, a.batch, a.tile, e2e["chips"], a.iters)
+            # with --compile the model's regions were compiled in place by the end-to-end run
+            mo = model_only(dev, dtype, model, a.batch, a.tile, e2e["chips"], a.iters)
             log(f"model only: {mo['reps'] * a.batch} chips in {mo['seconds']:.2f} s = {mo['chips_per_s']:.2f} chips/s")
             runs_e2e.append(e2e)
             runs_mo.append(mo)
@@ -585,7 +516,7 @@ def main(argv=None) -> dict:
         if dev.type == "cuda":
             result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
             result["peak_gpu_mb_end_to_end"] = round(gpu_e2e)
-        del model, forward, engine, backbone_model, runs_e2e, runs_mo
+        del model, runs_e2e, runs_mo
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -595,8 +526,8 @@ def main(argv=None) -> dict:
             saved = a.compile
             a.compile = False
             try:
-                ceil = end_to_end_engine(a, dev, precision, pass_through_model(), scene,
-                                         work / f"out_passthrough_{a.tile}.tif")
+                ceil = end_to_end(a, dev, precision, pass_through_model(), scene,
+                                  work / f"out_passthrough_{a.tile}.tif")
             finally:
                 a.compile = saved
             result.update(pipeline_ceiling_chips_per_s=round(ceil["chips"] / ceil["seconds"], 3),

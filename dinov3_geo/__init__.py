@@ -4,6 +4,8 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 
 - ``load_backbone(weights, device=..., dtype=...)``: a DINOv3 ViT from Meta ``.pth``, HF folder or timm file.
 - ``segment(scene, task="canopy", ...)``: run a dense task over a raster, write a COG (and GeoPackage).
+- ``predict(scene, model, output, ...)``: any dense model over a raster into a COG (the one pipeline).
+- ``ChipPlan``, ``RunSettings``, ``run_chips``: the pipeline's parts, for other consumers of chips.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ _EXPORTS = {
     "Backbone": "dinov3_geo.models.backbone",
     "resolve_weights": "dinov3_geo.models.weights",
     "segment": "dinov3_geo.api",
+    "predict": "dinov3_geo.pipeline",
+    "PredictResult": "dinov3_geo.pipeline",
+    "ChipPlan": "dinov3_geo.pipeline",
+    "RunSettings": "dinov3_geo.pipeline",
+    "run_chips": "dinov3_geo.pipeline",
+    "TaskModel": "dinov3_geo.tasks",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
     "DinoGeoWarning": "dinov3_geo.api",

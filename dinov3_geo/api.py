@@ -1,8 +1,9 @@
-"""The Python API behind every command: ``segment(scene, task="canopy", ...)``.
+"""The Python API behind the canopy command: ``segment(scene, task="canopy", ...)``.
 
 One call validates every option and output path first (before any model loads), opens the scene,
-loads the model offline, streams the result into a COG on the input grid and, if asked, writes the
-GeoPackage of polygons. Notebooks and the command line call exactly this.
+loads the model offline, streams the result through the one pipeline (:func:`pipeline.write_dense`)
+into a COG on the input grid and, if asked, writes the GeoPackage of polygons. Notebooks and the
+command line call exactly this; any other dense model goes through :func:`pipeline.predict`.
 """
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .engine import Engine, RunStats, dtype_for, resolve_device, resolve_precision, validate_batch_size
+from .engine import RunSettings, RunStats
 from .errors import UsageError, WeightsNotFoundError
 from .io.scene import open_scene
-from .io.sinks import COGSink, check_output
-from .io.stitch import StreamingStitcher
-from .io.tiling import validate_tiling
+from .io.sinks import check_output
+from .io.tiling import ChipPlan
 from .models import registry
+from .models.registry import CHMV2_TRAINING_GSD
 from .models.weights import search_dirs
+from .pipeline import DenseOutput, summary_lines, write_dense
 
 PathLike = Union[str, os.PathLike]
 TASKS = ("canopy",)
-CHMV2_TRAINING_GSD = 0.6
 
 
 class DinoGeoWarning(UserWarning):
@@ -50,13 +51,11 @@ class SegmentResult:
 
     def summary(self) -> str:
         """The closing lines the command prints."""
-        s = self.stats
-        lines = [f"done in {self.seconds:.1f} s on {self.device} ({self.precision}): {s.chips_computed} chips computed "
-                 f"({s.chips_skipped} empty skipped), {s.chips_per_second:.2f} chips/s, {self.area_km2:.3f} km²",
-                 f"wrote {self.output}"]
+        wrote: list[object] = [self.output]
         if self.vector is not None:
-            lines.append(f"wrote {self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
-        lines.extend(f"note: {n}" for n in s.notes)
+            wrote.append(f"{self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
+        lines = summary_lines(self.stats, self.seconds, self.device, self.precision, wrote,
+                              extra=f", {self.area_km2:.3f} km²")
         return "\n".join(lines)
 
 
@@ -76,31 +75,23 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     """
     t0 = time.perf_counter()
     if task not in TASKS:
-        raise UsageError("--task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
-    validate_tiling(tile, overlap)
-    validate_batch_size(batch_size)
-    dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
-    dtype = dtype_for(precision)
+        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
+    settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output) if output is not None else _default_output(scene, task)
     check_output(output, overwrite, inputs=[scene])
     if vector is not None:
         if Path(vector).resolve() == output.resolve():
-            raise UsageError("--vector", "the vector output must differ from the raster output")
+            raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
     collected: list[str] = []
     with open_scene(scene, bands=bands, scale=scale, gsd=gsd) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)
-        model = _load_task_model(task, weights, backbone_weights, dev, dtype, verify)
-        engine = Engine(model, dev, precision, batch_size, tile, overlap, readers=readers, compile=compile)
-        if compile or dev.type == "cuda":     # compile, kernel loading, cuBLAS set-up: before the chips
-            engine.warm_up()
-        with COGSink(output, sc, count=1, dtype="float32", nodata=float("nan"), overwrite=overwrite,
-                     band_descriptions=["canopy_height_m"]) as sink:
-            stitcher = StreamingStitcher(sink, sc.height, sc.width, 1, tile, overlap, kind="continuous")
-            stats = engine.run(sc, stitcher, progress=progress)
+        plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
+        model = _load_task_model(task, weights, backbone_weights, settings.device, settings.dtype, verify)
+        stats, _ = write_dense(sc, model, output, plan, settings, DenseOutput("continuous"), overwrite=overwrite,
+                               progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)
         area = _area_km2(sc)
@@ -114,7 +105,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             output.unlink(missing_ok=True)
             raise
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
-                         time.perf_counter() - t0, str(dev), precision, collected)
+                         time.perf_counter() - t0, str(settings.device), settings.precision, collected)
 
 
 def _default_output(scene: PathLike, task: str) -> Path:
@@ -128,7 +119,7 @@ def _warn(text: str, collected: list[str]) -> None:
 
 
 def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None:
-    """CHMv2 was trained near 0.6 m per pixel: far from that, say so and point to --gsd."""
+    """CHMv2 was trained near 0.6 m per pixel: far from that, say so and point to the gsd option."""
     size = scene.pixel_size_m
     if size is None:
         return
@@ -139,7 +130,7 @@ def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None
               f"at latitude {lat:.2f}; the output stays in degrees", collected)
     if gsd is None and (mean > 2.0 or mean < 0.2):
         _warn(f"{scene.path}: pixel size is {mean:.2f} m, far from the ~{CHMV2_TRAINING_GSD} m the canopy model "
-              f"was trained on; heights may be unreliable (try --gsd {CHMV2_TRAINING_GSD})", collected)
+              f"was trained on; heights may be unreliable (try `gsd` {CHMV2_TRAINING_GSD})", collected)
 
 
 def _area_km2(scene) -> float:
@@ -175,7 +166,7 @@ def _find_chmv2() -> Path:
         "canopy weights",
         f"not found. Request the gated CHMv2 weights at https://huggingface.co/{registry.CHMV2_HF_REPO} "
         f"(or Meta's {registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}), "
-        f"put them in {search_dirs()[0]} (or set DINOV3GEO_WEIGHTS), or pass --weights PATH")
+        f"put them in {search_dirs()[0]} (or set DINOV3GEO_WEIGHTS), or pass `weights` PATH")
 
 
 def _find_backbone_beside(head: Path) -> Optional[Path]:

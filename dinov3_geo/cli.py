@@ -2,25 +2,22 @@
 
 Every expected failure prints one line ``error: <file>: <problem>`` and exits 2 (usage) or 1 (a
 failed run); a traceback appears only with ``--debug``. Ctrl-C and SIGTERM stop the run and leave
-no file at the output paths.
+no file at the output paths. The library names parameters (``tile``, `` `overwrite` ``); this
+layer alone speaks in flags (:func:`in_flags`).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import signal
+import sys
+import traceback
+import warnings
+from typing import Optional, Sequence
 
-# Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
-# on small CPUs (3-4x the CPU per chip on 2 cores). Set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from typing import Optional, Sequence  # noqa: E402
-
-from . import __version__  # noqa: E402
-from .errors import DinoGeoError, UsageError  # noqa: E402
+from . import __version__
+from .errors import DinoGeoError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,7 +119,39 @@ def _on_sigterm(signum, frame):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {text_in_flags(str(message), option_names(build_parser()))}", file=sys.stderr)
+
+
+#: Parameters whose flag is not ``--`` + the name with dashes.
+FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify"}
+_QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
+
+
+def flag_for(param: str) -> str:
+    """The command-line flag of a library parameter name (``batch_size`` -> ``--batch-size``)."""
+    return FLAG_OF.get(param, "--" + param.replace("_", "-"))
+
+
+def in_flags(exc: DinoGeoError, params: set[str]) -> str:
+    """The error's one line with parameter names (``where``, and `` `name` `` in the text) as flags."""
+    where = flag_for(exc.where) if exc.where in params else exc.where
+    problem = text_in_flags(exc.problem, params)
+    return f"{where}: {problem}" if where else problem
+
+
+def text_in_flags(text: str, params: set[str]) -> str:
+    """``text`` with every `` `name` `` of a known parameter written as its flag."""
+    return _QUOTED.sub(lambda m: flag_for(m.group(1)) if m.group(1).split("=")[0] in params else m.group(1), text)
+
+
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option's destination (= the library parameter) across the commands."""
+    names = {a.dest for a in parser._actions if a.option_strings}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= option_names(sub)
+    return names | {"verify", "verify=False"}
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -146,12 +175,21 @@ COMMANDS = {"segment": run_segment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; returns the exit code. Warning filters and the warning printer are set for
+    the call and restored after it."""
+    # Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
+    # on small CPUs (3-4x the CPU per chip on 2 cores). Takes effect if torch is not yet imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    warnings.showwarning = _show_warning
+    parser = build_parser()
     try:
-        parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "config", None):
             args = parser.parse_args(with_config(argv, args.config, parser))
@@ -161,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DinoGeoError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {in_flags(exc, option_names(parser))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         if debug:

@@ -1,9 +1,12 @@
-"""The inference engine: reader threads -> device batches -> model -> writer thread -> stitcher.
+"""The inference engine: reader threads -> device batches -> model -> writer thread -> consumer.
 
-Chips are read ahead in a thread pool (windowed reads release the GIL inside GDAL), stacked into
-pinned host memory as uint8 (or float32 for non-byte scenes), copied to the device without blocking,
-normalised there, run through the model, and copied back; a writer thread hands each result to the
-stitcher, which streams finished row bands to the sink. Nothing here knows about tasks or files.
+Chips of a :class:`~dinov3_geo.io.tiling.ChipPlan` are read ahead in a thread pool (windowed reads
+release the GIL inside GDAL), stacked into pinned host memory as uint8 (or float32 for non-byte
+scenes), copied to the device without blocking, normalised there, run through the model, and copied
+back; a writer thread hands each chip's result to the consumer (a stitcher that streams finished
+row bands to a sink, or a collector of per-chip vectors). Nothing here knows about tasks or files.
+The run settings (device, precision, batch size, compile, readers) are resolved once, in
+:meth:`RunSettings.resolve`, and handed on as a value.
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from rasterio.windows import Window
 
 from .errors import DeviceError, UsageError
-from .io.tiling import pad_to_tile, plan_chips, validate_tiling
+from .io.tiling import ChipPlan, pad_to_tile
+from .models.backbone import normalise_rgb
 
 log = logging.getLogger("dinov3_geo")
 
@@ -37,14 +41,29 @@ class RunStats:
     chips_total: int = 0
     chips_computed: int = 0
     chips_skipped: int = 0
-    seconds: float = 0.0
-    model_seconds: float = 0.0
+    seconds: float = 0.0            # reading, model and consumer, from the first chip to the last
+    warmup_seconds: float = 0.0     # the warm-up batch before the chips (compile, kernels)
+    finalize_seconds: float = 0.0   # after the last chip: finishing the output (COG conversion)
     batch_size: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def chips_per_second(self) -> float:
         return self.chips_computed / self.seconds if self.seconds > 0 else 0.0
+
+
+class Consumer(Protocol):
+    """Where the engine hands each chip's result (a stitcher, a per-chip collector)."""
+
+    def add(self, window: Window, values: np.ndarray, valid: np.ndarray) -> None:
+        """``values``: the chip's float32 model output (padded chips: not cropped); ``valid`` bool
+        ``[h, w]`` of the unpadded chip."""
+
+    def skip(self, window: Window) -> None:
+        """A planned chip with no valid pixel (not computed)."""
+
+    def close(self) -> None:
+        """Every chip was added or skipped."""
 
 
 @dataclass
@@ -61,19 +80,19 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError("--device", "CUDA was requested but no CUDA GPU is available (use --device cpu)")
+            raise DeviceError("device", "CUDA was requested but no CUDA GPU is available (use `device` cpu)")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise UsageError("--device", f"unknown device '{device}' (auto, cpu or cuda)")
+    raise UsageError("device", f"unknown device '{device}' (auto, cpu or cuda)")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on a GPU (fp32 there is several times slower and DINOv3 runs in bf16) and
     fp32 on the CPU; other names are checked and returned. DINOv3 does not support fp16."""
     if precision not in PRECISIONS:
-        raise UsageError("--precision", f"unknown precision '{precision}' (auto, fp32, bf16 or fp8; DINOv3 does "
-                                        "not support fp16)")
+        raise UsageError("precision", f"unknown precision '{precision}' (auto, fp32, bf16 or fp8; DINOv3 does "
+                                      "not support fp16)")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
@@ -83,7 +102,7 @@ def dtype_for(precision: str) -> torch.dtype:
     """Model dtype for a resolved precision name (fp8: bf16, with float8 products in the backbone's
     linear layers)."""
     if precision not in PRECISIONS or precision == "auto":
-        raise UsageError("--precision", f"unknown precision '{precision}' (fp32, bf16 or fp8)")
+        raise UsageError("precision", f"unknown precision '{precision}' (fp32, bf16 or fp8)")
     return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
@@ -94,7 +113,7 @@ def _use_fp8(model: torch.nn.Module, device: torch.device) -> None:
     check_fp8_device(device)
     convert = getattr(model, "use_fp8_matmuls", None)
     if convert is None:
-        raise UsageError("--precision", "fp8 needs a model with a DINOv3 backbone (use_fp8_matmuls)")
+        raise UsageError("precision", "fp8 needs a model with a DINOv3 backbone (use_fp8_matmuls)")
     convert()
 
 
@@ -105,33 +124,61 @@ def default_readers() -> int:
 
 
 def validate_batch_size(batch_size: int) -> None:
-    if int(batch_size) < 1:
-        raise UsageError("--batch-size", f"batch size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UsageError("batch_size", f"batch size must be a whole number of at least 1, got {batch_size!r}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run computes, resolved once (:meth:`resolve`) and handed on as a value."""
+
+    device: torch.device
+    precision: str                  # resolved: fp32, bf16 or fp8
+    dtype: torch.dtype              # the model's dtype for that precision
+    batch_size: int = 8
+    compile: bool = False
+    readers: int = 2
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 8,
+                compile: bool = False, readers: Optional[int] = None) -> "RunSettings":
+        """Check and resolve every setting: ``auto`` device and precision, reader threads (default
+        :func:`default_readers`). Errors name the parameter."""
+        validate_batch_size(batch_size)
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        resolved = resolve_precision(precision, dev)
+        if readers is not None and (isinstance(readers, bool) or not isinstance(readers, (int, np.integer))
+                                    or readers < 1):
+            raise UsageError("readers", f"reader threads must be a whole number of at least 1, got {readers!r}")
+        return cls(dev, resolved, dtype_for(resolved), int(batch_size), bool(compile),
+                   default_readers() if readers is None else int(readers))
 
 
 class Engine:
-    """Runs a dense model (normalised ``[B,3,T,T]`` -> ``[B,C,T,T]``) over a scene into a stitcher."""
+    """Runs a model (normalised ``[B,3,T,T]`` -> ``[B, ...]``) over the chips of a plan into a consumer.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "auto",
-                 batch_size: int = 8, tile: int = 512, overlap: int = 64, readers: Optional[int] = None,
-                 compile: bool = False):
-        validate_tiling(tile, overlap)
-        validate_batch_size(batch_size)
-        self.device = device
-        precision = resolve_precision(precision, device)
-        self.precision = precision
-        self.dtype = dtype_for(precision)
+    ``mean``/``std`` normalise the 0..1 chips when given; otherwise the model's own ``normalise``
+    (a task model carries its statistics), otherwise the chips go in as 0..1.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: RunSettings,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        self.settings = settings
+        self.device = settings.device
+        self.precision = settings.precision
+        self.dtype = settings.dtype
         self.model = model
-        self.batch_size = int(batch_size)
-        self.tile, self.overlap = int(tile), int(overlap)
-        self.readers = default_readers() if readers is None else max(1, int(readers))
-        self.compile = bool(compile)
-        if precision == "fp8":
-            _use_fp8(model, device)
+        self.batch_size = settings.batch_size      # lowered on out-of-memory
+        self.readers = settings.readers
+        self.compile = settings.compile
+        self.normalise = _normaliser(model, mean, std)
+        if settings.precision == "fp8":
+            _use_fp8(model, settings.device)
         self._pending = None        # (batch, results) of the batch in flight on the device
         self._early_notes: list[str] = []   # from warm_up, before any run
-        self._forward = self._compiled(model) if compile else model
-        self._pinned = device.type == "cuda"
+        self._forward = self._compiled(model) if settings.compile else model
+        self._pinned = settings.device.type == "cuda"
+        self._tile: Optional[int] = None
 
     @staticmethod
     def _compiled(model: torch.nn.Module):
@@ -147,12 +194,14 @@ class Engine:
         return model
 
     # -- public ---------------------------------------------------------------------------------
-    def run(self, scene, stitcher, progress: Optional[bool] = None) -> RunStats:
-        """Read, infer and stitch every chip of ``scene``; the stitcher streams rows to its sink."""
-        windows = plan_chips(scene.height, scene.width, self.tile, self.overlap)
+    def run(self, scene, plan: ChipPlan, consumer: Consumer, progress: Optional[bool] = None) -> RunStats:
+        """Read and infer every chip of ``plan`` over ``scene`` and hand the results to ``consumer``
+        (closed at the end)."""
+        self._tile = plan.tile
+        windows = plan.windows
         stats = RunStats(chips_total=len(windows), batch_size=self.batch_size, notes=list(self._early_notes))
         t0 = time.perf_counter()
-        writer = _Writer(stitcher)
+        writer = _Writer(consumer)
         bar = _progress_bar(len(windows), progress)
         try:
             batch: list[_Chip] = []
@@ -178,25 +227,31 @@ class Engine:
             raise
         finally:
             bar.close()
-        stitcher.close()
+        consumer.close()
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def warm_up(self) -> None:
-        """One batch of zeros through the model before the run: compilation, CUDA kernel loading and
-        cuBLAS/cuDNN set-up happen here, not in the first chips. Out of memory halves the batch
-        size here as in the run (the note appears in the run's notes)."""
+    def warm_up(self, tile: int) -> None:
+        """One batch of zeros of ``tile`` px through the model before the run: compilation, CUDA
+        kernel loading and cuBLAS/cuDNN set-up happen here, not in the first chips. Out of memory
+        halves the batch size here as in the run (the note appears in the run's notes)."""
+        self._tile = int(tile)
         while not self._warm_once():
             self._free_memory()
             self._lower_batch_size(self.batch_size // 2, self._early_notes)
+
+    def forward_zeros(self, n: int, tile: int) -> torch.Tensor:
+        """The model's float32 output for ``n`` chips of zeros of ``tile`` px (warm-up, probing)."""
+        y = self._model_on_device(torch.zeros(n, 3, tile, tile, device=self.device)).float()
+        self._sync()
+        return y
 
     def _warm_once(self) -> bool:
         """One warm-up batch; False when it ran out of memory (retried after the ``except`` block,
         whose traceback holds the failed attempt's tensors)."""
         n = self.batch_size
         try:
-            self._model_on_device(torch.zeros(n, 3, self.tile, self.tile, device=self.device))
-            self._sync()
+            self.forward_zeros(n, self._tile)
             return True
         except torch.OutOfMemoryError as exc:
             if n == 1:
@@ -204,8 +259,8 @@ class Engine:
         return False
 
     def _out_of_memory_at_one(self) -> DeviceError:
-        return DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self.tile} px "
-                                             "tiles; try a smaller --tile or --precision bf16")
+        return DeviceError(str(self.device), f"out of GPU memory even at batch size 1 with {self._tile} px "
+                                             "tiles; try a smaller `tile` or `precision` bf16")
 
     def _lower_batch_size(self, size: int, notes: list[str]) -> None:
         """Lower the batch size to ``size`` (never raise it) and say so in ``notes`` and the log."""
@@ -242,7 +297,7 @@ class Engine:
         data, valid = scene.read(window)
         if not valid.any():
             return _Chip(window, None, valid)
-        padded, _ = pad_to_tile(data, self.tile)
+        padded, _ = pad_to_tile(data, self._tile)
         return _Chip(window, np.ascontiguousarray(padded), valid)
 
     # -- model ----------------------------------------------------------------------------------
@@ -314,7 +369,7 @@ class Engine:
     def _model_on_device(self, x01: torch.Tensor) -> torch.Tensor:
         """The model on 0..1 chips already on the device: normalise, cast, forward (autocast)."""
         with torch.inference_mode(), self._autocast():
-            return self._forward(self.model.normalise(x01).to(self.dtype))
+            return self._forward(self.normalise(x01).to(self.dtype))
 
     def _autocast(self):
         if self.dtype == torch.bfloat16:
@@ -330,11 +385,36 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-class _Writer:
-    """A thread that hands model outputs to the stitcher, so stitching and writing overlap the GPU."""
+def _normaliser(model: torch.nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+    """0..1 chips -> the model's input: the given mean/std, else the model's own ``normalise``, else
+    unchanged. Giving only one of ``mean`` and ``std`` is a UsageError."""
+    if (mean is None) != (std is None):
+        raise UsageError("mean" if mean is None else "std", "give both mean and std, or neither")
+    if mean is not None:
+        mean, std = _three(mean, "mean"), _three(std, "std")
+        if min(std) <= 0:
+            raise UsageError("std", f"std must be positive, got {std}")
+        return lambda x01: normalise_rgb(x01, mean, std)
+    own = getattr(model, "normalise", None)
+    return own if callable(own) else (lambda x01: x01)
 
-    def __init__(self, stitcher, depth: int = 4):
-        self.stitcher = stitcher
+
+def _three(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    """Three finite floats (one per input channel), or a UsageError naming ``name``."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise UsageError(name, f"expected three numbers, got {values!r}") from None
+    if len(out) != 3 or not all(np.isfinite(out)):
+        raise UsageError(name, f"expected three finite numbers (R, G, B), got {values!r}")
+    return out
+
+
+class _Writer:
+    """A thread that hands model outputs to the consumer, so stitching and writing overlap the GPU."""
+
+    def __init__(self, consumer, depth: int = 4):
+        self.consumer = consumer
         self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._loop, name="dinov3geo-write", daemon=True)
@@ -364,12 +444,11 @@ class _Writer:
 
     def _handle(self, item) -> None:
         if item[0] == "skip":
-            self.stitcher.skip(item[1])
+            self.consumer.skip(item[1])
             return
         _, batch, out = item
         for chip, values in zip(batch, out):
-            h, w = chip.valid.shape
-            self.stitcher.add(chip.window, values[:, :h, :w], chip.valid)
+            self.consumer.add(chip.window, values, chip.valid)
 
     def finish(self) -> None:
         self.queue.put(None)
@@ -395,3 +474,27 @@ def _progress_bar(total: int, progress: Optional[bool]):
 
     return tqdm(total=total, unit="chip", desc="chips", disable=None if progress is None else not progress,
                 dynamic_ncols=True, leave=False)
+
+
+def run_chips(scene, model: torch.nn.Module, consumer: Consumer, plan: ChipPlan, settings: RunSettings,
+              progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None) -> RunStats:
+    """Run ``model`` over every chip of ``plan`` on ``scene`` (a :class:`~dinov3_geo.io.scene.Scene`)
+    and hand each chip's float32 output to ``consumer`` (``add``/``skip``, then ``close``).
+
+    Chips without a valid pixel are skipped; others are padded to the tile by reflection, scaled to
+    0..1, normalised (``mean``/``std``, else the model's ``normalise``) and run in batches of
+    ``settings.batch_size`` (halved on out-of-GPU-memory, with a note). A warm-up batch runs first
+    on a GPU or when compiling. Returns the run's :class:`RunStats`.
+    """
+    if (scene.height, scene.width) != (plan.height, plan.width):
+        raise UsageError("plan", f"plan is for a {plan.width} x {plan.height} grid, the scene is "
+                                 f"{scene.width} x {scene.height}")
+    engine = Engine(model, settings, mean=mean, std=std)
+    t = time.perf_counter()
+    if settings.compile or settings.device.type == "cuda":  # compile, kernels, cuBLAS: before the chips
+        engine.warm_up(plan.tile)
+    warm = time.perf_counter() - t
+    stats = engine.run(scene, plan, consumer, progress=progress)
+    stats.warmup_seconds = warm
+    return stats

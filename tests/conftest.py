@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
@@ -53,23 +54,27 @@ class MemorySink:
         self.times[row_off:row_off + array.shape[1]] += 1
 
 
-def stream(scene, sink, model, channels: int, tile: int, overlap: int, kind="continuous", order=None):
-    """Run ``model`` (chip ``[3, tile, tile]`` float in 0..1 -> ``[channels, tile, tile]``) over a
-    scene chip by chip like the engine: read, skip empty chips, pad to the tile, stitch."""
-    from dinov3_geo.io.stitch import StreamingStitcher
-    from dinov3_geo.io.tiling import pad_to_tile, plan_chips
+class ChipFunction(torch.nn.Module):
+    """A numpy function of one 0..1 chip (``[3, T, T]`` -> ``[C, T, T]``) as a model for the pipeline."""
 
-    windows = plan_chips(scene.height, scene.width, tile, overlap)
-    stitcher = StreamingStitcher(sink, scene.height, scene.width, channels, tile, overlap, kind=kind)
-    for i in (order if order is not None else range(len(windows))):
-        chip, valid = scene.read(windows[i])
-        if not valid.any():
-            stitcher.skip(windows[i])
-            continue
-        x = chip.astype(np.float32) / 255 if chip.dtype == np.uint8 else chip
-        padded, (h, w) = pad_to_tile(x, tile)
-        stitcher.add(windows[i], model(padded), valid)
-    stitcher.close()
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(self.fn(c), np.float32)) for c in x.numpy()])
+
+
+def stream(scene, sink, model, channels: int, tile: int, overlap: int, kind="continuous", batch_size=4):
+    """Run ``model`` (chip ``[3, tile, tile]`` float in 0..1 -> ``[channels, tile, tile]``) over a
+    scene through the public pipeline (``run_chips`` into a ``StreamingStitcher`` on ``sink``)."""
+    from dinov3_geo.io.stitch import StreamingStitcher
+    from dinov3_geo.pipeline import ChipPlan, RunSettings, run_chips
+
+    plan = ChipPlan.build(scene.height, scene.width, tile, overlap)
+    stitcher = StreamingStitcher(sink, plan, channels, kind=kind)
+    run_chips(scene, ChipFunction(model), stitcher, plan, RunSettings.resolve("cpu", "fp32", batch_size),
+              progress=False)
     return stitcher
 
 

@@ -258,7 +258,7 @@ def test_hash_prefix_is_verified(vitl_like, tmp_path, monkeypatch):
     model, _ = vitl_like
     monkeypatch.setenv("DINOV3GEO_CACHE", str(tmp_path / "cache"))
     pth = write_meta_pth(model, tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
-    with pytest.raises(WeightsError, match="SHA-256.*--no-verify"):
+    with pytest.raises(WeightsError, match="SHA-256.*`verify=False`"):
         dinov3_geo.load_backbone(pth)
     assert dinov3_geo.load_backbone(pth, verify=False).depth == 4
     import hashlib

@@ -15,7 +15,7 @@ import torch
 from test_heads_chmv2 import small_chmv2
 
 import dinov3_geo
-from dinov3_geo.engine import Engine
+from dinov3_geo.engine import Engine, RunSettings
 from dinov3_geo.errors import DeviceError
 from dinov3_geo.models.fp8 import Float8Linear, linears_to_fp8
 
@@ -82,5 +82,5 @@ def test_fp8_on_a_gpu_without_fp8_is_a_device_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     model = torch.nn.Module()
-    with pytest.raises(DeviceError, match=r"compute capability 8\.9.*A100.*--precision bf16"):
-        Engine(model, torch.device("cuda"), "fp8")
+    with pytest.raises(DeviceError, match=r"compute capability 8\.9.*A100.*`precision` bf16"):
+        Engine(model, RunSettings(torch.device("cuda"), "fp8", torch.bfloat16))

@@ -112,17 +112,18 @@ def test_hf_folder_matches_transformers(hf_case, size):
     assert max_rel(got, ref) < REL_TOL
 
 
-def test_decoding_band_by_band_matches_whole_map_and_oracle(hf_case, monkeypatch):
+def test_decoding_band_by_band_matches_whole_map_and_oracle(hf_case):
     """The bins are decoded band of rows by band (the full-resolution logits never exist); with
     7-row bands (not a divisor of the height) the heights equal the one-piece decode and the oracle."""
-    from dinov3_geo.models.heads import chmv2
-
     model, _, ours = hf_case
     pv = processed(scene_crop(512, 384))
     with torch.no_grad():
         whole = ours(pv)
-        monkeypatch.setattr(chmv2, "_CHUNK_ELEMENTS", 32 * 384 * 7)
-        banded = ours(pv)
+        ours.head.chunk_elements = 32 * 384 * 7
+        try:
+            banded = ours(pv)
+        finally:
+            ours.head.chunk_elements = 1 << 24
     torch.testing.assert_close(banded, whole, rtol=1e-6, atol=0)
     assert max_rel(banded, oracle(model, pv)) < REL_TOL
 
@@ -214,7 +215,7 @@ def expect_error(match: str, *args, **kwargs) -> WeightsError:
 
 
 def test_head_without_backbone(meta_files):
-    err = expect_error("need the SAT ViT-L backbone weights: pass --backbone-weights", meta_files[0])
+    err = expect_error("need the SAT ViT-L backbone weights: pass `backbone_weights`", meta_files[0])
     assert err.where == str(meta_files[0])
 
 

@@ -147,6 +147,8 @@ def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
 class _PerChip(torch.nn.Module):
     """Deterministic per-chip model (batch size cannot change its values)."""
 
+    channels = 1
+
     def normalise(self, x):
         return x * 2.0 - 1.0
 
@@ -175,19 +177,17 @@ class _RunsOutOfMemory(_PerChip):
         return super().forward(activations)
 
 
-def _run_segment(monkeypatch, model, scene, out, batch_size=8):
-    import dinov3_geo.api as api
+def _run_segment(model, scene, out, batch_size=8):
+    from dinov3_geo import predict
 
-    monkeypatch.setattr(api, "_load_task_model", lambda *a, **k: model)
-    return api.segment(scene, output=out, weights="unused", device="cpu", tile=64, overlap=16,
-                       batch_size=batch_size, readers=2)
+    return predict(scene, model, out, device="cpu", tile=64, overlap=16, batch_size=batch_size, readers=2)
 
 
-def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, monkeypatch):
+def test_out_of_memory_halves_the_batch_and_finishes(tmp_path):
     scene = tiled_scene(tmp_path / "s.tif", crop=96, reps=2)             # 192 px: 16 chips of 64
-    ok = _run_segment(monkeypatch, _PerChip(), scene, tmp_path / "ok.tif")
+    ok = _run_segment(_PerChip(), scene, tmp_path / "ok.tif")
     flaky = _RunsOutOfMemory(limit=3)
-    res = _run_segment(monkeypatch, flaky, scene, tmp_path / "oom.tif")
+    res = _run_segment(flaky, scene, tmp_path / "oom.tif")
     assert res.stats.chips_computed == ok.stats.chips_computed == 16
     assert res.stats.batch_size == 2 and max(s for s in flaky.sizes if s <= 3) == 2
     assert flaky.sizes[:3] == [8, 4, 2]
@@ -201,12 +201,12 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, monkeypatch):
     assert hidden(tmp_path) == []
 
 
-def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path, monkeypatch):
+def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path):
     from dinov3_geo.errors import DinoGeoError
 
     scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
-    with pytest.raises(DinoGeoError, match="out of GPU memory.*--tile"):
-        _run_segment(monkeypatch, _RunsOutOfMemory(limit=0), scene, tmp_path / "oom.tif", batch_size=2)
+    with pytest.raises(DinoGeoError, match="out of GPU memory.*`tile`"):
+        _run_segment(_RunsOutOfMemory(limit=0), scene, tmp_path / "oom.tif", batch_size=2)
     assert not (tmp_path / "oom.tif").exists() and hidden(tmp_path) == []
 
 
@@ -216,15 +216,17 @@ def test_out_of_memory_in_the_warm_up_lowers_the_batch_for_the_run(tmp_path, mem
     from dinov3_geo.engine import Engine
     from dinov3_geo.io.scene import open_scene
     from dinov3_geo.io.stitch import StreamingStitcher
+    from dinov3_geo.pipeline import ChipPlan, RunSettings
 
     scene = tiled_scene(tmp_path / "s.tif", crop=96, reps=2)             # 16 chips of 64
     flaky = _RunsOutOfMemory(limit=3)
-    engine = Engine(flaky, torch.device("cpu"), "fp32", batch_size=8, tile=64, overlap=16, readers=2)
-    engine.warm_up()
+    engine = Engine(flaky, RunSettings.resolve("cpu", "fp32", batch_size=8, readers=2))
+    engine.warm_up(64)
     assert engine.batch_size == 2 and flaky.sizes == [8, 4, 2]
     with open_scene(scene) as sc:
         sink = memory_sink(1, sc.height, sc.width)
-        stats = engine.run(sc, StreamingStitcher(sink, sc.height, sc.width, 1, 64, 16), progress=False)
+        plan = ChipPlan.build(sc.height, sc.width, 64, 16)
+        stats = engine.run(sc, plan, StreamingStitcher(sink, plan, 1), progress=False)
     assert stats.chips_computed == 16 and stats.batch_size == 2
     assert all(s <= 2 for s in flaky.sizes[3:]), flaky.sizes
     assert stats.notes == ["out of GPU memory: batch size lowered to 4", "out of GPU memory: batch size lowered to 2"]
@@ -235,6 +237,8 @@ def test_out_of_memory_in_the_warm_up_at_batch_one_is_one_clear_error():
     from dinov3_geo.engine import Engine
     from dinov3_geo.errors import DeviceError
 
-    engine = Engine(_RunsOutOfMemory(limit=0), torch.device("cpu"), "fp32", batch_size=2, tile=64, overlap=16)
+    from dinov3_geo.pipeline import RunSettings
+
+    engine = Engine(_RunsOutOfMemory(limit=0), RunSettings.resolve("cpu", "fp32", batch_size=2))
     with pytest.raises(DeviceError, match="out of GPU memory even at batch size 1"):
-        engine.warm_up()
+        engine.warm_up(64)

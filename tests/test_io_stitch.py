@@ -15,7 +15,7 @@ from dinov3_geo.errors import UsageError
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.stitch import StreamingStitcher
-from dinov3_geo.io.tiling import plan_chips
+from dinov3_geo.io.tiling import ChipPlan, plan_chips
 from dinov3_geo.testing.peer import load_tiled_inference
 
 
@@ -194,7 +194,7 @@ def test_memory_bounded_and_out_of_order(tmp_path):
         rng.shuffle(order[start:start + 3])
     field = np.add.outer(np.arange(h), np.arange(w) * 0.5).astype(np.float32)[None]
     sink = MemorySink(1, h, w)
-    st_ = StreamingStitcher(sink, h, w, 1, tile, overlap)
+    st_ = StreamingStitcher(sink, ChipPlan.build(h, w, tile, overlap), 1)
     peak = 0
     for i in order:
         win = windows[i]
@@ -216,7 +216,7 @@ def test_any_arrival_order_gives_the_same_rows_once(arrival):
     order = np.arange(len(windows))[::-1] if arrival == "reversed" else np.random.default_rng(2).permutation(len(windows))
     field = np.add.outer(np.arange(h) * 0.25, np.arange(w) * 0.5).astype(np.float32)[None]
     sink = MemorySink(1, h, w)
-    st_ = StreamingStitcher(sink, h, w, 1, tile, overlap)
+    st_ = StreamingStitcher(sink, ChipPlan.build(h, w, tile, overlap), 1)
     for i in order:
         win = windows[i]
         r, c = int(win.row_off), int(win.col_off)
@@ -233,7 +233,7 @@ def test_classes_argmax_and_nodata():
     valid = np.ones((h, w), bool)
     valid[:5] = False
     sink = MemorySink(1, h, w, dtype="uint8", fill=0)
-    st_ = StreamingStitcher(sink, h, w, 4, tile, overlap, kind="classes")
+    st_ = StreamingStitcher(sink, ChipPlan.build(h, w, tile, overlap), 4, kind="classes")
     for win in plan_chips(h, w, tile, overlap):
         r, c, hh, ww = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
         st_.add(win, logits[:, r:r + hh, c:c + ww], valid[r:r + hh, c:c + ww])
@@ -246,7 +246,7 @@ def test_classes_argmax_and_nodata():
 def test_skipped_chips_and_never_computed_rows_are_nodata():
     h, w = 100, 100
     sink = MemorySink(1, h, w, fill=0)
-    st_ = StreamingStitcher(sink, h, w, 1, 64, 16)
+    st_ = StreamingStitcher(sink, ChipPlan.build(h, w, 64, 16), 1)
     wins = plan_chips(h, w, 64, 16)
     st_.skip(wins[0])
     st_.add(wins[1], np.ones((1, 64, 64), np.float32), np.ones((64, 64), bool))
@@ -256,7 +256,7 @@ def test_skipped_chips_and_never_computed_rows_are_nodata():
 
 
 def test_stitcher_rejects_bad_chips():
-    st_ = StreamingStitcher(MemorySink(1, 100, 100), 100, 100, 1, 64, 16)
+    st_ = StreamingStitcher(MemorySink(1, 100, 100), ChipPlan.build(100, 100, 64, 16), 1)
     win = plan_chips(100, 100, 64, 16)[0]
     with pytest.raises(UsageError):
         st_.add(win, np.ones((2, 64, 64), np.float32), np.ones((64, 64), bool))
@@ -266,4 +266,4 @@ def test_stitcher_rejects_bad_chips():
     with pytest.raises(UsageError):
         st_.skip(Window(5, 5, 64, 64))
     with pytest.raises(UsageError):
-        StreamingStitcher(MemorySink(1, 10, 10), 10, 10, 1, 64, 16, kind="labels")
+        StreamingStitcher(MemorySink(1, 10, 10), ChipPlan.build(10, 10, 64, 16), 1, kind="labels")

@@ -10,7 +10,7 @@ from pyproj import Geod
 from scipy import ndimage
 
 from conftest import write_raster
-from dinov3_geo.errors import OutputError
+from dinov3_geo.errors import InputError, OutputError
 from dinov3_geo.io.vector import polygonize_threshold
 
 RGB = "rasterio_RGB.byte.tif"
@@ -94,20 +94,15 @@ def test_empty_result_and_overwrite_rules(heights, tmp_path):
         polygonize_threshold(path, path, 3.0, overwrite=True)
 
 
-def test_failure_leaves_no_partial_file(heights, tmp_path, monkeypatch):
-    path, _ = heights
-    import dinov3_geo.io.vector as vector
-
-    original = vector._LayerWriter.flush
-
-    def broken(self, force=False):
-        """Write the first batch to the temporary GeoPackage, then fail."""
-        if self.started:
-            raise RuntimeError("disk full")
-        original(self, force)
-
-    monkeypatch.setattr(vector._LayerWriter, "flush", broken)
-    monkeypatch.setattr(vector._LayerWriter.__init__, "__defaults__", (10,))
-    with pytest.raises(RuntimeError):
-        polygonize_threshold(path, tmp_path / "out.gpkg", 3.0, strip_rows=50)
-    assert sorted(os.listdir(tmp_path)) == ["heights.tif"]
+def test_failure_leaves_no_partial_file(heights, tmp_path):
+    """A raster damaged past its first strips fails after polygons were already appended to the
+    temporary GeoPackage: one clear error and no file left behind."""
+    path, data = heights
+    damaged = write_raster(tmp_path / "damaged.tif", data, nodata=float("nan"), blockysize=8)
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as fh:      # uncompressed strips in row order: keep the first ~40 %
+        fh.truncate(int(size * 0.4))
+    path.unlink()
+    with pytest.raises(InputError, match="cannot read rows"):
+        polygonize_threshold(damaged, tmp_path / "out.gpkg", 3.0, strip_rows=50, batch=10)
+    assert sorted(os.listdir(tmp_path)) == ["damaged.tif"]

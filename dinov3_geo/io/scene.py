@@ -71,9 +71,9 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
         bands = [int(b) for b in bands]
         for b in bands:
             if b < 1 or b > count:
-                raise UsageError("--bands", f"band {b} does not exist: {where} has {count} band(s)")
+                raise UsageError("bands", f"band {b} does not exist: {where} has {count} band(s)")
         if len(bands) not in (1, 3):
-            raise UsageError("--bands", f"give 1 or 3 bands, got {len(bands)}")
+            raise UsageError("bands", f"give 1 or 3 bands, got {len(bands)}")
         picked = bands
     else:
         interp = list(src.colorinterp)
@@ -86,7 +86,7 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
             picked = [1]
         else:
             raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
-                                    "choose 1 or 3 with --bands (bands=[...] in Python)")
+                                    "choose 1 or 3 with `bands`")
     warnings = []
     if len(picked) == 1:
         warnings.append(f"single band {picked[0]} (panchromatic?) repeated to 3 channels")
@@ -116,8 +116,9 @@ class Scene:
 
     def __init__(self, path, bands: Sequence[int] | None = None,
                  scale: tuple[float, float] | None = None, gsd: float | None = None,
-                 grid: dict | None = None):
+                 nodata: float | None = None, grid: dict | None = None):
         self.path = str(path)
+        self.nodata_override = _check_nodata(nodata)
         self._local = threading.local()
         self._handles: list = []
         self._lock = threading.Lock()
@@ -179,9 +180,9 @@ class Scene:
     def _working_grid(self, src, gsd: float) -> _Grid:
         """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
         if gsd is None or not gsd > 0:
-            raise UsageError("--gsd", f"gsd must be a positive number of metres, got {gsd!r}")
+            raise UsageError("gsd", f"gsd must be a positive number of metres, got {gsd!r}")
         if src.crs is None:
-            raise UsageError("--gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
+            raise UsageError("gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
         px, py = _pixel_size_m(src.crs, src.transform, src.width, src.height)
         width = max(1, round(src.width * px / gsd))
         height = max(1, round(src.height * py / gsd))
@@ -193,7 +194,7 @@ class Scene:
         if scale is not None:
             lo, hi = (float(v) for v in scale)
             if not hi > lo:
-                raise UsageError("--scale", f"need MIN < MAX, got {scale!r}")
+                raise UsageError("scale", f"need MIN < MAX, got {scale!r}")
             return [(lo, hi)] * len(self.bands)
         if self.dtype == "uint8":
             return None
@@ -208,6 +209,8 @@ class Scene:
             mask = src.read_masks(band, out_shape=shape, resampling=Resampling.nearest) > 0
         except RasterioError as exc:
             raise InputError(self.path, f"unreadable pixels ({short_message(exc)})") from None
+        if self.nodata_override is not None:
+            mask = self._valid_by_value(data[None])
         values = data[mask & np.isfinite(data)]
         if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
             return 0.0, 1.0
@@ -259,7 +262,10 @@ class Scene:
             data = data_ds.read(self.bands, window=window)
             # GDAL's dataset-mask rule: a pixel is nodata only where every band is nodata (a dark
             # pixel with one band at the nodata value is data); alpha and internal masks are shared.
-            valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            if self.nodata_override is None:
+                valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            else:
+                valid = self._valid_by_value(data)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
         if data.dtype.kind == "f":
@@ -270,6 +276,13 @@ class Scene:
         if chip.shape[0] == 1:
             chip = np.repeat(chip, 3, axis=0)
         return chip, valid
+
+    def _valid_by_value(self, data: np.ndarray) -> np.ndarray:
+        """Validity from the user's nodata value: a pixel is nodata where every band equals it (NaN
+        matches NaN), GDAL's dataset-mask rule."""
+        value = self.nodata_override
+        nodata = np.isnan(data) if np.isnan(value) else (data == value)
+        return ~np.all(nodata, axis=0)
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
         return scale_to_unit(data, self.scaling)
@@ -308,16 +321,27 @@ def scale_to_unit(data: np.ndarray, scaling: list[tuple[float, float]] | None) -
     return out
 
 
+def _check_nodata(nodata: float | None) -> float | None:
+    """The user's input nodata value as a float (NaN allowed), or a UsageError naming ``nodata``."""
+    if nodata is None:
+        return None
+    try:
+        return float(nodata)
+    except (TypeError, ValueError):
+        raise UsageError("nodata", f"nodata must be a number, got {nodata!r}") from None
+
+
 def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
-               gsd: float | None = None, grid: dict | None = None) -> Scene:
+               gsd: float | None = None, nodata: float | None = None, grid: dict | None = None) -> Scene:
     """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
 
     ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
     first three; one band is repeated. ``scale=(MIN, MAX)`` maps values linearly to 0..1 instead of
     the default scene-wide 2-98 % stretch (uint8 is always /255). ``gsd``: metres per pixel of the
-    working grid (the input is resampled; outputs go back to the input grid). ``grid``: another
-    scene's ``input_profile`` (crs, transform, width, height) to read this one on, warped
-    (bilinear) when it differs; pixels outside this scene's footprint are invalid.
+    working grid (the input is resampled; outputs go back to the input grid). ``nodata``: a value
+    marking invalid input pixels (where every band has it), replacing the file's own masks.
+    ``grid``: another scene's ``input_profile`` (crs, transform, width, height) to read this one
+    on, warped (bilinear) when it differs; pixels outside this scene's footprint are invalid.
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
-    return Scene(path, bands=bands, scale=scale, gsd=gsd, grid=grid)
+    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, grid=grid)

@@ -19,6 +19,7 @@ What is left for the end is kept small, since it runs after the last chip:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -57,7 +58,7 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
         if src is not None and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(path):
             raise OutputError(path, "is the input file; choose another output")
     if path.exists() and not overwrite:
-        raise OutputError(path, "exists (use --overwrite to replace it)")
+        raise OutputError(path, "exists (use `overwrite` to replace it)")
     return path
 
 
@@ -98,7 +99,7 @@ def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str
     try:
         yield tmp
         if target.exists() and not overwrite:
-            raise OutputError(target, "appeared while writing (use --overwrite to replace it)")
+            raise OutputError(target, "appeared while writing (use `overwrite` to replace it)")
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
@@ -202,23 +203,18 @@ def _temp_compression() -> dict:
     return {"compress": "ZSTD", "zstd_level": 1} if _zstd_works() else {"compress": "DEFLATE", "zlevel": 1}
 
 
-_ZSTD: bool | None = None
-
-
+@functools.cache
 def _zstd_works() -> bool:
     """Whether this GDAL writes ZSTD-compressed GeoTIFFs (tried once, in memory)."""
-    global _ZSTD
-    if _ZSTD is None:
-        try:
-            with warnings.catch_warnings(), rasterio.io.MemoryFile() as mem:
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with mem.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8",
-                              compress="ZSTD") as ds:
-                    ds.write(np.zeros((1, 16, 16), np.uint8))
-            _ZSTD = True
-        except RasterioError:
-            _ZSTD = False
-    return _ZSTD
+    try:
+        with warnings.catch_warnings(), rasterio.io.MemoryFile() as mem:
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with mem.open(driver="GTiff", width=16, height=16, count=1, dtype="uint8",
+                          compress="ZSTD") as ds:
+                ds.write(np.zeros((1, 16, 16), np.uint8))
+        return True
+    except RasterioError:
+        return False
 
 
 class _StripWorker:
@@ -263,7 +259,7 @@ class COGSink:
 
     def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
                  colormap: dict | None = None, overwrite: bool = False,
-                 band_descriptions: Sequence[str] | None = None, *,
+                 band_descriptions: Sequence[str] | None = None, tags: dict | None = None, *,
                  gdal_cache_mb: int | None = GDAL_CACHE_MB, zstd_level: int = COG_ZSTD_LEVEL):
         self.path = check_output(path, overwrite, inputs=[getattr(scene, "path", None)])
         self.scene, self.count, self.dtype = scene, count, np.dtype(dtype).name
@@ -271,6 +267,7 @@ class COGSink:
             nodata = 255 if self.dtype == "uint8" else None  # NaN cannot be an integer nodata
         self.nodata, self.colormap, self.overwrite = nodata, colormap, overwrite
         self.band_descriptions = list(band_descriptions) if band_descriptions else None
+        self.tags = dict(tags) if tags else {}
         self.zstd_level = zstd_level
         self._tmp: Path | None = None
         self._ds = None
@@ -413,6 +410,8 @@ class COGSink:
                 raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
             if self.colormap:
                 self._ds.write_colormap(1, self.colormap)
+            if self.tags:
+                self._ds.update_tags(**self.tags)
             if self.band_descriptions:
                 for i, d in enumerate(self.band_descriptions, 1):
                     self._ds.set_band_description(i, d)
@@ -421,7 +420,7 @@ class COGSink:
             cog = temp_path(self.path, "cog")
             self._to_cog(cog)
             if self.path.exists() and not self.overwrite:
-                raise OutputError(self.path, "appeared while writing (use --overwrite to replace it)")
+                raise OutputError(self.path, "appeared while writing (use `overwrite` to replace it)")
             os.replace(cog, self.path)
             cog = None
             self.finished = True

@@ -14,7 +14,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from dinov3_geo.errors import UsageError
-from dinov3_geo.io.tiling import _axis_profile, chip_weights, plan_chips, validate_tiling
+from dinov3_geo.io.tiling import ChipPlan
 
 CLASS_NODATA = 255
 KINDS = ("continuous", "classes")
@@ -25,7 +25,7 @@ def _key(window: Window) -> tuple[int, int, int, int]:
 
 
 class StreamingStitcher:
-    """Blend chip outputs with :func:`~dinov3_geo.io.tiling.chip_weights` and stream finished rows.
+    """Blend chip outputs with the plan's weights (:meth:`ChipPlan.weights`) and stream finished rows.
 
     ``kind="continuous"``: the sink receives float32 ``[channels, rows, width]`` with NaN where the
     input was invalid or nothing was computed. ``kind="classes"``: ``channels`` are logits or
@@ -37,16 +37,15 @@ class StreamingStitcher:
     is the intended caller (``sink.write`` runs inside that call).
     """
 
-    def __init__(self, sink, height: int, width: int, channels: int, tile: int, overlap: int,
-                 kind: str = "continuous", windows: Sequence[Window] | None = None):
-        validate_tiling(tile, overlap)
+    def __init__(self, sink, plan: ChipPlan, channels: int, kind: str = "continuous"):
         if kind not in KINDS:
             raise UsageError("kind", f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "classes" and channels > CLASS_NODATA:
             raise UsageError("kind", f"at most {CLASS_NODATA} classes fit uint8 with nodata 255")
-        self.sink, self.height, self.width, self.channels = sink, height, width, channels
-        self.tile, self.overlap, self.kind = tile, overlap, kind
-        windows = list(windows) if windows is not None else plan_chips(height, width, tile, overlap)
+        height, width, tile, overlap = plan.height, plan.width, plan.tile, plan.overlap
+        self.sink, self.plan, self.height, self.width, self.channels = sink, plan, height, width, channels
+        self.kind = kind
+        windows = plan.windows
         self._pending_keys = {_key(w) for w in windows}
         rows = sorted({int(w.row_off) for w in windows})
         self._row_starts = rows
@@ -62,7 +61,6 @@ class StreamingStitcher:
         self._wsum = np.zeros((capacity, width), np.float32)
         self._valid = np.zeros((capacity, width), bool)
         self._lock = threading.Lock()
-        self._weight_cache: dict[tuple[bytes, bytes], np.ndarray] = {}
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
         self.rows_written = 0
 
@@ -76,7 +74,7 @@ class StreamingStitcher:
         if values.shape != (self.channels, h, w) or valid.shape != (h, w):
             raise UsageError("stitcher", f"chip {window} got values {values.shape} / valid "
                                          f"{valid.shape}, expected ({self.channels}, {h}, {w})")
-        weights = self._weights(window)
+        weights = self.plan.weights(window)
         everywhere = valid.all()
         if not everywhere:
             weights = np.where(valid, weights, np.float32(0))
@@ -112,19 +110,6 @@ class StreamingStitcher:
         return self._rows
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _weights(self, window: Window) -> np.ndarray:
-        """:func:`chip_weights` of ``window`` (float32, read-only), computed once per distinct pair
-        of row and column profiles: interior chips all share one array, so a scene needs a handful."""
-        r, c, h, w = _key(window)
-        key = (_axis_profile(self.height, self.tile, self.overlap, r, h).tobytes(),
-               _axis_profile(self.width, self.tile, self.overlap, c, w).tobytes())
-        weights = self._weight_cache.get(key)
-        if weights is None:
-            weights = chip_weights(window, self.height, self.width, self.tile, self.overlap)
-            weights.setflags(write=False)
-            self._weight_cache[key] = weights
-        return weights
-
     def _take(self, window: Window) -> None:
         """Check ``window`` is a planned chip not yet seen, and mark it seen."""
         key = _key(window)

@@ -15,6 +15,7 @@ exact for identical predictions whatever the overlap pattern (shifted border chi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -29,10 +30,10 @@ WEIGHT_FLOOR = 1e-6
 def validate_tiling(tile: int, overlap: int) -> None:
     """Raise :class:`UsageError` unless ``tile`` is a positive multiple of 16 and
     ``0 <= overlap < tile / 2``."""
-    if not isinstance(tile, (int, np.integer)) or tile <= 0 or tile % 16:
-        raise UsageError("--tile", f"tile must be a positive multiple of 16, got {tile!r}")
-    if not isinstance(overlap, (int, np.integer)) or overlap < 0 or 2 * overlap >= tile:
-        raise UsageError("--overlap", f"overlap must be >= 0 and < tile/2 ({tile / 2:g}), got {overlap!r}")
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile <= 0 or tile % 16:
+        raise UsageError("tile", f"tile must be a positive multiple of 16, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0 or 2 * overlap >= tile:
+        raise UsageError("overlap", f"overlap must be >= 0 and < tile/2 ({tile / 2:g}), got {overlap!r}")
 
 
 def axis_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -47,18 +48,67 @@ def axis_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def plan_chips(height: int, width: int, tile: int = 512, overlap: int = 64) -> list[Window]:
-    """All chip windows of a ``height`` x ``width`` grid, row-major.
+@dataclass(frozen=True)
+class ChipPlan:
+    """The chip grid of one run, built once: size, tile, overlap, the windows and their blend weights.
 
-    Each window is ``min(tile, height)`` x ``min(tile, width)`` pixels; windows lie inside the grid.
+    ``windows`` are ``min(tile, height)`` x ``min(tile, width)`` rasterio windows, row-major, inside
+    the grid (border chips shifted inward). The engine reads them, the stitcher blends with
+    :meth:`weights`; nothing else derives the grid. Build with :meth:`build` (validates).
     """
-    validate_tiling(tile, overlap)
-    if height <= 0 or width <= 0:
-        raise UsageError("scene", f"empty grid {height} x {width}")
-    h, w = min(tile, height), min(tile, width)
-    return [Window(c, r, w, h)
-            for r in axis_starts(height, tile, overlap)
-            for c in axis_starts(width, tile, overlap)]
+
+    height: int
+    width: int
+    tile: int = 512
+    overlap: int = 64
+    row_starts: tuple[int, ...] = field(init=False, repr=False)
+    col_starts: tuple[int, ...] = field(init=False, repr=False)
+    windows: tuple[Window, ...] = field(init=False, repr=False)
+    _weights: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_tiling(self.tile, self.overlap)
+        if self.height <= 0 or self.width <= 0:
+            raise UsageError("scene", f"empty grid {self.height} x {self.width}")
+        rows = tuple(axis_starts(self.height, self.tile, self.overlap))
+        cols = tuple(axis_starts(self.width, self.tile, self.overlap))
+        h, w = self.chip_shape
+        object.__setattr__(self, "row_starts", rows)
+        object.__setattr__(self, "col_starts", cols)
+        object.__setattr__(self, "windows", tuple(Window(c, r, w, h) for r in rows for c in cols))
+
+    @classmethod
+    def build(cls, height: int, width: int, tile: int = 512, overlap: int = 64) -> "ChipPlan":
+        """The plan of a ``height`` x ``width`` grid; :class:`UsageError` naming ``tile`` or
+        ``overlap`` when they are not usable."""
+        return cls(int(height), int(width), tile, overlap)
+
+    @property
+    def chip_shape(self) -> tuple[int, int]:
+        """(rows, cols) of every chip before padding to the tile."""
+        return min(self.tile, self.height), min(self.tile, self.width)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def weights(self, window: Window) -> np.ndarray:
+        """Blend weights of ``window`` (one of :attr:`windows`), float32 ``[h, w]``, all > 0,
+        read-only; chips with the same row and column profiles share one array."""
+        r, c = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        key = (_axis_profile(self.height, self.tile, self.overlap, r, h).tobytes(),
+               _axis_profile(self.width, self.tile, self.overlap, c, w).tobytes())
+        weights = self._weights.get(key)
+        if weights is None:
+            weights = chip_weights(window, self.height, self.width, self.tile, self.overlap)
+            weights.setflags(write=False)
+            self._weights[key] = weights
+        return weights
+
+
+def plan_chips(height: int, width: int, tile: int = 512, overlap: int = 64) -> list[Window]:
+    """All chip windows of a ``height`` x ``width`` grid, row-major (:attr:`ChipPlan.windows`)."""
+    return list(ChipPlan.build(height, width, tile, overlap).windows)
 
 
 def _ramp(n: int) -> np.ndarray:

@@ -29,7 +29,6 @@ from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-ATTRIBUTES = ("area_m2", "mean_height_m", "max_height_m")
 
 
 @dataclass
@@ -169,14 +168,15 @@ class _LayerWriter:
 
 
 def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "canopy",
-                         overwrite: bool = False, strip_rows: int = 1024) -> int:
+                         overwrite: bool = False, strip_rows: int = 1024, batch: int = 5000) -> int:
     """Write polygons of pixels ``>= threshold`` (NaN and nodata excluded) of band 1 of
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
     Polygons are 4-connected pixel components in the raster's CRS, never split at strip borders,
     with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
     ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
-    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time.
+    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
+    the file ``batch`` at a time.
     """
     try:
         ds = rasterio.open(raster_path)
@@ -185,13 +185,17 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
     with ds, bounded_gdal_cache(), atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
         os.unlink(tmp)  # the GPKG driver creates the file itself
         areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)
-        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas)
+        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, batch=batch)
         merger = _StripMerger(ds.width)
         for row_off in range(0, ds.height, strip_rows):
             rows = min(strip_rows, ds.height - row_off)
             window = Window(0, row_off, ds.width, rows)
-            values = ds.read(1, window=window)
-            sel = (values >= threshold) & np.isfinite(values) & (ds.read_masks(1, window=window) > 0)
+            try:
+                values = ds.read(1, window=window)
+                sel = (values >= threshold) & np.isfinite(values) & (ds.read_masks(1, window=window) > 0)
+            except RasterioError as exc:
+                raise InputError(raster_path, f"cannot read rows {row_off}-{row_off + rows} "
+                                              f"({short_message(exc)})") from None
             writer.add(merger.add(row_off, values, sel, last=row_off + rows >= ds.height))
         writer.flush(force=True)
         return writer.count

@@ -68,12 +68,9 @@ class Backbone(nn.Module):
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
-        """The four blocks dense heads read: [4,11,17,23] for ViT-L, [9,19,29,39] for the 7B
-        (``registry.DENSE_LAYERS_BY_DEPTH``), else four evenly spaced ones."""
-        if self.depth in registry.DENSE_LAYERS_BY_DEPTH:
-            return registry.DENSE_LAYERS_BY_DEPTH[self.depth]
-        step = self.depth / 4
-        return tuple(int(round(step * (i + 1))) - 1 for i in range(4))
+        """The four blocks dense heads read: [4,11,17,23] for ViT-L, [9,19,29,39] for the 7B, else
+        four evenly spaced ones (:func:`registry.dense_layers`)."""
+        return registry.dense_layers(self.depth)
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -17,19 +17,9 @@ from torch import nn
 from ..errors import WeightsError
 from .backbone import normalise_rgb
 from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
-
-# CHMv2's own input statistics (Meta's notebook, transformers' CHMv2ImageProcessor); note 0.420,
-# not the 0.430 of the SAT-493M backbone README.
-CHMV2_MEAN = (0.420, 0.411, 0.296)
-CHMV2_STD = (0.213, 0.156, 0.143)
-CHMV2_LAYERS = (5, 11, 17, 23)          # ViT-L blocks read by CHMv2 (``_get_chmv2_config``)
+from .registry import CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, even_layers
 
 PathLike = Union[str, os.PathLike]
-
-
-def even_layers(depth: int) -> tuple[int, ...]:
-    """Four evenly spaced 0-based blocks ending at the last: (5, 11, 17, 23) for the 24-block ViT-L."""
-    return tuple((i + 1) * depth // 4 - 1 for i in range(4))
 
 
 def center_pad_amounts(size: int, multiple: int) -> tuple[int, int]:
@@ -43,8 +33,13 @@ class CanopyModel(nn.Module):
 
     ``x`` must be normalised with :attr:`mean` / :attr:`std` (CHMv2's statistics). Sizes that are
     not multiples of the patch size are zero-padded centrally (as the references do) and the
-    prediction is cropped back; the output is float32 whatever the model dtype.
+    prediction is cropped back; the output is float32 whatever the model dtype. A task model
+    (:mod:`dinov3_geo.tasks`): one band of blended values, ``canopy_height_m``.
     """
+
+    output = "values"
+    channels = 1
+    band_names = ("canopy_height_m",)
 
     def __init__(self, backbone: nn.Module, head: CHMv2Head, layers: Sequence[int] = CHMV2_LAYERS,
                  mean: Sequence[float] = CHMV2_MEAN, std: Sequence[float] = CHMV2_STD):
@@ -52,6 +47,7 @@ class CanopyModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.layers = [int(i) for i in layers]
+        self.dense_layers = tuple(self.layers)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.patch_size = int(getattr(backbone, "patch_size", 16))
@@ -110,7 +106,7 @@ def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[Pa
         return load_backbone(backbone_weights, device=device, dtype=dtype, verify=verify).eval()
     if head_weights.backbone_state is None:
         raise WeightsError(head_weights.source, "head weights need the SAT ViT-L backbone weights: "
-                                                "pass --backbone-weights")
+                                                "pass `backbone_weights`")
     state, head_weights.backbone_state = head_weights.backbone_state, None
     return backbone_from_state_dict(state, hf_config=head_weights.backbone_config, source=head_weights.source,
                                     dtype=dtype, device=device).eval()

@@ -34,8 +34,8 @@ def check_fp8_device(device: torch.device) -> None:
     """DeviceError when ``device`` cannot run fp8 products."""
     if not fp8_supported(device):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-        raise DeviceError(str(device), f"--precision fp8 needs a GPU of compute capability 8.9 or more "
-                                       f"(Ada, Hopper); {name} has not: use --precision bf16")
+        raise DeviceError(str(device), f"`precision` fp8 needs a GPU of compute capability 8.9 or more "
+                                       f"(Ada, Hopper); {name} has not: use `precision` bf16")
 
 
 def _rowwise_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

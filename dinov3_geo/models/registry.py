@@ -45,13 +45,22 @@ class WeightsInfo:
     def std(self) -> tuple[float, float, float]:
         return NORMALISATIONS[self.dataset][1]
 
-    @property
-    def sha256_prefix(self) -> str:
-        return official_hash_prefix(self.filename) or ""
 
-
-#: 0-based blocks the dense (DPT) heads read, by backbone depth: ViT-L/16 (24 blocks), ViT-7B/16 (40).
+#: 0-based blocks the dense (DPT) heads read, by backbone depth: ViT-L/16 (24 blocks), ViT-7B/16 (40)
+#: (``_get_out_layers`` in ``dinov3/hub/depthers.py``).
 DENSE_LAYERS_BY_DEPTH: dict[int, tuple[int, ...]] = {24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}
+
+
+def even_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced 0-based blocks ending at the last (``FOUR_EVEN_INTERVALS``): (5, 11, 17, 23)
+    for 24 blocks (CHMv2's), (9, 19, 29, 39) for 40."""
+    return tuple((i + 1) * int(depth) // 4 - 1 for i in range(4))
+
+
+def dense_layers(depth: int) -> tuple[int, ...]:
+    """The four blocks a dense head reads from a backbone of ``depth`` blocks: the released models'
+    (:data:`DENSE_LAYERS_BY_DEPTH`), else :func:`even_layers`."""
+    return DENSE_LAYERS_BY_DEPTH.get(int(depth)) or even_layers(depth)
 _DEPTH = {"vitl16": 24, "vit7b16": 40}
 
 
@@ -62,7 +71,7 @@ def _entry(arch: str, dataset: str, hash8: str) -> WeightsInfo:
         dataset=dataset,
         filename=f"dinov3_{arch}_pretrain_{dataset}-{hash8}.pth",
         hf_repo=f"facebook/dinov3-{arch}-pretrain-{dataset}",
-        dense_layers=DENSE_LAYERS_BY_DEPTH[_DEPTH[arch]],
+        dense_layers=dense_layers(_DEPTH[arch]),
     )
 
 
@@ -76,9 +85,16 @@ BACKBONES: dict[str, WeightsInfo] = {
     )
 }
 
+# CHMv2 canopy height (the one released dense head for the SAT backbone): files, input statistics
+# (Meta's notebook, transformers' CHMv2ImageProcessor: 0.420, not the backbone's 0.430), the ViT-L
+# blocks it reads (``_get_chmv2_config``: four even intervals), its height range and the pixel size
+# it was trained at.
 CHMV2_HEAD_FILENAME = "dinov3_vitl16_chmv2_dpt_head-3703d643.pth"
 CHMV2_HF_REPO = "facebook/dinov3-vitl16-chmv2-dpt-head"
-CHMV2_LAYERS = (5, 11, 17, 23)
+CHMV2_LAYERS = even_layers(24)
+CHMV2_MIN_DEPTH = 0.001
+CHMV2_MAX_DEPTH = 96.0
+CHMV2_TRAINING_GSD = 0.6
 
 _HASH_RE = re.compile(r"-([0-9a-f]{8})\.pth$")
 

@@ -492,7 +492,7 @@ def verify_official_hash(path: os.PathLike | str) -> bool:
     actual = digest.hexdigest()
     if not actual.startswith(expected):
         raise WeightsError(path, f"SHA-256 {actual[:8]}… does not match the {expected} in the file name "
-                                 "(damaged or renamed download); pass --no-verify to load it anyway")
+                                 "(damaged or renamed download); pass `verify=False` to load it anyway")
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()

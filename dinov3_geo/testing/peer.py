@@ -2,16 +2,29 @@
 
 TerraTorch is installed with ``--no-deps`` (its package ``__init__`` imports far more than this
 module needs), so only ``terratorch/tasks/tiled_inference.py`` is loaded, as in
-``../shared/bench/peer_terratorch.py``. Used by the seam tests and the pipeline benchmark.
+``../shared/bench/peer_terratorch.py``. Its one import from the rest of TerraTorch
+(``terratorch.models.utils.pad_images``, a no-op at the sizes we use) is answered inside the
+module's own namespace: ``sys.modules`` is left as it was. Used by the seam tests and the benchmark.
 """
 from __future__ import annotations
 
+import builtins
 import functools
 import importlib.util
-import sys
 import types
 from pathlib import Path
 from typing import Callable
+
+
+def _pad_images(imgs, patch_size, padding):
+    return imgs
+
+
+def _import_for_peer(name, globals=None, locals=None, fromlist=(), level=0):
+    """``__import__`` for the peer's module: its TerraTorch import gets a stub, the rest is normal."""
+    if name == "terratorch.models.utils":
+        return types.SimpleNamespace(pad_images=_pad_images)
+    return builtins.__import__(name, globals, locals, fromlist, level)
 
 
 @functools.cache
@@ -20,13 +33,11 @@ def load_tiled_inference() -> Callable:
     spec = importlib.util.find_spec("terratorch")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("terratorch is not installed (pip install --no-deps terratorch==1.2.13)")
-    root = Path(spec.submodule_search_locations[0])
-    for name in ("terratorch", "terratorch.models"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    utils = types.ModuleType("terratorch.models.utils")
-    utils.pad_images = lambda imgs, patch_size, padding: imgs
-    sys.modules["terratorch.models.utils"] = utils
-    s = importlib.util.spec_from_file_location("tt_tiled", root / "tasks" / "tiled_inference.py")
-    module = importlib.util.module_from_spec(s)
-    s.loader.exec_module(module)
+    path = Path(spec.submodule_search_locations[0]) / "tasks" / "tiled_inference.py"
+    # classes defined there report this module as theirs: dataclasses looks the module up in
+    # sys.modules, and this one is there already
+    module = types.ModuleType(__name__)
+    module.__file__ = str(path)
+    module.__builtins__ = {**vars(builtins), "__import__": _import_for_peer}
+    exec(compile(path.read_text(), str(path), "exec"), module.__dict__)
     return module.tiled_inference

@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import WeightsError
+from ..registry import CHMV2_MAX_DEPTH, CHMV2_MIN_DEPTH
 from ..weights import key_list
 from .dpt import DPTHead, DPTHeadConfig, Features, config_from_state_dict, hf_to_meta_head_state
 
 StateDict = dict[str, torch.Tensor]
 
-CHMV2_MIN_DEPTH = 0.001
-CHMV2_MAX_DEPTH = 96.0
-CHMV2_HEAD_FILENAME = "dinov3_vitl16_chmv2_dpt_head-3703d643.pth"
 # align_corners of the final resize to the input size: Meta's notebook uses False
 # (transformers' post_process_depth_estimation uses True); only odd h/16 or w/16 ever resize.
 OUTPUT_ALIGN_CORNERS = False
@@ -37,7 +35,8 @@ OUTPUT_ALIGN_CORNERS = False
 _SHIFT = 1e-8          # eps_shift; the clamp(-min(relu(x)), 0, 1e-4) term is always 0
 _EPS = 1e-12
 _SCALE = 8.0           # the bins span [min, max / 8]; heights are scaled back by 8
-_CHUNK_ELEMENTS = 1 << 24
+#: Logits decoded at once (pixels x bins x batch): bounds the decoding's extra memory.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def chmv2_mixlog_bins(n_bins: int, min_depth: float = CHMV2_MIN_DEPTH, max_depth: float = CHMV2_MAX_DEPTH,
@@ -51,7 +50,7 @@ def chmv2_mixlog_bins(n_bins: int, min_depth: float = CHMV2_MIN_DEPTH, max_depth
     return t * log + (1.0 - t) * linear
 
 
-def mixlog_to_metres(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+def mixlog_to_metres(logits: torch.Tensor, bins: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """``[B, n_bins, H, W]`` logits (any float dtype) -> float32 heights ``[B, 1, H, W]`` in metres.
 
     Works in float32 on pixel chunks of at most ``2**24`` logits, so the peak extra memory is a
@@ -62,7 +61,7 @@ def mixlog_to_metres(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     weights = bins.to(device=logits.device, dtype=torch.float32).clamp_min(_EPS).view(1, k, 1)
     shift_num = _SHIFT * weights.sum()
     n = h * w
-    step = n if torch.compiler.is_compiling() else max(1, _CHUNK_ELEMENTS // max(1, b * k))
+    step = n if torch.compiler.is_compiling() else max(1, chunk_elements // max(1, b * k))
     out = torch.empty(b, n, dtype=torch.float32, device=logits.device)
     for start in range(0, n, step):
         y = torch.relu(flat[:, :, start:start + step].float())
@@ -92,6 +91,7 @@ class CHMv2Head(DPTHead):
         super().__init__(cfg)
         self.min_depth = float(min_depth)
         self.max_depth = float(max_depth)
+        self.chunk_elements = CHUNK_ELEMENTS     # logits decoded per band of rows (memory bound)
 
     def bins(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """Float32 bin centres (kept out of the state dict and of dtype casts), computed once per
@@ -106,11 +106,12 @@ class CHMv2Head(DPTHead):
         """Float32 heights ``[B,1,H,W]`` in metres, bilinearly resized to ``out_size`` if given."""
         head = self.conv_depth.head
         hidden = head[:-1](self.forward_features(features))     # up to the ReLU before the bins
-        metres = decode_in_bands(hidden, head[-1], self.bins(hidden.device))
+        metres = decode_in_bands(hidden, head[-1], self.bins(hidden.device), self.chunk_elements)
         return metres if out_size is None else resize_heights(metres, out_size)
 
 
-def decode_in_bands(hidden: torch.Tensor, to_logits: torch.nn.Module, bins: torch.Tensor) -> torch.Tensor:
+def decode_in_bands(hidden: torch.Tensor, to_logits: torch.nn.Module, bins: torch.Tensor,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Heights from the last hidden map, band of rows by band of rows: the final 1x1 conv makes
     ``n_bins`` logits for a band only and :func:`mixlog_to_metres` reduces them at once, so the
     full-resolution logits (``n_bins`` x the chip: 134 MB per 512 px chip in bf16) never exist and
@@ -121,7 +122,7 @@ def decode_in_bands(hidden: torch.Tensor, to_logits: torch.nn.Module, bins: torc
     k = to_logits.out_channels
     if torch.compiler.is_compiling():
         return mixlog_to_metres(to_logits(hidden), bins)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, b * k * w))
+    rows = max(1, chunk_elements // max(1, b * k * w))
     if rows >= h:
         return mixlog_to_metres(to_logits(hidden), bins)
     out = torch.empty(b, 1, h, w, dtype=torch.float32, device=hidden.device)
@@ -277,15 +278,4 @@ def build_chmv2_head(weights: CHMv2Weights, device: torch.device | str = "cpu",
                                            f"expected {tuple(own[k].shape)} ({len(wrong)} mismatched)")
     head.load_state_dict(weights.head_state, strict=True)
     return head.to(device=device, dtype=dtype).eval()
-
-
-def load_chmv2_head(path: os.PathLike | str, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> CHMv2Head:
-    """Read and build a CHMv2 head in one call (the backbone part of an HF folder is ignored)."""
-    return build_chmv2_head(read_chmv2_weights(path), device, dtype)
-
-
-def write_meta_head(head: CHMv2Head, path: os.PathLike | str) -> None:
-    """Save ``head`` as Meta's official ``.pth`` layout (a bare decoder state dict)."""
-    torch.save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
 

@@ -1,0 +1,185 @@
+"""The one pipeline every task runs through: a chip plan and run settings resolved once, a model,
+and a sink. ``predict`` is its public, task-agnostic entry point; ``segment`` (canopy) is the canopy
+model plus the same :func:`write_dense`.
+
+    scene -> ChipPlan -> run_chips (readers -> device batches -> model) -> consumer
+    consumer = StreamingStitcher -> COGSink (dense values or classes), or a per-chip collector
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .engine import Engine, RunSettings, RunStats, run_chips
+from .errors import UsageError
+from .io.scene import Scene, open_scene
+from .io.sinks import COGSink, check_output
+from .io.stitch import CLASS_NODATA, StreamingStitcher
+from .io.tiling import ChipPlan
+from .tasks import TaskInfo, describe
+
+PathLike = Union[str, os.PathLike]
+KINDS = ("continuous", "classes")
+#: Output data types of continuous results (NaN nodata).
+DENSE_DTYPES = ("float32", "float16")
+
+__all__ = ["ChipPlan", "RunSettings", "RunStats", "run_chips", "predict", "PredictResult", "DenseOutput",
+           "write_dense"]
+
+
+@dataclass(frozen=True)
+class DenseOutput:
+    """How a dense result is written: blended values (float, NaN nodata) or classes (uint8, 255)."""
+
+    kind: str = "continuous"
+    dtype: str = "float32"
+    band_names: Optional[tuple[str, ...]] = None
+    class_names: Optional[tuple[str, ...]] = None
+    colormap: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError("kind", f"unknown kind {self.kind!r} (continuous or classes)")
+        if self.kind == "continuous" and self.dtype not in DENSE_DTYPES:
+            raise UsageError("dtype", f"unsupported output dtype {self.dtype!r} ({', '.join(DENSE_DTYPES)})")
+
+    def sink_dtype(self) -> str:
+        return "uint8" if self.kind == "classes" else self.dtype
+
+    def descriptions(self, channels: int) -> Optional[list[str]]:
+        """Band descriptions of the file: the band names (continuous) or nothing (classes: the
+        class names go into the file's metadata)."""
+        if self.kind == "classes" or self.band_names is None:
+            return None
+        if len(self.band_names) != channels:
+            raise UsageError("band_names", f"{len(self.band_names)} names for {channels} output bands")
+        return list(self.band_names)
+
+    def tags(self, channels: int) -> dict:
+        """Dataset metadata: class names of a classes output (``CLASS_<value>=name``)."""
+        if self.kind != "classes" or not self.class_names:
+            return {}
+        if len(self.class_names) != channels:
+            raise UsageError("class_names", f"{len(self.class_names)} names for {channels} classes")
+        return {f"CLASS_{i}": str(name) for i, name in enumerate(self.class_names)}
+
+
+@dataclass
+class PredictResult:
+    """What ``predict`` wrote and how it went."""
+
+    output: Path
+    stats: RunStats
+    seconds: float
+    device: str
+    precision: str
+    channels: int
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The closing lines a command prints."""
+        return "\n".join(summary_lines(self.stats, self.seconds, self.device, self.precision, [self.output]))
+
+
+def summary_lines(stats: RunStats, seconds: float, device: str, precision: str, wrote: Sequence[object],
+                  extra: str = "") -> list[str]:
+    """A run's closing lines: time, device, chips, rate (plus ``extra``), what was written, notes."""
+    lines = [f"done in {seconds:.1f} s on {device} ({precision}): {stats.chips_computed} chips computed "
+             f"({stats.chips_skipped} empty skipped), {stats.chips_per_second:.2f} chips/s{extra}"]
+    lines.extend(f"wrote {w}" for w in wrote)
+    lines.extend(f"note: {n}" for n in stats.notes)
+    return lines
+
+
+def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathLike, *,
+            kind: str = "continuous", tile: int = 512, overlap: int = 64, batch_size: int = 8,
+            device: str = "auto", precision: str = "auto", bands: Optional[Sequence[int]] = None,
+            scale: Optional[tuple[float, float]] = None, mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None, nodata: Optional[float] = None, dtype: str = "float32",
+            band_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
+            colormap: Optional[dict] = None, overwrite: bool = False, progress: Optional[bool] = None,
+            compile: bool = False, readers: Optional[int] = None) -> PredictResult:
+    """Run any dense ``model`` over the raster ``scene`` and write a COG on its grid.
+
+    ``model`` maps a normalised float batch ``[B,3,T,T]`` to ``[B,K,T,T]``. Chips are scaled to 0..1
+    (uint8 /255, else ``scale=(MIN, MAX)`` or a scene-wide 2-98 % stretch), then normalised with
+    ``mean``/``std`` when given, else the model's own ``normalise``, else left in 0..1.
+    ``kind="continuous"`` blends values into a float COG (``dtype`` float32 or float16; NaN where
+    the input is invalid, nodata in the input given by ``nodata`` where the file has none);
+    ``kind="classes"`` blends per-class scores and writes the argmax as uint8 (255 nodata; with
+    ``class_names`` in the metadata and ``colormap`` {class: (r, g, b)} as the colour table).
+    Streaming (memory flat in the scene size), atomic (no file at ``output`` unless it succeeded;
+    an existing one is kept unless ``overwrite``); the output has the scene's CRS, transform and
+    size. Returns a :class:`PredictResult`.
+    """
+    t0 = time.perf_counter()
+    info = describe(model)
+    spec = DenseOutput(kind, "uint8" if kind == "classes" else dtype,
+                       _tuple(band_names, info.band_names), _tuple(class_names, info.class_names),
+                       colormap if colormap is not None else info.colormap)
+    settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
+    output = Path(output)
+    with _opened(scene, bands, scale, nodata) as sc:
+        check_output(output, overwrite, inputs=[sc.path])
+        plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
+        stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
+                                      progress=progress, mean=mean, std=std)
+        notes = list(sc.warnings)
+    return PredictResult(output, stats, time.perf_counter() - t0, str(settings.device), settings.precision,
+                         channels, notes)
+
+
+def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPlan, settings: RunSettings,
+                spec: DenseOutput, info: Optional[TaskInfo] = None, *, overwrite: bool = False,
+                progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None) -> tuple[RunStats, int]:
+    """Stream ``model`` over ``plan`` on the open ``scene`` into the COG ``output``, blended as
+    ``spec`` says; returns the run's stats and the model's output channel count."""
+    info = info or describe(model)
+    channels = info.channels or output_channels(model, plan.tile, settings, mean, std)
+    if spec.kind == "classes" and channels > CLASS_NODATA:
+        raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
+    count = 1 if spec.kind == "classes" else channels
+    with COGSink(output, scene, count=count, dtype=spec.sink_dtype(),
+                 nodata=CLASS_NODATA if spec.kind == "classes" else float("nan"),
+                 colormap=spec.colormap, overwrite=overwrite, band_descriptions=spec.descriptions(channels),
+                 tags=spec.tags(channels)) as sink:
+        stitcher = StreamingStitcher(sink, plan, channels, kind=spec.kind)
+        stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, mean=mean, std=std)
+        last_chip = time.perf_counter()
+    stats.finalize_seconds = time.perf_counter() - last_chip
+    return stats, channels
+
+
+def output_channels(model: torch.nn.Module, tile: int, settings: RunSettings,
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> int:
+    """K of a dense model that does not declare ``channels``: one chip of zeros through it, checked
+    to give ``[1, K, tile, tile]``."""
+    engine = Engine(model, settings, mean=mean, std=std)
+    y = engine.forward_zeros(1, tile)
+    if y.ndim != 4 or tuple(y.shape[-2:]) != (tile, tile):
+        raise UsageError("model", f"a dense model must map [B,3,{tile},{tile}] to [B,K,{tile},{tile}], "
+                                  f"got {list(y.shape)}")
+    return int(y.shape[1])
+
+
+@contextmanager
+def _opened(scene: Union[PathLike, Scene], bands, scale, nodata) -> Iterator[Scene]:
+    """An open :class:`Scene`: opened here (and closed after) from a path, or the one given."""
+    if isinstance(scene, Scene):
+        if bands is not None or scale is not None or nodata is not None:
+            raise UsageError("scene", "bands, scale and nodata are set when a Scene is opened; pass a path")
+        yield scene
+        return
+    with open_scene(scene, bands=bands, scale=scale, nodata=nodata) as sc:
+        yield sc
+
+
+def _tuple(given: Optional[Sequence], declared: Optional[tuple]) -> Optional[tuple]:
+    return tuple(given) if given is not None else declared
