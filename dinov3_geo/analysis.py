@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
-import math
 import os
 import shutil
 import tempfile
@@ -31,10 +30,11 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 from rasterio.windows import Window
 
-from dinov3_geo.errors import InputError, OutputError, UsageError
+from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.io.features import PATCH, ChipEmbeddingWriter
 from dinov3_geo.io.patchmap import (ZARR_CHUNK_ROWS, CellGrid, CellPaddedScene, PatchStitcher, ZarrFeatureSink,
                                     check_patch_overlap, open_features)
+from dinov3_geo.io.scene import scene_reader
 from dinov3_geo.io.sinks import COGSink, atomic_output, check_output
 
 PathLike = Union[str, os.PathLike]
@@ -117,18 +117,6 @@ def _load_backbone(backbone, device: str = "auto"):
     return load_backbone(backbone if backbone is not None else DEFAULT_BACKBONE)
 
 
-@contextlib.contextmanager
-def _opened(scene, bands=None, scale=None, grid=None) -> Iterator:
-    """A scene reader: ``scene`` itself when it is one (has ``read``), else the opened file."""
-    if hasattr(scene, "read") and hasattr(scene, "height"):
-        yield scene
-        return
-    from dinov3_geo.io.scene import open_scene
-
-    with open_scene(scene, bands=bands, scale=scale, grid=grid) as sc:
-        yield sc
-
-
 def _scene_path(scene) -> Optional[str]:
     return getattr(scene, "path", None) if not isinstance(scene, (str, os.PathLike)) else str(scene)
 
@@ -153,7 +141,7 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
     check_output(output, overwrite, inputs=[_scene_path(scene)])
     bb = _load_backbone(backbone, device)
     run = _Run(bb, tile, overlap, batch_size, device, precision, progress)
-    with _opened(scene, bands, scale) as reader:
+    with scene_reader(scene, bands=bands, scale=scale) as reader:
         if patch:
             _embed_patches(run, reader, output, pca, overwrite)
         else:
@@ -173,7 +161,7 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: int = 512,
     _check_embed_options(output, True, None)
     check_output(output, overwrite, inputs=[_scene_path(scene)])
     run = _Run(None, tile, overlap, batch_size, device, precision, progress)
-    with _opened(scene, bands, scale) as reader:
+    with scene_reader(scene, bands=bands, scale=scale) as reader:
         attrs = dict(tile=tile, overlap=overlap, patch_size=PATCH)
         with _feature_sink(output, CellGrid.of(reader), channels, attrs, overwrite, reader) as sink:
             run.patch_features(reader, sink, model, channels)
@@ -360,7 +348,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
         raise UsageError("at", "give exactly one reference: a point (at) or polygons (like)")
     check_output(output, overwrite, inputs=[_scene_path(scene), like, features])
     run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
-    with _opened(scene, bands, scale) as reader:
+    with scene_reader(scene, bands=bands, scale=scale) as reader:
         cellmask = _point_cells(reader, at) if at is not None else _polygon_cells(reader, like)
         with _cell_features(run, reader, output, features) as feats:
             reference = _mean_feature(feats, cellmask, at if at is not None else like)
@@ -452,7 +440,7 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[_scene_path(scene), output])
     run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
-    with _opened(scene, bands, scale) as reader:
+    with scene_reader(scene, bands=bands, scale=scale) as reader:
         with _cell_features(run, reader, output, features) as feats:
             kmeans = _fit_kmeans(feats, int(k), seed)
             labels = np.full(feats.shape[1:], CLASS_NODATA, np.uint8)
@@ -553,9 +541,9 @@ def change(before, after, output: PathLike, *, backbone=None, tile: int = 512, o
     output = Path(output)
     check_output(output, overwrite, inputs=[_scene_path(before), _scene_path(after)])
     run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
-    with _opened(before, bands, scale) as first:
+    with scene_reader(before, bands=bands, scale=scale) as first:
         _check_overlap(first, after)
-        with _opened(after, bands, scale, grid=first.input_profile) as second, \
+        with scene_reader(after, bands=bands, scale=scale, grid=first.input_profile) as second, \
                 _scratch_features(run, first, output) as f1, _scratch_features(run, second, output) as f2:
             blocks = ((r0, 1.0 - np.sum(_unit(a) * _unit(b), axis=0))
                       for (r0, a), (_, b) in zip(_row_blocks(f1), _row_blocks(f2)))
@@ -567,12 +555,8 @@ def _check_overlap(first, after) -> None:
     """InputError unless ``after`` covers some of ``first``'s extent."""
     from rasterio.warp import transform_bounds
 
-    if not isinstance(after, (str, os.PathLike)):
-        return
-    import rasterio
-
-    with rasterio.open(after) as src:
-        crs, bounds = src.crs, src.bounds
+    with scene_reader(after) as probe:
+        crs, bounds = probe.crs, _bounds(probe)
     if crs is None or first.crs is None:
         raise InputError(after, "no georeference (no CRS): cannot be compared with another date")
     left, bottom, right, top = transform_bounds(crs, first.crs, *bounds)

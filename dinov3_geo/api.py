@@ -19,7 +19,7 @@ import torch
 
 from .engine import RunSettings, RunStats
 from .errors import UsageError, WeightsNotFoundError
-from .io.scene import open_scene
+from .io.scene import scene_reader
 from .io.sinks import check_output
 from .io.tiling import ChipPlan
 from .models import registry
@@ -78,13 +78,14 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output) if output is not None else _default_output(scene, task)
-    check_output(output, overwrite, inputs=[scene])
+    source = getattr(scene, "path", scene)           # a path, or an open scene reader's name
+    check_output(output, overwrite, inputs=[source])
     if vector is not None:
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
-        check_output(vector, overwrite, inputs=[scene, output])
+        check_output(vector, overwrite, inputs=[source, output])
     collected: list[str] = []
-    with open_scene(scene, bands=bands, scale=scale, gsd=gsd) as sc:
+    with scene_reader(scene, bands=bands, scale=scale, gsd=gsd) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)

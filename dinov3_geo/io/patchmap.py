@@ -12,13 +12,12 @@ or a COG through :class:`~dinov3_geo.io.sinks.COGSink` on a :class:`CellGrid`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from affine import Affine

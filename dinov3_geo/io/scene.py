@@ -6,6 +6,7 @@ threads (each thread gets its own rasterio handle).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -345,3 +346,18 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
     return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, grid=grid)
+
+
+@contextlib.contextmanager
+def scene_reader(scene, **options):
+    """``scene`` itself when it is an open scene reader already (a :class:`Scene`, or any object
+    with ``read(window)``, ``height``, ``width``, ``crs`` and ``transform``, such as the xarray
+    accessor's), else :func:`open_scene` of the path with ``options`` (closed after)."""
+    if hasattr(scene, "read") and hasattr(scene, "height"):
+        given = sorted(name for name, value in options.items() if value is not None)
+        if given:
+            raise UsageError("scene", f"{', '.join(given)} are set when a scene is opened; pass a path")
+        yield scene
+        return
+    with open_scene(scene, **options) as sc:
+        yield sc

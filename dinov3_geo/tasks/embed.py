@@ -36,7 +36,7 @@ class _BackboneTask(nn.Module):
         self.backbone = backbone
         self.mean, self.std = backbone.mean, backbone.std
         self.patch_size = backbone.patch_size
-        self.embed_dim = backbone.embed_dim
+        self.embed_dim = self.channels = backbone.embed_dim
         self.backbone_id = backbone_id(backbone)
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,10 @@ class _BackboneTask(nn.Module):
 
 
 class ChipTokens(_BackboneTask):
-    """Normalised chips ``[B,3,T,T]`` -> tokens ``[B, D, 1 + (T/16)²]``: CLS, then patches row-major."""
+    """Normalised chips ``[B,3,T,T]`` -> tokens ``[B, D, 1 + (T/16)²]``: CLS, then patches row-major
+    (for :class:`~dinov3_geo.io.features.ChipEmbeddingWriter`)."""
+
+    output = "tokens"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone.forward_features(x)
@@ -62,6 +65,8 @@ class ChipTokens(_BackboneTask):
 
 class PatchTokens(_BackboneTask):
     """Normalised chips ``[B,3,T,T]`` -> patch tokens ``[B, D, T/16, T/16]`` (after the final norm)."""
+
+    output = "patches"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)["patches"]
