@@ -39,7 +39,7 @@ class DataArrayScene:
 
     def __init__(self, da: xr.DataArray, bands: Optional[Sequence[int]] = None,
                  scale: Optional[tuple[float, float]] = None):
-        from dinov3_geo.io.scene import MIN_SIZE
+        from dinov3_geo.io.scene import MIN_SIZE, pixel_size_m
 
         da = da if "band" in da.dims else da.expand_dims("band")
         if da.ndim != 3:
@@ -50,6 +50,7 @@ class DataArrayScene:
         if self.height < MIN_SIZE or self.width < MIN_SIZE:
             raise InputError(self.path, f"too small: {self.width} x {self.height} px (need >= {MIN_SIZE})")
         self.crs, self.transform = self.da.rio.crs, self.da.rio.transform()
+        self.pixel_size_m = pixel_size_m(self.crs, self.transform, self.width, self.height)
         self.dtype = np.dtype(self.da.dtype).name
         self.nodata = self.da.rio.nodata if self.da.rio.nodata is not None else self.da.rio.encoded_nodata
         self.band_index = self._bands(bands)

@@ -10,8 +10,8 @@ import shapely
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
 
-import dinov3_geo.xarray  # noqa: F401  (registers .dinov3)
-from dinov3_geo.analysis import change, cluster, embed, similar
+from dinov3_geo import segment
+from dinov3_geo.analysis import change, cluster, embed, similar   # importing dinov3_geo registers da.dinov3
 from dinov3_geo.io.patchmap import open_features
 from dinov3_geo.testing.random_backbone import write_random_backbone
 
@@ -130,3 +130,15 @@ def test_accessor_gives_the_commands_numbers(sample, tmp_path, backbone_file):
         assert np.isnan(sim.rio.nodata)
     np.testing.assert_array_equal(feats.values, open_features(feats_file).values)
     assert feats.rio.crs == da.rio.crs
+
+
+def test_accessor_canopy_is_the_segment_commands(sample, tmp_path):
+    from dinov3_geo.testing.random_chmv2 import write_random_chmv2
+
+    weights, scene, out = write_random_chmv2(tmp_path / "chmv2"), sample("stars_L7_ETMs.tif"), tmp_path / "canopy.tif"
+    segment(scene, output=out, weights=weights, **OPTS)
+    da = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": 64, "x": 64})
+    heights = da.dinov3.canopy(weights=weights, **OPTS)
+    with rasterio.open(out) as ds:
+        np.testing.assert_array_equal(heights.values, ds.read(1))
+        assert heights.rio.crs == ds.crs and heights.rio.transform() == ds.transform

@@ -236,7 +236,7 @@ class ZarrFeatureSink:
                 raise OutputError(self.path, f"only {self._next_row} of {self.grid.height} rows were written")
             if self.path.exists():
                 if not self.overwrite:
-                    raise OutputError(self.path, "appeared while writing (use --overwrite to replace it)")
+                    raise OutputError(self.path, "appeared while writing (use `overwrite` to replace it)")
                 _remove_tree(self.path)
             os.replace(self._tmp, self.path)
             self._tmp = None

@@ -39,7 +39,7 @@ def metres_per_degree(lat: float) -> tuple[float, float]:
     return m_lon, m_lat
 
 
-def _pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+def pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
     """Metres per pixel (x, y) of a grid; ``None`` without a CRS."""
     px, py = math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
     if crs is None:
@@ -157,7 +157,7 @@ class Scene:
         self.transform, self.width, self.height = grid.transform, grid.width, grid.height
         if self.width < MIN_SIZE or self.height < MIN_SIZE:
             raise InputError(self.path, f"at gsd={gsd} m the scene is only {self.width} x {self.height} px")
-        self.pixel_size_m = _pixel_size_m(self.crs, self.transform, self.width, self.height)
+        self.pixel_size_m = pixel_size_m(self.crs, self.transform, self.width, self.height)
         self.scaling = self._scaling(src, scale)
 
     def _probe(self, src) -> None:
@@ -184,7 +184,7 @@ class Scene:
             raise UsageError("gsd", f"gsd must be a positive number of metres, got {gsd!r}")
         if src.crs is None:
             raise UsageError("gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
-        px, py = _pixel_size_m(src.crs, src.transform, src.width, src.height)
+        px, py = pixel_size_m(src.crs, src.transform, src.width, src.height)
         width = max(1, round(src.width * px / gsd))
         height = max(1, round(src.height * py / gsd))
         transform = src.transform @ Affine.scale(src.width / width, src.height / height)
