@@ -80,17 +80,17 @@ class _Run:
     chips_computed: int = 0
     chips_skipped: int = 0
 
-    def settings(self):
+    def __post_init__(self) -> None:
         from dinov3_geo.pipeline import RunSettings
 
-        return RunSettings.resolve(device=self.device, precision=self.precision, batch_size=self.batch_size)
+        self.settings = RunSettings.resolve(device=self.device, precision=self.precision, batch_size=self.batch_size)
 
     def run(self, reader, model, consumer, plan) -> None:
         """One pipeline run; counts chips."""
         from dinov3_geo.pipeline import run_chips
 
-        model = model.to(self.settings().device)
-        stats = run_chips(reader, model, consumer, plan, self.settings(), progress=self.progress)
+        model = model.to(self.settings.device)
+        stats = run_chips(reader, model, consumer, plan, self.settings, progress=self.progress)
         self.chips_computed += stats.chips_computed
         self.chips_skipped += stats.chips_skipped
 
@@ -108,7 +108,7 @@ class _Run:
         self.run(padded, model, stitcher, plan)
 
 
-def _load_backbone(backbone, device: str = "auto"):
+def _load_backbone(backbone):
     """A :class:`~dinov3_geo.models.backbone.Backbone` as given, or loaded from a path or name."""
     from dinov3_geo.models.backbone import Backbone, load_backbone
 
@@ -139,7 +139,7 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
     output = Path(output)
     _check_embed_options(output, patch, pca)
     check_output(output, overwrite, inputs=[_scene_path(scene)])
-    bb = _load_backbone(backbone, device)
+    bb = _load_backbone(backbone)
     run = _Run(bb, tile, overlap, batch_size, device, precision, progress)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         if patch:
@@ -347,7 +347,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
     if (at is None) == (like is None):
         raise UsageError("at", "give exactly one reference: a point (at) or polygons (like)")
     check_output(output, overwrite, inputs=[_scene_path(scene), like, features])
-    run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         cellmask = _point_cells(reader, at) if at is not None else _polygon_cells(reader, like)
         with _cell_features(run, reader, output, features) as feats:
@@ -439,7 +439,7 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[_scene_path(scene), output])
-    run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         with _cell_features(run, reader, output, features) as feats:
             kmeans = _fit_kmeans(feats, int(k), seed)
@@ -540,7 +540,7 @@ def change(before, after, output: PathLike, *, backbone=None, tile: int = 512, o
     t0 = time.perf_counter()
     output = Path(output)
     check_output(output, overwrite, inputs=[_scene_path(before), _scene_path(after)])
-    run = _Run(_load_backbone(backbone, device), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
     with scene_reader(before, bands=bands, scale=scale) as first:
         _check_overlap(first, after)
         with scene_reader(after, bands=bands, scale=scale, grid=first.input_profile) as second, \
