@@ -84,11 +84,12 @@ def show_classes(ax, path, title: str, names: Optional[Sequence[str]] = None) ->
     _finish(ax, title, crs)
 
 
-def beside(image_path, title: str = "image", bands: Sequence[int] = (1, 2, 3), width: float = 12.0):
+def beside(image_path, title: str = "image", bands: Sequence[int] = (1, 2, 3), width: float = 12.0,
+           dpi: int = 72):
     """A figure with the scene on the left; returns ``(figure, right axes)`` for the result."""
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(width, width * 0.42), sharex=True, sharey=True,
-                                      constrained_layout=True)
+                                      constrained_layout=True, dpi=dpi)
     show_image(left, image_path, bands, title)
     return fig, right
