@@ -7,6 +7,8 @@ import pytest
 import rasterio
 import rioxarray
 import shapely
+from rasterio.io import MemoryFile
+from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
 
@@ -101,13 +103,19 @@ def test_change_between_two_dates(sample, tmp_path, backbone_file):
 @pytest.mark.slow
 def test_change_warps_the_second_date_and_leaves_the_rest_nodata(sample, tmp_path, backbone_file):
     before = sample(NAIP_2020)
-    part = tmp_path / "after_part.tif"                  # the 2019 image cut to its top-left part
+    part = tmp_path / "after_part.tif"      # the 2019 image cut to its top-left part, in longitude/latitude
     with rasterio.open(sample(NAIP_2019)) as src:
         window = Window(0, 0, 400, 300)
         profile = dict(src.profile, width=400, height=300, transform=src.window_transform(window),
                        photometric="MINISBLACK")
-        with rasterio.open(part, "w", **profile) as dst:
-            dst.write(src.read(window=window))
+        with MemoryFile() as mem:
+            with mem.open(**profile) as cut:
+                cut.write(src.read(window=window))
+            with mem.open() as cut, WarpedVRT(cut, crs="EPSG:4326") as lonlat:
+                profile = dict(profile, crs=lonlat.crs, transform=lonlat.transform, width=lonlat.width,
+                               height=lonlat.height)
+                with rasterio.open(part, "w", **profile) as dst:
+                    dst.write(lonlat.read())
     out = tmp_path / "change.tif"
     change(before, part, out, backbone=backbone_file, **OPTS)
     same_grid(before, out)
