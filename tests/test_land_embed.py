@@ -140,3 +140,31 @@ def test_patch_embeddings_and_pca(sample, tmp_path, backbone_file):
     got = pcs.values.reshape(3, -1).T
     for k in range(3):                                 # components agree up to sign
         assert abs(np.corrcoef(got[:, k], top[:, k])[0, 1]) > 0.999
+
+
+class RowsSink:
+    """Counts the cell rows written and the most rows the stitcher held at any write."""
+
+    def __init__(self, stitcher_ref):
+        self.rows, self.most_open, self.stitcher_ref = 0, 0, stitcher_ref
+
+    def write(self, row_off, array):
+        assert row_off == self.rows
+        self.rows += array.shape[1]
+        self.most_open = max(self.most_open, self.stitcher_ref[0].blender.open_rows)
+
+
+@pytest.mark.parametrize("height", [2000, 8000])
+def test_patch_stitcher_memory_does_not_grow_with_the_scene(height):
+    from dinov3_geo.io.patchmap import PatchStitcher
+
+    plan = ChipPlan.build(height, 256, tile=128, overlap=32)
+    ref: list = []
+    sink = RowsSink(ref)
+    ref.append(PatchStitcher(sink, plan, channels=4))
+    tokens, valid = np.ones((4, 8, 8), np.float32), np.ones((128, 128), bool)
+    for window in plan.windows:
+        ref[0].add(window, tokens, valid)
+    ref[0].close()
+    assert sink.rows == height // 16
+    assert sink.most_open <= (128 + 96) // 16          # one chip row and a stride, whatever the height
