@@ -68,7 +68,8 @@ class AnalysisResult:
 
 @dataclass
 class _Run:
-    """Everything one pipeline run needs besides the scene: model, plan parameters, settings."""
+    """Everything one pipeline run needs besides the scene: backbone, plan parameters, settings.
+    Built first: it checks every option, then loads the backbone (a Backbone, path or name)."""
 
     backbone: object
     tile: int = 512
@@ -77,13 +78,20 @@ class _Run:
     device: str = "auto"
     precision: str = "auto"
     progress: Optional[bool] = None
+    patch: bool = True
+    with_backbone: bool = True          # False: a caller's model only (patch_map)
     chips_computed: int = 0
     chips_skipped: int = 0
 
     def __post_init__(self) -> None:
+        from dinov3_geo.io.tiling import validate_tiling
         from dinov3_geo.pipeline import RunSettings
 
+        validate_tiling(self.tile, self.overlap)
+        if self.patch:
+            check_patch_overlap(self.overlap)
         self.settings = RunSettings.resolve(device=self.device, precision=self.precision, batch_size=self.batch_size)
+        self.backbone = _load_backbone(self.backbone) if self.with_backbone else None
 
     def run(self, reader, model, consumer, plan) -> None:
         """One pipeline run; counts chips."""
@@ -100,7 +108,6 @@ class _Run:
         from dinov3_geo.pipeline import ChipPlan
         from dinov3_geo.tasks.embed import PatchTokens
 
-        check_patch_overlap(self.overlap)
         padded = CellPaddedScene(reader)
         plan = ChipPlan.build(padded.height, padded.width, tile=self.tile, overlap=self.overlap)
         model = model if model is not None else PatchTokens(self.backbone)
@@ -139,8 +146,7 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
     output = Path(output)
     _check_embed_options(output, patch, pca)
     check_output(output, overwrite, inputs=[_scene_path(scene)])
-    bb = _load_backbone(backbone)
-    run = _Run(bb, tile, overlap, batch_size, device, precision, progress)
+    run = _Run(backbone, tile, overlap, batch_size, device, precision, progress, patch=patch)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         if patch:
             _embed_patches(run, reader, output, pca, overwrite)
@@ -160,7 +166,7 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: int = 512,
     output = Path(output)
     _check_embed_options(output, True, None)
     check_output(output, overwrite, inputs=[_scene_path(scene)])
-    run = _Run(None, tile, overlap, batch_size, device, precision, progress)
+    run = _Run(None, tile, overlap, batch_size, device, precision, progress, with_backbone=False)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         attrs = dict(tile=tile, overlap=overlap, patch_size=PATCH)
         with _feature_sink(output, CellGrid.of(reader), channels, attrs, overwrite, reader) as sink:
@@ -347,7 +353,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
     if (at is None) == (like is None):
         raise UsageError("at", "give exactly one reference: a point (at) or polygons (like)")
     check_output(output, overwrite, inputs=[_scene_path(scene), like, features])
-    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(backbone, tile, overlap, batch_size, device, precision, progress)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         cellmask = _point_cells(reader, at) if at is not None else _polygon_cells(reader, like)
         with _cell_features(run, reader, output, features) as feats:
@@ -439,7 +445,7 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[_scene_path(scene), output])
-    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(backbone, tile, overlap, batch_size, device, precision, progress)
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         with _cell_features(run, reader, output, features) as feats:
             kmeans = _fit_kmeans(feats, int(k), seed)
@@ -540,7 +546,7 @@ def change(before, after, output: PathLike, *, backbone=None, tile: int = 512, o
     t0 = time.perf_counter()
     output = Path(output)
     check_output(output, overwrite, inputs=[_scene_path(before), _scene_path(after)])
-    run = _Run(_load_backbone(backbone), tile, overlap, batch_size, device, precision, progress)
+    run = _Run(backbone, tile, overlap, batch_size, device, precision, progress)
     with scene_reader(before, bands=bands, scale=scale) as first:
         _check_overlap(first, after)
         with scene_reader(after, bands=bands, scale=scale, grid=first.input_profile) as second, \
