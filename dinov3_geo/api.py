@@ -21,7 +21,7 @@ from .engine import RunSettings, RunStats
 from .errors import UsageError, WeightsNotFoundError
 from .io.scene import scene_reader
 from .io.sinks import check_output
-from .io.tiling import ChipPlan
+from .io.tiling import ChipPlan, validate_tiling
 from .models import registry
 from .models.registry import CHMV2_TRAINING_GSD
 from .models.weights import search_dirs
@@ -65,10 +65,13 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             batch_size: int = 8, precision: str = "auto", tile: int = 512, overlap: int = 64,
             bands: Optional[Sequence[int]] = None, gsd: Optional[float] = None,
             scale: Optional[tuple[float, float]] = None, overwrite: bool = False, compile: bool = False,
-            progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None) -> SegmentResult:
+            progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None,
+            dtype: str = "float32") -> SegmentResult:
     """Run ``task`` over the raster ``scene`` and write a Cloud-Optimised GeoTIFF on its grid.
 
-    ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid); with
+    ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid; ``dtype``
+    float16 halves the file, uint16 stores decimetres with scale 0.1 so GIS tools show metres,
+    65535 nodata: both within 0.05 m of float32 below 96 m); with
     ``vector``, polygons of canopy at or above ``min_height`` m go to that GeoPackage (layer
     ``canopy``, the scene's CRS, with ``area_m2``, ``mean_height_m``, ``max_height_m``).
     ``output`` defaults to ``<scene>_<task>.tif`` beside the scene.
@@ -76,6 +79,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     t0 = time.perf_counter()
     if task not in TASKS:
         raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
+    validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output) if output is not None else _default_output(scene, task)
     source = getattr(scene, "path", scene)           # a path, or an open scene reader's name
@@ -84,6 +88,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[source, output])
+    encoding = DenseOutput("continuous", dtype, band_names=("canopy_height_m",))
     collected: list[str] = []
     with scene_reader(scene, bands=bands, scale=scale, gsd=gsd) as sc:
         for text in sc.warnings:
@@ -91,7 +96,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         _check_pixel_size(sc, gsd, collected)
         plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
         model = _load_task_model(task, weights, backbone_weights, settings.device, settings.dtype, verify)
-        stats, _ = write_dense(sc, model, output, plan, settings, DenseOutput("continuous"), overwrite=overwrite,
+        stats, _ = write_dense(sc, model, output, plan, settings, encoding, overwrite=overwrite,
                                progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)

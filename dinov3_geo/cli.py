@@ -55,17 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
     seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
-    seg.add_argument("--vector", help="also write canopy polygons to this GeoPackage")
+    seg.add_argument("--vector", help="also write polygons to this GeoPackage (canopy, or one per class region "
+                     "with --head)")
+    seg.add_argument("--head", help="a segmentation head file from 'dinov3geo train segment': write its classes "
+                     "(uint8 COG, colour table, 255 nodata) instead of a task")
+    seg.add_argument("--backbone", help="backbone for --head (default: the one the head file names)")
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     _add_run_options(seg)
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
     seg.add_argument("--compile", action="store_true",
                      help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
                      "cache is warm), then faster chips; worth it on long runs, GPU or CPU")
+    seg.add_argument("--dtype", default="float32", choices=("float32", "float16", "uint16"),
+                     help="output type: float32 (default), float16 (half the size), uint16 (decimetres, "
+                     "scale 0.1 in the file so GIS tools show metres; 65535 nodata)")
     seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
     seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
                      "command line win")
-    for p in (parser, seg, *_add_land_parsers(sub)):
+    for p in (parser, seg, *_add_land_parsers(sub), *add_head_commands(sub)):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -130,6 +137,99 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
     return [emb, sim, clu, chg]
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",")]
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """Options every ``train`` command shares."""
+    p.add_argument("-o", "--output", required=True, help="head file to write (.safetensors)")
+    _add_backbone_options(p)
+    p.add_argument("--chip", type=int, help="chip size in px, a multiple of 16 (default: 224 for chips folders, "
+                   "256 for rasters, the native size for GEO-Bench)")
+    p.add_argument("--normalisation", default="auto", choices=("auto", "dataset", "backbone", "imagenet"),
+                   help="chip statistics: the dataset's band statistics (GEO-Bench), the backbone's (SAT), "
+                   "ImageNet's; auto: the dataset's when it has them")
+    p.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B of raster inputs")
+    p.add_argument("--scale", type=_scale, help="MIN,MAX of raster values mapped to 0..1")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0): same data and seed, same head")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing head file")
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    """The backbone and where its features are computed and cached (training and evaluation)."""
+    p.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone: dinov3-vitl16-sat493m (default), "
+                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
+    p.add_argument("--cache", help="feature cache folder (default: the dinov3-geo cache)")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
+
+
+def add_head_commands(sub) -> list[argparse.ArgumentParser]:
+    """``train classify``, ``train segment``, ``eval geobench``; returns the parsers (for --debug)."""
+    train = sub.add_parser("train", help="train a head on frozen backbone features",
+                           description="Train a classification probe or a segmentation head.")
+    tsub = train.add_subparsers(dest="train_task", parser_class=_Parser, metavar="TASK")
+    tsub.required = True
+    cls = tsub.add_parser("classify", help="logistic-regression probe on CLS features (C swept on val)")
+    src = cls.add_mutually_exclusive_group(required=True)
+    src.add_argument("--chips", help="folder of chips per class: DIR/<class>/<image>")
+    src.add_argument("--geobench", help="GEO-Bench classification task folder")
+    src.add_argument("--torchgeo", help="torchgeo classification dataset class name (e.g. EuroSAT)")
+    cls.add_argument("--root", help="root folder of the torchgeo dataset")
+    cls.add_argument("--pooling", default="cls", choices=("cls", "cls+mean"), help="chip vector (cls)")
+    cls.add_argument("--c-grid", type=_floats, help="C values to sweep (default dinov3's 45 from 1e-6 to 1e5)")
+    _add_training_options(cls)
+    seg = tsub.add_parser("segment", help="linear or DPT segmentation head (learning rate swept on val)")
+    seg.add_argument("--image", dest="images", action="append", default=[], help="image raster (repeat per pair)")
+    seg.add_argument("--labels", action="append", default=[],
+                     help="label raster per --image, or one GeoPackage of polygons/points with --label-column")
+    seg.add_argument("--label-column", help="attribute of the GeoPackage features holding the class")
+    seg.add_argument("--classes", type=_names, dest="class_names",
+                     help="names of label values 0,1,2,... (default class_0, class_1, ...)")
+    seg.add_argument("--geobench", help="GEO-Bench segmentation task folder")
+    seg.add_argument("--torchgeo", help="torchgeo segmentation dataset class name")
+    seg.add_argument("--root", help="root folder of the torchgeo dataset")
+    seg.add_argument("--head", default="dpt", choices=("dpt", "linear"), help="head kind (dpt)")
+    seg.add_argument("--lrs", type=_floats, help="learning rates to sweep (3e-5,1e-4,3e-4,1e-3)")
+    seg.add_argument("--epochs", type=int, default=20, help="epochs per learning rate (20)")
+    _add_training_options(seg)
+    clf = sub.add_parser("classify", help="classify every chip of a scene with a probe into a GeoPackage",
+                         description="One polygon per chip with the class, its probability and every class's.")
+    clf.add_argument("scene", help="input raster")
+    clf.add_argument("--head", required=True, help="a probe head file from 'dinov3geo train classify'")
+    clf.add_argument("-o", "--output", required=True, help="GeoPackage to write (layer 'chips')")
+    clf.add_argument("--backbone", help="backbone (default: the one the head file names)")
+    clf.add_argument("--tile", type=int, help="chip size in px (default: the probe's training chip size)")
+    clf.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
+    clf.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    clf.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (auto)")
+    clf.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B")
+    clf.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1")
+    clf.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    clf.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
+    clf.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: only on a terminal)")
+    ev = sub.add_parser("eval", help="evaluate on a benchmark", description="Evaluate frozen-backbone heads.")
+    esub = ev.add_subparsers(dest="eval_suite", parser_class=_Parser, metavar="SUITE")
+    esub.required = True
+    gb = esub.add_parser("geobench", help="GEO-Bench protocol beside the DINOv3 model card's figures")
+    gb.add_argument("--root", required=True, help="GEO-Bench root (classification_v1.0/, segmentation_v1.0/)")
+    gb.add_argument("--tasks", type=_names, help="task names (default: every task of the model card found)")
+    gb.add_argument("--epochs", type=int, default=20, help="segmentation epochs per learning rate (20)")
+    gb.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_backbone_options(gb)
+    return [train, cls, seg, clf, ev, gb]
+
+
 def with_config(argv: list[str], config: str, parser: argparse.ArgumentParser) -> list[str]:
     """``argv`` with the options of a YAML file inserted after the command, so that the command
     line's own options (later in the list) win; unknown keys are a UsageError naming the file."""
@@ -172,7 +272,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 #: Parameters whose flag is not ``--`` + the name with dashes.
-FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "k": "-k"}
+FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "images": "--image", "class_names": "--classes",
+           "k": "-k"}
 _QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
 
 
@@ -203,19 +304,45 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
     return names | {"verify", "verify=False"}
 
 
+def run_segment_head(args: argparse.Namespace) -> int:
+    from .tasks.segment_head import segment_with_head
+
+    if args.output is None:
+        raise UsageError("output", "give the class raster to write")
+    result = segment_with_head(args.scene, args.head, args.output, vector=args.vector, backbone=args.backbone,
+                               tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
+                               precision=args.precision, bands=args.bands, scale=args.scale,
+                               overwrite=args.overwrite, progress=args.progress, verify=not args.no_verify)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from .tasks.classify import classify_scene
+
+    result = classify_scene(args.scene, args.head, args.output, backbone=args.backbone, tile=args.tile,
+                            batch_size=args.batch_size, device=args.device, precision=args.precision,
+                            bands=args.bands, scale=args.scale, overwrite=args.overwrite, progress=args.progress,
+                            verify=not args.no_verify)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
 def run_segment(args: argparse.Namespace) -> int:
     from rasterio.errors import NotGeoreferencedWarning
 
-    from .api import segment
-
     warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
+    if args.head is not None:
+        return run_segment_head(args)
+
+    from .api import segment
 
     result = segment(args.scene, task=args.task, output=args.output, weights=args.weights,
                      backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                      overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify)
+                     verify=not args.no_verify, dtype=args.dtype)
     print(result.summary(), file=sys.stderr)
     return 0
 
@@ -258,8 +385,56 @@ def run_change(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": run_segment, "embed": run_embed, "similar": run_similar, "cluster": run_cluster,
-            "change": run_change}
+
+
+def _training_kwargs(args: argparse.Namespace) -> dict:
+    from .train.run import print_progress
+
+    return dict(backbone=args.backbone, chip=args.chip, normalisation=args.normalisation, seed=args.seed,
+                device=args.device, batch_size=args.batch_size, cache=args.cache, bands=args.bands,
+                scale=args.scale, overwrite=args.overwrite, verify=not args.no_verify, progress=print_progress)
+
+
+def run_train_classify(args: argparse.Namespace) -> int:
+    from .train.fit import C_GRID
+    from .train.run import train_classifier
+
+    result = train_classifier(args.output, chips=args.chips, geobench=args.geobench, torchgeo=args.torchgeo,
+                              root=args.root, pooling=args.pooling, c_grid=args.c_grid or C_GRID,
+                              **_training_kwargs(args))
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def run_train_segment(args: argparse.Namespace) -> int:
+    from .train.fit import LR_GRID
+    from .train.run import train_segmenter
+
+    result = train_segmenter(args.output, images=args.images, labels=args.labels, label_column=args.label_column,
+                             geobench=args.geobench, torchgeo=args.torchgeo, root=args.root,
+                             class_names=args.class_names, head=args.head, lrs=args.lrs or LR_GRID,
+                             epochs=args.epochs, **_training_kwargs(args))
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    return {"classify": run_train_classify, "segment": run_train_segment}[args.train_task](args)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .train.geobench import evaluate_geobench
+    from .train.run import print_progress
+
+    report = evaluate_geobench(args.root, tasks=args.tasks, backbone=args.backbone, epochs=args.epochs,
+                               device=args.device, batch_size=args.batch_size, cache=args.cache,
+                               verify=not args.no_verify, progress=print_progress)
+    print(report.to_json() if args.json else report.table())
+    return 0
+
+
+COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify, "eval": run_eval,
+            "embed": run_embed, "similar": run_similar, "cluster": run_cluster, "change": run_change}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .engine import Engine, RunSettings, RunStats, run_chips
@@ -20,13 +21,16 @@ from .errors import UsageError
 from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
 from .io.stitch import CLASS_NODATA, StreamingStitcher
-from .io.tiling import ChipPlan
+from .io.tiling import ChipPlan, validate_tiling
 from .tasks import TaskInfo, describe
 
 PathLike = Union[str, os.PathLike]
 KINDS = ("continuous", "classes")
-#: Output data types of continuous results (NaN nodata).
-DENSE_DTYPES = ("float32", "float16")
+#: Output data types of continuous results: floats with NaN nodata, or uint16 counting ``quantum``
+#: steps (decimetres for heights) with nodata 65535 and the step as the band's scale, so GIS tools
+#: show the values in their unit.
+DENSE_DTYPES = ("float32", "float16", "uint16")
+UINT16_NODATA = 65535
 
 __all__ = ["ChipPlan", "RunSettings", "RunStats", "run_chips", "predict", "PredictResult", "DenseOutput",
            "write_dense"]
@@ -41,15 +45,34 @@ class DenseOutput:
     band_names: Optional[tuple[str, ...]] = None
     class_names: Optional[tuple[str, ...]] = None
     colormap: Optional[dict] = None
+    quantum: float = 0.1        # uint16 only: the value of one step (0.1: decimetres of metres)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UsageError("kind", f"unknown kind {self.kind!r} (continuous or classes)")
         if self.kind == "continuous" and self.dtype not in DENSE_DTYPES:
             raise UsageError("dtype", f"unsupported output dtype {self.dtype!r} ({', '.join(DENSE_DTYPES)})")
+        if not (isinstance(self.quantum, (int, float)) and self.quantum > 0 and np.isfinite(self.quantum)):
+            raise UsageError("quantum", f"quantum must be a positive number, got {self.quantum!r}")
 
     def sink_dtype(self) -> str:
-        return "uint8" if self.kind == "classes" else self.dtype
+        """The array type the sink writes (float16 is float32 stored as 16-bit floats)."""
+        if self.kind == "classes":
+            return "uint8"
+        return "float32" if self.dtype == "float16" else self.dtype
+
+    def nodata(self) -> float:
+        if self.kind == "classes":
+            return CLASS_NODATA
+        return UINT16_NODATA if self.dtype == "uint16" else float("nan")
+
+    def scales(self, channels: int) -> Optional[list[float]]:
+        """Band scales of the file (uint16: the quantum), which GIS tools apply when reading."""
+        return [float(self.quantum)] * channels if self.dtype == "uint16" and self.kind == "continuous" else None
+
+    def encoder(self, sink):
+        """``sink`` itself, or for uint16 a wrapper that rounds blended rows to ``quantum`` steps."""
+        return _Quantised(sink, self.quantum) if self.dtype == "uint16" and self.kind == "continuous" else sink
 
     def descriptions(self, channels: int) -> Optional[list[str]]:
         """Band descriptions of the file: the band names (continuous) or nothing (classes: the
@@ -103,14 +126,15 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
             std: Optional[Sequence[float]] = None, nodata: Optional[float] = None, dtype: str = "float32",
             band_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
             colormap: Optional[dict] = None, overwrite: bool = False, progress: Optional[bool] = None,
-            compile: bool = False, readers: Optional[int] = None) -> PredictResult:
+            compile: bool = False, readers: Optional[int] = None, quantum: float = 0.1) -> PredictResult:
     """Run any dense ``model`` over the raster ``scene`` and write a COG on its grid.
 
     ``model`` maps a normalised float batch ``[B,3,T,T]`` to ``[B,K,T,T]``. Chips are scaled to 0..1
     (uint8 /255, else ``scale=(MIN, MAX)`` or a scene-wide 2-98 % stretch), then normalised with
     ``mean``/``std`` when given, else the model's own ``normalise``, else left in 0..1.
-    ``kind="continuous"`` blends values into a float COG (``dtype`` float32 or float16; NaN where
-    the input is invalid, nodata in the input given by ``nodata`` where the file has none);
+    ``kind="continuous"`` blends values into a COG of ``dtype`` float32 or float16 (NaN where the
+    input is invalid; nodata in the input given by ``nodata`` where the file has none) or uint16
+    (counts of ``quantum``, stored as the band scale so GIS tools show the unit; 65535 nodata);
     ``kind="classes"`` blends per-class scores and writes the argmax as uint8 (255 nodata; with
     ``class_names`` in the metadata and ``colormap`` {class: (r, g, b)} as the colour table).
     Streaming (memory flat in the scene size), atomic (no file at ``output`` unless it succeeded;
@@ -121,7 +145,8 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
     info = describe(model)
     spec = DenseOutput(kind, "uint8" if kind == "classes" else dtype,
                        _tuple(band_names, info.band_names), _tuple(class_names, info.class_names),
-                       colormap if colormap is not None else info.colormap)
+                       colormap if colormap is not None else info.colormap, quantum)
+    validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output)
     with scene_reader(scene, bands=bands, scale=scale, nodata=nodata) as sc:
@@ -145,15 +170,30 @@ def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPl
     if spec.kind == "classes" and channels > CLASS_NODATA:
         raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
     count = 1 if spec.kind == "classes" else channels
-    with COGSink(output, scene, count=count, dtype=spec.sink_dtype(),
-                 nodata=CLASS_NODATA if spec.kind == "classes" else float("nan"),
+    with COGSink(output, scene, count=count, dtype=spec.sink_dtype(), nodata=spec.nodata(),
                  colormap=spec.colormap, overwrite=overwrite, band_descriptions=spec.descriptions(channels),
-                 tags=spec.tags(channels)) as sink:
-        stitcher = StreamingStitcher(sink, plan, channels, kind=spec.kind)
+                 tags=spec.tags(channels), scales=spec.scales(channels),
+                 nbits=16 if spec.dtype == "float16" else None) as sink:
+        stitcher = StreamingStitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
         stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, mean=mean, std=std)
         last_chip = time.perf_counter()
     stats.finalize_seconds = time.perf_counter() - last_chip
     return stats, channels
+
+
+class _Quantised:
+    """A sink wrapper: float rows -> uint16 counts of ``quantum`` (rounded; NaN -> 65535; values
+    below 0 -> 0 and above the range -> 65534)."""
+
+    def __init__(self, sink, quantum: float):
+        self.sink, self.quantum = sink, float(quantum)
+
+    def write(self, row_off: int, rows: np.ndarray) -> None:
+        nodata = np.isnan(rows)
+        q = np.clip(np.rint(np.nan_to_num(rows, nan=0.0) / np.float32(self.quantum)), 0, UINT16_NODATA - 1)
+        q = q.astype(np.uint16)
+        q[nodata] = UINT16_NODATA
+        self.sink.write(row_off, q)
 
 
 def output_channels(model: torch.nn.Module, tile: int, settings: RunSettings,

@@ -203,3 +203,27 @@ def test_reads_from_threads_match_serial(sample):
             np.testing.assert_array_equal(va, vb)
     with pytest.raises(InputError):
         s.read(wins[0])
+
+
+@pytest.mark.parametrize("name", ["rasterio_RGB.byte.tif", "landsat7_saltlake_truecolor_utm12n.tif",
+                                  "stars_L7_ETMs.tif", "opengeos_naip_m_4709963_se_14_1_20200831.tif"])
+def test_validity_equals_gdals_dataset_mask(sample, name, tmp_path):
+    """Validity told from the values read (nodata values, or no mask at all) equals GDAL's
+    dataset mask, also for a float copy of the scene."""
+    path = sample(name)
+    with rasterio.open(path) as src:
+        data = src.read()
+        profile = src.profile
+    variants = {"as is": path}
+    as_float = tmp_path / "float.tif"
+    with rasterio.open(as_float, "w", **{**profile, "dtype": "float32"}) as dst:
+        dst.write(data.astype(np.float32))
+    variants["float32"] = as_float
+    for what, p in variants.items():
+        with open_scene(p) as s, rasterio.open(p) as src:
+            bands = s.bands
+            wins = plan_chips(s.height, s.width, 128, 32)
+            for w in wins[:: max(1, len(wins) // 12)]:
+                _, valid = s.read(w)
+                ref = np.any(src.read_masks(sorted(set(bands)), window=w) > 0, axis=0)
+                np.testing.assert_array_equal(valid, ref, err_msg=f"{name}, {what}, {w}")

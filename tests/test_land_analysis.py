@@ -24,7 +24,7 @@ NAIP_2019 = "naip_m_4709963_se_14_1_20190904.tif"
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy.safetensors")
+    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy")
 
 
 def same_grid(path_a, path_b) -> None:

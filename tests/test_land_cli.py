@@ -16,7 +16,7 @@ FAST = ["--tile", "128", "--overlap", "32", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bb")
-    return write_random_backbone(folder / "a.safetensors", seed=0), write_random_backbone(folder / "b.safetensors", seed=1)
+    return write_random_backbone(folder / "a", seed=0), write_random_backbone(folder / "b", seed=1)
 
 
 def one_error_line(capsys, code: int, rc: int) -> str:

@@ -28,7 +28,7 @@ TILE, OVERLAP = 128, 32
 
 @pytest.fixture(scope="module")
 def backbone_file(tmp_path_factory):
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy.safetensors")
+    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy")
 
 
 def non_empty_windows(path, tile, overlap):
@@ -132,9 +132,11 @@ def test_patch_embeddings_and_pca(sample, tmp_path, backbone_file):
     embed(scene, full, backbone=backbone_file, patch=True, tile=TILE, overlap=OVERLAP, device="cpu")
     embed(scene, reduced, backbone=backbone_file, patch=True, pca=3, tile=TILE, overlap=OVERLAP, device="cpu")
     feats, pcs = open_features(full).load(), open_features(reduced).load()
-    assert feats.shape == (64, 22, 22) and pcs.shape == (3, 22, 22)
-    assert feats.attrs["backbone"] == backbone_id(load_backbone(backbone_file))
-    flat = feats.values.reshape(64, -1).T
+    backbone = load_backbone(backbone_file)
+    d = backbone.embed_dim
+    assert feats.shape == (d, 22, 22) and pcs.shape == (3, 22, 22)
+    assert feats.attrs["backbone"] == backbone_id(backbone)
+    flat = feats.values.reshape(d, -1).T
     centred = flat - flat.mean(axis=0)
     top = np.linalg.svd(centred, full_matrices=False)[0][:, :3] * np.linalg.svd(centred, compute_uv=False)[:3]
     got = pcs.values.reshape(3, -1).T

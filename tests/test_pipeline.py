@@ -201,3 +201,31 @@ def test_readme_predict_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     with rasterio.open(tmp_path / "values.tif") as ds, rasterio.open(tmp_path / "classes.tif") as cl:
         assert ds.count == 2 and np.isnan(ds.read(1)).any() and cl.dtypes == ("uint8",)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 0.0625), ("uint16", 0.05)])
+def test_output_encodings_within_their_quantisation(tmp_path, dtype, tol):
+    """float16 (16-bit floats in a float32 GeoTIFF, NBITS=16) and uint16 (decimetres with scale 0.1)
+    give the float32 values within 0.0625 and 0.05 over a 0..96 range, nodata where float32 has
+    NaN; GIS readers see the scale."""
+    class Heights(torch.nn.Module):
+        channels = 1
+
+        def forward(self, x):
+            return x.mean(1, keepdim=True) * 96.0
+
+    ref_path, out = tmp_path / "f32.tif", tmp_path / f"{dtype}.tif"
+    predict(BAHAMAS, Heights(), ref_path, tile=256, overlap=32, device="cpu")
+    predict(BAHAMAS, Heights(), out, tile=256, overlap=32, device="cpu", dtype=dtype)
+    with rasterio.open(ref_path) as r, rasterio.open(out) as o:
+        ref = r.read(1)
+        raw = o.read(1, masked=True)
+        assert o.dtypes == (dtype if dtype == "uint16" else "float32",)
+        if dtype == "float16":
+            assert o.tags(1, "IMAGE_STRUCTURE")["NBITS"] == "16"
+        got = raw.astype(np.float32).filled(np.nan) * o.scales[0] + o.offsets[0]
+        if dtype == "uint16":
+            assert o.nodata == 65535 and o.scales == (0.1,)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    assert np.abs(got[ok] - ref[ok]).max() <= tol

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -159,6 +159,7 @@ class Scene:
             raise InputError(self.path, f"at gsd={gsd} m the scene is only {self.width} x {self.height} px")
         self.pixel_size_m = pixel_size_m(self.crs, self.transform, self.width, self.height)
         self.scaling = self._scaling(src, scale)
+        self._nodata_values = self._validity_from_values(src)
 
     def _probe(self, src) -> None:
         """Read the last pixel so that truncated files fail now, not in a reader thread."""
@@ -211,7 +212,7 @@ class Scene:
         except RasterioError as exc:
             raise InputError(self.path, f"unreadable pixels ({short_message(exc)})") from None
         if self.nodata_override is not None:
-            mask = self._valid_by_value(data[None])
+            mask = self._valid_by_value(data[None], [self.nodata_override])
         values = data[mask & np.isfinite(data)]
         if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
             return 0.0, 1.0
@@ -263,10 +264,12 @@ class Scene:
             data = data_ds.read(self.bands, window=window)
             # GDAL's dataset-mask rule: a pixel is nodata only where every band is nodata (a dark
             # pixel with one band at the nodata value is data); alpha and internal masks are shared.
-            if self.nodata_override is None:
+            if self._nodata_values is None:
                 valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
+            elif not self._nodata_values:
+                valid = np.ones(data.shape[1:], bool)
             else:
-                valid = self._valid_by_value(data)
+                valid = self._valid_by_value(data, self._nodata_values)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
         if data.dtype.kind == "f":
@@ -278,12 +281,31 @@ class Scene:
             chip = np.repeat(chip, 3, axis=0)
         return chip, valid
 
-    def _valid_by_value(self, data: np.ndarray) -> np.ndarray:
-        """Validity from the user's nodata value: a pixel is nodata where every band equals it (NaN
-        matches NaN), GDAL's dataset-mask rule."""
-        value = self.nodata_override
-        nodata = np.isnan(data) if np.isnan(value) else (data == value)
-        return ~np.all(nodata, axis=0)
+    def _validity_from_values(self, src) -> list[float] | None:
+        """Per-band nodata values when validity can be told from the values read (no second
+        read of GDAL's mask): the user's ``nodata``, or per-band nodata values with no alpha or
+        internal mask on the scene's own grid; ``[]`` when GDAL says every pixel is valid; else
+        ``None``: GDAL's dataset mask is read."""
+        if self.nodata_override is not None:
+            return [self.nodata_override] * len(self.bands)
+        if self._warp is not None:
+            return None
+        flags = [src.mask_flag_enums[b - 1] for b in self.bands]
+        if all(f == [MaskFlags.all_valid] for f in flags):
+            return []
+        if all(f == [MaskFlags.nodata] for f in flags):
+            return [float(src.nodatavals[b - 1]) for b in self.bands]
+        return None
+
+    @staticmethod
+    def _valid_by_value(data: np.ndarray, values) -> np.ndarray:
+        """GDAL's dataset-mask rule from values: a pixel is nodata where every band holds its band's
+        nodata value (NaN matches NaN)."""
+        nodata = None
+        for band, value in zip(data, values if len(values) == len(data) else [values[0]] * len(data)):
+            band_nodata = np.isnan(band) if np.isnan(value) else (band == value)
+            nodata = band_nodata if nodata is None else np.logical_and(nodata, band_nodata, out=nodata)
+        return ~nodata
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
         return scale_to_unit(data, self.scaling)

@@ -259,7 +259,8 @@ class COGSink:
 
     def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
                  colormap: dict | None = None, overwrite: bool = False,
-                 band_descriptions: Sequence[str] | None = None, tags: dict | None = None, *,
+                 band_descriptions: Sequence[str] | None = None, tags: dict | None = None,
+                 scales: Sequence[float] | None = None, nbits: int | None = None, *,
                  gdal_cache_mb: int | None = GDAL_CACHE_MB, zstd_level: int = COG_ZSTD_LEVEL):
         self.path = check_output(path, overwrite, inputs=[getattr(scene, "path", None)])
         self.scene, self.count, self.dtype = scene, count, np.dtype(dtype).name
@@ -268,6 +269,8 @@ class COGSink:
         self.nodata, self.colormap, self.overwrite = nodata, colormap, overwrite
         self.band_descriptions = list(band_descriptions) if band_descriptions else None
         self.tags = dict(tags) if tags else {}
+        self.scales = tuple(float(v) for v in scales) if scales else None
+        self.nbits = nbits          # 16 with float32: half floats in the final file (GeoTIFF NBITS)
         self.zstd_level = zstd_level
         self._tmp: Path | None = None
         self._ds = None
@@ -398,20 +401,30 @@ class COGSink:
             ds.close()
 
     # -- end ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every row taken so far into the temporary file and wait for the writer threads
+        (raises their first error); what is left for :meth:`finalize` is the COG conversion."""
+        self._drain(final=True)
+        self._strip_worker.join()
+        if self._ovr_worker is not None:
+            self._ovr_worker.join()
+
     def finalize(self) -> None:
         """Finish the file: resample back if needed, convert to COG, move onto the target."""
         cog = None
         try:
             if self._ds is None:
                 self.open()
-            self._drain(final=True)
-            self._strip_worker.join()
+            self.flush()
             if self._next_row < self.scene.height:
                 raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
             if self.colormap:
                 self._ds.write_colormap(1, self.colormap)
             if self.tags:
                 self._ds.update_tags(**self.tags)
+            if self.scales:
+                self._ds.scales = self.scales
+                self._ds.offsets = (0.0,) * len(self.scales)
             if self.band_descriptions:
                 for i, d in enumerate(self.band_descriptions, 1):
                     self._ds.set_band_description(i, d)
@@ -433,6 +446,8 @@ class COGSink:
     def _to_cog(self, cog: Path) -> None:
         """GDAL COG copy of the partial file (warped back onto the input grid when resampled)."""
         opts = _cog_options(self.dtype, self.zstd_level)
+        if self.nbits:
+            opts["nbits"] = int(self.nbits)
         if self._ovr_paths:
             vrt = temp_path(self.path, "vrt", suffix=".vrt")
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import geopandas as gpd
 import numpy as np
@@ -70,19 +71,35 @@ class _UnionFind:
 class _StripMerger:
     """Turns successive strips of a boolean selection into finished components."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, by_value: bool = False) -> None:
         self.open: dict[int, _Component] = {}      # root id -> component touching the last boundary
         self.bottom = np.zeros(width, np.int64)    # root ids along the last strip's bottom row
+        self.bottom_values: np.ndarray | None = None
+        self.by_value = by_value                   # components of equal values only (class maps)
         self.next_id = 1
+
+    def _label(self, values: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, int]:
+        """4-connected components of ``sel``; with ``by_value``, of each value separately."""
+        if not self.by_value:
+            return ndimage.label(sel, structure=FOUR_CONNECTED)
+        labels, n = np.zeros(sel.shape, np.int32), 0
+        for v in np.unique(values[sel]).tolist():
+            part, k = ndimage.label(sel & (values == v), structure=FOUR_CONNECTED)
+            labels[part > 0] = part[part > 0] + n
+            n += k
+        return labels, n
 
     def add(self, row_off: int, values: np.ndarray, sel: np.ndarray, last: bool) -> list[_Component]:
         """Add the strip starting at scene row ``row_off``; return components now complete."""
-        labels, n = ndimage.label(sel, structure=FOUR_CONNECTED)
+        labels, n = self._label(values, sel)
         new = self._components(row_off, values, labels, n)
         ids = np.where(labels > 0, labels + (self.next_id - 1), 0)
         self.next_id += n
         uf = _UnionFind()
         touching = (self.bottom > 0) & (ids[0] > 0)
+        if self.by_value and self.bottom_values is not None:
+            touching &= self.bottom_values == values[0]
+        self.bottom_values = values[-1].copy()
         for a, b in set(zip(self.bottom[touching].tolist(), ids[0][touching].tolist())):
             uf.union(a, b)
         groups: dict[int, _Component] = {}
@@ -127,11 +144,19 @@ class _Areas:
         return gpd.GeoSeries(geoms, crs=self.crs).to_crs(self.laea).area.to_numpy()
 
 
+def _height_columns(comps: list[_Component]) -> dict:
+    """Attributes of canopy polygons: mean and max of the heights inside."""
+    return {"mean_height_m": np.array([c.total / c.count for c in comps], np.float64),
+            "max_height_m": np.array([c.peak for c in comps], np.float64)}
+
+
 class _LayerWriter:
     """Appends finished components to a GeoPackage layer in batches."""
 
-    def __init__(self, path, layer: str, crs, transform: Affine, areas: _Areas, batch: int = 5000) -> None:
+    def __init__(self, path, layer: str, crs, transform: Affine, areas: _Areas, batch: int = 5000, *,
+                 columns: Callable[[list[_Component]], dict] | None = None) -> None:
         self.path, self.layer, self.crs, self.areas, self.batch = str(path), layer, crs, areas, batch
+        self.columns = columns or _height_columns
         self.transform = transform
         self.buffer: list[_Component] = []
         self.count = 0
@@ -155,11 +180,8 @@ class _LayerWriter:
             return
         pixel = [shapely.union_all(c.pieces) if len(c.pieces) > 1 else c.pieces[0] for c in self.buffer]
         geoms = shapely.transform(np.array(pixel, dtype=object), self._to_map)
-        frame = gpd.GeoDataFrame({
-            "area_m2": self.areas(geoms) if pixel else np.zeros(0),
-            "mean_height_m": np.array([c.total / c.count for c in self.buffer], np.float64),
-            "max_height_m": np.array([c.peak for c in self.buffer], np.float64),
-        }, geometry=gpd.GeoSeries(list(geoms), crs=self.crs), crs=self.crs)
+        frame = gpd.GeoDataFrame({"area_m2": self.areas(geoms) if pixel else np.zeros(0), **self.columns(self.buffer)},
+                                 geometry=gpd.GeoSeries(list(geoms), crs=self.crs), crs=self.crs)
         pyogrio.write_dataframe(frame, self.path, layer=self.layer, driver="GPKG", append=self.started,
                                 geometry_type="Polygon", promote_to_multi=False)
         self.started = True
@@ -167,17 +189,57 @@ class _LayerWriter:
         self.buffer = []
 
 
+def _in_units(ds, values: np.ndarray) -> np.ndarray:
+    """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
+    metres), unchanged when there are none."""
+    scale, offset = ds.scales[0], ds.offsets[0]
+    if scale == 1 and offset == 0:
+        return values
+    return values.astype(np.float32) * np.float32(scale) + np.float32(offset)
+
+
 def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "canopy",
                          overwrite: bool = False, strip_rows: int = 1024, batch: int = 5000) -> int:
     """Write polygons of pixels ``>= threshold`` (NaN and nodata excluded) of band 1 of
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
-    Polygons are 4-connected pixel components in the raster's CRS, never split at strip borders,
+    Values are taken in the band's unit (its scale and offset applied). Polygons are 4-connected
+    pixel components in the raster's CRS, never split at strip borders,
     with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
     ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
     ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
     the file ``batch`` at a time.
     """
+    def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return (values >= threshold) & np.isfinite(values) & valid
+
+    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch)
+
+
+def polygonize_classes(raster_path, out_path, class_names: Sequence[str], layer: str = "classes",
+                       overwrite: bool = False, strip_rows: int = 1024, nodata: int = 255,
+                       batch: int = 5000) -> int:
+    """Write one polygon per 4-connected region of equal class of band 1 of the class raster
+    ``raster_path`` (``nodata`` excluded) as layer ``layer`` of the GeoPackage ``out_path``, with
+    ``class`` (value), ``class_name`` and ``area_m2``; regions are never split at strip (or chip)
+    borders. Atomic like :func:`polygonize_threshold`; returns the polygon count."""
+    names = list(class_names)
+
+    def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return (values != nodata) & valid
+
+    def columns(comps: list[_Component]) -> dict:
+        values = [int(c.peak) for c in comps]       # every pixel of a region has its class value
+        return {"class": np.array(values, np.int32),
+                "class_name": [names[v] if v < len(names) else str(v) for v in values]}
+
+    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch, columns=columns)
+
+
+def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, strip_rows: int, batch: int,
+                columns: Callable[[list[_Component]], dict] | None = None) -> int:
+    """Strips of band 1 -> ``select(values, valid)`` -> components (of equal values when
+    ``columns`` is given, i.e. classes) merged across strips -> the GeoPackage layer."""
     try:
         ds = rasterio.open(raster_path)
     except RasterioError as exc:
@@ -185,14 +247,14 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
     with ds, bounded_gdal_cache(), atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
         os.unlink(tmp)  # the GPKG driver creates the file itself
         areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)
-        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, batch=batch)
-        merger = _StripMerger(ds.width)
+        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, batch=batch, columns=columns)
+        merger = _StripMerger(ds.width, by_value=columns is not None)
         for row_off in range(0, ds.height, strip_rows):
             rows = min(strip_rows, ds.height - row_off)
             window = Window(0, row_off, ds.width, rows)
             try:
-                values = ds.read(1, window=window)
-                sel = (values >= threshold) & np.isfinite(values) & (ds.read_masks(1, window=window) > 0)
+                values = _in_units(ds, ds.read(1, window=window))
+                sel = select(values, ds.read_masks(1, window=window) > 0)
             except RasterioError as exc:
                 raise InputError(raster_path, f"cannot read rows {row_off}-{row_off + rows} "
                                               f"({short_message(exc)})") from None

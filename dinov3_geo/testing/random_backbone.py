@@ -1,41 +1,47 @@
-"""A tiny DINOv3-shaped backbone with random weights, for tests and notebooks without the real ones.
+"""Write a tiny DINOv3 ViT backbone with random weights, through transformers, in an official layout.
 
-    from dinov3_geo.testing.random_backbone import write_random_backbone
-    write_random_backbone("toy-backbone.safetensors")
+    python -m dinov3_geo.testing.random_backbone OUT_DIR [--seed 0] [--layout hf|meta]
 
-Built with timm (the project's own backbone code) and saved with ``save_backbone``, so
-``load_backbone(OUT)`` and ``--backbone OUT`` run the whole pipeline offline. Its features are
-random projections of the pixels, not DINOv3's: they exist to try the tools and to test them.
+``hf``: a Hugging Face folder like ``facebook/dinov3-vitl16-pretrain-sat493m`` (``config.json`` +
+safetensors); ``meta``: Meta's ``.pth`` state dict. Toy sizes (width 32, 4 blocks): for trying
+``dinov3geo train`` and for the tests; its features mean nothing. Needs transformers.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
-def random_backbone(seed: int = 0, embed_dim: int = 64, depth: int = 4):
-    """A random ViT of DINOv3's kind (RoPE, 4 registers, layer scale) at toy size, in eval mode."""
+def write_random_backbone(out: Path, seed: int = 0, layout: str = "hf", hidden: int = 32) -> Path:
+    """Save a random toy DINOv3ViTModel (``hidden`` wide, 4 blocks, 4 registers) to ``out``."""
     import torch
-    from timm.models.eva import Eva
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from dinov3_geo.models.backbone import backbone_from_state_dict
-    from dinov3_geo.models.weights import ViTArch
+    from dinov3_geo.models.weights import hf_to_meta_backbone_state
 
-    arch = ViTArch(embed_dim=embed_dim, depth=depth, num_heads=4, mlp_hidden=4 * embed_dim, gated_mlp=False,
-                   qkv_bias=True, num_reg_tokens=4)
+    cfg = DINOv3ViTConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
+                          num_attention_heads=2, num_register_tokens=4, layerscale_value=0.5,
+                          layer_norm_eps=1e-5, rope_theta=100.0)
     torch.manual_seed(seed)
-    vit = Eva(**arch.timm_kwargs())
+    model = DINOv3ViTModel(cfg).eval()
     with torch.no_grad():
-        for name, p in vit.named_parameters():
-            if name.endswith("gamma") or ".ls" in name:
-                p.fill_(0.5)          # layer scales large enough that every block matters
-    return backbone_from_state_dict(vit.state_dict(), source=f"random-dinov3-d{embed_dim}-seed{seed}")
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    if layout == "hf":
+        model.save_pretrained(out)
+    else:
+        torch.save(hf_to_meta_backbone_state(model.state_dict(), cfg.to_dict()), out)
+    return Path(out)
 
 
-def write_random_backbone(path, seed: int = 0, embed_dim: int = 64, depth: int = 4) -> Path:
-    """Save :func:`random_backbone` to ``path`` (safetensors); returns the path."""
-    from dinov3_geo.models.backbone import save_backbone
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=("hf", "meta"), default="hf")
+    args = parser.parse_args()
+    print(write_random_backbone(args.out, args.seed, args.layout))
 
-    path = Path(path)
-    save_backbone(random_backbone(seed, embed_dim, depth), path)
-    return path
 
+if __name__ == "__main__":
+    main()

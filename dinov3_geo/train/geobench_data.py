@@ -1,0 +1,235 @@
+"""GEO-Bench task folders in the format ServiceNow's geo-bench ships, read without running its pickles.
+
+A task folder holds one HDF5 file per sample (one dataset per band, ``label`` for segmentation),
+``band_stats.json``, ``<name>_partition.json`` (train/valid/test sample names) and ``task_specs.pkl``.
+The pickles (``task_specs.pkl`` and each HDF5 file's ``pickle`` attribute) name geo-bench's classes
+(``ccb.io.*`` in 0.x, ``geobench.*`` today). They are read by :class:`RestrictedUnpickler`, which
+never imports or calls anything: every class reference becomes a plain :class:`PickledRecord`
+holding the fields, and anything outside geo-bench's own modules is refused.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import InputError, UsageError, short_message
+from .datasets import ChipDataset, check_classes_have_examples, resize_chips, resize_labels, validate_chip
+
+PathLike = Union[str, os.PathLike]
+#: Modules whose class references a GEO-Bench pickle may hold (rebuilt as records, never imported).
+GEOBENCH_MODULES = re.compile(r"^(ccb|geobench)(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+SPLITS = {"train": "train", "val": "valid", "test": "test"}
+RGB = ("red", "green", "blue")
+
+
+class PickledRecord:
+    """Stand-in for any geo-bench object in a pickle: keeps its state as attributes, runs nothing."""
+
+    _qualname = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:       # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"<{self._qualname} {self.__dict__}>"
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds geo-bench pickles as plain data: their classes become :class:`PickledRecord`
+    subclasses; a reference to any other module (``os``, ``builtins``, numpy...) is refused."""
+
+    def find_class(self, module: str, name: str):  # noqa: D102 - pickle API
+        if not GEOBENCH_MODULES.match(module) or not name.isidentifier():
+            raise pickle.UnpicklingError(f"refused reference to {module}.{name}")
+        return type(name, (PickledRecord,), {"_qualname": f"{module}.{name}"})
+
+
+def safe_unpickle(data: bytes, where: PathLike) -> Any:
+    """The plain content of a geo-bench pickle (see :class:`RestrictedUnpickler`)."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise InputError(where, f"unreadable or unsafe pickle ({short_message(exc)})") from None
+
+
+def pickle_attribute(h5, where: PathLike) -> dict:
+    """An HDF5 sample's ``pickle`` attribute (a ``repr`` of bytes, parsed as a literal) as a dict."""
+    raw = h5.attrs.get("pickle")
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = ast.literal_eval(raw)
+        except (ValueError, SyntaxError) as exc:
+            raise InputError(where, f"bad pickle attribute ({short_message(exc)})") from None
+    value = safe_unpickle(bytes(raw), where)
+    return value if isinstance(value, dict) else {}
+
+
+def find_partition(folder: Path, partition: str = "default") -> Path:
+    """``<partition>_partition.json`` of a task folder (or its only partition file)."""
+    wanted = folder / f"{partition}_partition.json"
+    if wanted.exists():
+        return wanted
+    found = sorted(folder.glob("*_partition.json"))
+    if not found:
+        raise InputError(folder, "no *_partition.json: not a GEO-Bench task folder (or an incomplete copy)")
+    if len(found) > 1:
+        raise UsageError("partition", f"no {wanted.name} in {folder}; choose one of "
+                                      + ", ".join(p.name.removesuffix("_partition.json") for p in found))
+    return found[0]
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"unreadable JSON ({short_message(exc)})") from None
+
+
+def task_specs(folder: Path) -> dict:
+    """Plain fields of ``task_specs.pkl`` (class names, label kind, patch size); {} when absent."""
+    path = folder / "task_specs.pkl"
+    if not path.exists():
+        return {}
+    spec = safe_unpickle(path.read_bytes(), path)
+    fields = dict(getattr(spec, "__dict__", {}))
+    label = fields.get("label_type")
+    if label is not None:
+        fields["label_kind"] = getattr(label, "_qualname", "").rsplit(".", 1)[-1]
+        names = getattr(label, "_class_names", None) or getattr(label, "class_names", None)
+        fields["class_names"] = list(names) if names else None
+        fields["n_classes"] = getattr(label, "n_classes", None)
+    return fields
+
+
+def rgb_band_names(names: list[str], where: PathLike) -> list[str]:
+    """The red, green and blue band datasets among a sample's bands (by name)."""
+    picked = []
+    for colour in RGB:
+        hits = [n for n in names if re.search(rf"\b{colour}\b", n, re.IGNORECASE)
+                and not re.search(r"edge|infrared|nir", n, re.IGNORECASE)]
+        if not hits:
+            raise InputError(where, f"no {colour} band among {names}")
+        picked.append(hits[0])
+    return picked
+
+
+def band_scaling(stats: dict, bands: list[str], where: PathLike) -> tuple[list, tuple, tuple]:
+    """Per-band (lo, hi) mapping to 0..1 (0.1 and 99.9 percentiles, else min/max) and the
+    dataset's mean/std expressed on that 0..1 scale (so normalising equals ``(x - mean) / std``)."""
+    scale, mean, std = [], [], []
+    for b in bands:
+        s = stats.get(b)
+        if s is None:
+            raise InputError(where, f"band_stats.json has no statistics for band '{b}'")
+        lo = float(s.get("percentile_0_1", s["min"]))
+        hi = float(s.get("percentile_99_9", s["max"]))
+        hi = hi if hi > lo else lo + 1.0
+        scale.append((lo, hi))
+        mean.append((float(s["mean"]) - lo) / (hi - lo))
+        std.append(max(float(s["std"]), 1e-6) / (hi - lo))
+    return scale, tuple(mean), tuple(std)
+
+
+def read_sample(path: Path, bands: list[str], scale: list, segment: bool) -> tuple[np.ndarray, Any]:
+    """(RGB float32 [3,h,w] in 0..1, label) of one HDF5 sample."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            x = np.stack([np.asarray(h5[b], np.float32) for b in bands])
+            label = np.asarray(h5["label"]) if segment else pickle_attribute(h5, path).get("label")
+    except (OSError, KeyError) as exc:
+        raise InputError(path, f"unreadable GEO-Bench sample ({short_message(exc)})") from None
+    lo = np.array([s[0] for s in scale], np.float32)[:, None, None]
+    hi = np.array([s[1] for s in scale], np.float32)[:, None, None]
+    x = np.clip(np.nan_to_num((x - lo) / (hi - lo)), 0, 1)
+    return x, label
+
+
+def sample_bands(path: Path) -> tuple[list[str], bool]:
+    """Band dataset names of a sample and whether it has a ``label`` dataset (segmentation)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            names = list(h5.keys())
+    except OSError as exc:
+        raise InputError(path, f"not an HDF5 file ({short_message(exc)})") from None
+    return [n for n in names if n != "label"], "label" in names
+
+
+def geobench_task(folder: PathLike, chip: Optional[int] = None, partition: str = "default",
+                  ignore_classes: tuple[int, ...] = ()) -> ChipDataset:
+    """A GEO-Bench task folder as a :class:`ChipDataset` (RGB, scaled with the dataset's band
+    statistics; ``mean``/``std`` are the dataset's own) with its train/val/test partition.
+
+    ``chip``: resize chips to this size (default: the native size rounded to a multiple of 16).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "GEO-Bench task folder not found")
+    parts = read_json(find_partition(folder, partition))
+    names = {ours: list(parts.get(theirs, [])) for ours, theirs in SPLITS.items()}
+    if not names["train"]:
+        raise InputError(folder, "the partition file lists no training sample")
+    first = folder / f"{names['train'][0]}.hdf5"
+    if not first.exists():
+        raise InputError(first, "sample listed in the partition file is missing")
+    all_bands, segment = sample_bands(first)
+    rgb = rgb_band_names(all_bands, first)
+    stats_path = folder / "band_stats.json"
+    if not stats_path.exists():
+        raise InputError(folder, "no band_stats.json (needed to scale and normalise the bands)")
+    scale, mean, std = band_scaling(read_json(stats_path), rgb, stats_path)
+    specs = task_specs(folder)
+    order = [n for split in ("train", "val", "test") for n in names[split]]
+    unique = list(dict.fromkeys(order))
+    read = [read_sample(folder / f"{n}.hdf5", rgb, scale, segment) for n in unique]
+    native = read[0][0].shape[-1]
+    size = chip if chip is not None else max(16, int(round(native / 16)) * 16)
+    validate_chip(size)
+    images = resize_chips(np.stack([r[0] for r in read]), size)
+    labels, class_names = _labels(read, segment, specs, folder, size)
+    index = {n: i for i, n in enumerate(unique)}
+    splits = {k: np.array([index[n] for n in v], np.int64) for k, v in names.items() if v}
+    if not segment:
+        check_classes_have_examples(labels[splits["train"]], class_names, str(folder))
+    return ChipDataset("segment" if segment else "classify", images, labels, class_names, splits,
+                       f"GEO-Bench {folder.name}", mean=mean, std=std, bands=rgb, scale=scale,
+                       ignore_classes=tuple(ignore_classes))
+
+
+def _labels(read: list, segment: bool, specs: dict, folder: Path, size: int) -> tuple[np.ndarray, list[str]]:
+    """Labels as arrays and the class names (from the task specs, else label_stats.json, else the data)."""
+    if segment:
+        y = np.stack([np.asarray(r[1]) for r in read])
+        if y.min() < 0 or y.max() >= 255:
+            raise InputError(folder, f"segmentation labels outside 0..254 ({int(y.min())}..{int(y.max())})")
+        y = resize_labels(y.astype(np.uint8), size)
+    else:
+        if any(r[1] is None or np.ndim(r[1]) != 0 for r in read):
+            raise InputError(folder, "samples without a single class label (multi-label tasks are not supported)")
+        y = np.array([int(r[1]) for r in read], np.int64)
+    names = specs.get("class_names")
+    if not names:
+        stats = folder / "label_stats.json"
+        count = specs.get("n_classes") or (len(next(iter(read_json(stats).values()))) if stats.exists() else None)
+        count = count or int(y[y != 255].max()) + 1
+        names = [f"class_{i}" for i in range(int(count))]
+    return y, [str(n) for n in names]
