@@ -82,12 +82,11 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output) if output is not None else _default_output(scene, task)
-    source = getattr(scene, "path", scene)           # a path, or an open scene reader's name
-    check_output(output, overwrite, inputs=[source])
+    check_output(output, overwrite, inputs=[scene])
     if vector is not None:
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
-        check_output(vector, overwrite, inputs=[source, output])
+        check_output(vector, overwrite, inputs=[scene, output])
     encoding = DenseOutput("continuous", dtype, band_names=("canopy_height_m",))
     collected: list[str] = []
     with scene_reader(scene, bands=bands, scale=scale, gsd=gsd) as sc:

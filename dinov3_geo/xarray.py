@@ -167,14 +167,20 @@ class Dinov3Accessor:
             cluster(self.scene(bands, scale), work / "clusters.tif", k=k, backbone=backbone, **options)
             return _load_raster(work / "clusters.tif")
 
-    def segment(self, head: str = "canopy", weights=None, bands=None, scale=None, **options) -> xr.DataArray:
-        """A dense task (``head="canopy"``: CHMv2 heights in metres) on this array's grid, as
-        :func:`dinov3_geo.segment` computes it."""
-        from dinov3_geo.api import segment
+    def segment(self, head="canopy", weights=None, bands=None, scale=None, **options) -> xr.DataArray:
+        """A dense map on this array's grid: ``head="canopy"`` (CHMv2 heights in metres, as
+        :func:`dinov3_geo.segment`) or a segmentation head file from training (uint8 classes, 255
+        nodata, as ``dinov3geo segment --head``)."""
+        from dinov3_geo.api import TASKS, segment
+        from dinov3_geo.tasks.segment_head import segment_with_head
 
         with _workdir() as work:
-            segment(self.scene(bands, scale), task=head, output=work / f"{head}.tif", weights=weights, **options)
-            return _load_raster(work / f"{head}.tif")
+            out = work / "segment.tif"
+            if head in TASKS:
+                segment(self.scene(bands, scale), task=head, output=out, weights=weights, **options)
+            else:
+                segment_with_head(self.scene(bands, scale), head, out, **options)
+            return _load_raster(out)
 
     def canopy(self, weights=None, **options) -> xr.DataArray:
         """Canopy height in metres (float32, NaN nodata) on this array's grid."""

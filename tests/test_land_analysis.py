@@ -153,3 +153,21 @@ def test_accessor_canopy_is_the_segment_commands(sample, tmp_path):
     with rasterio.open(out) as ds:
         np.testing.assert_array_equal(heights.values, ds.read(1))
         assert heights.rio.crs == ds.crs and heights.rio.transform() == ds.transform
+
+
+@pytest.mark.slow
+def test_accessor_segment_with_a_trained_head_is_the_commands(sample, tmp_path, backbone_file):
+    from dinov3_geo.tasks.segment_head import segment_with_head
+    from dinov3_geo.train.run import train_segmenter
+
+    chips = sorted(sample("chesapeake").glob("*_image.tif"))[:2]
+    head = tmp_path / "head.safetensors"
+    train_segmenter(head, images=chips, labels=[p.with_name(p.name.replace("_image", "_label")) for p in chips],
+                    backbone=backbone_file, head="linear", lrs=[1e-3], epochs=2, device="cpu")
+    scene, out = sample("stars_L7_ETMs.tif"), tmp_path / "classes.tif"
+    segment_with_head(scene, head, out, backbone=backbone_file, device="cpu")
+    da = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": 128, "x": 128})
+    classes = da.dinov3.segment(head=head, backbone=backbone_file, device="cpu")
+    with rasterio.open(out) as ds:
+        np.testing.assert_array_equal(classes.values, ds.read(1))
+        assert classes.rio.crs == ds.crs and classes.rio.nodata == 255
