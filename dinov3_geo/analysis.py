@@ -35,7 +35,7 @@ from dinov3_geo.io.features import PATCH, ChipEmbeddingWriter
 from dinov3_geo.io.patchmap import (ZARR_CHUNK_ROWS, CellGrid, CellPaddedScene, PatchStitcher, ZarrFeatureSink,
                                     check_patch_overlap, open_features)
 from dinov3_geo.io.scene import scene_reader
-from dinov3_geo.io.sinks import COGSink, atomic_output, check_output
+from dinov3_geo.io.sinks import COGSink, check_output
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BACKBONE = "dinov3-vitl16-sat493m"
@@ -321,13 +321,16 @@ def _check_features_file(feats, path, run: _Run, grid: CellGrid) -> None:
 def _write_on_scene(output: Path, reader, blocks: Iterator[tuple[int, np.ndarray]], dtype: str, nodata,
                     overwrite: bool, description: str, colormap=None) -> None:
     """Write cell values ``(cell row, [rows, width])`` on the scene's own grid: each cell fills its
-    16 x 16 pixels."""
+    16 x 16 pixels, and pixels the scene has no valid data for are ``nodata`` (as in every output)."""
     with COGSink(output, reader, count=1, dtype=dtype, nodata=nodata, overwrite=overwrite, colormap=colormap,
                  band_descriptions=[description]) as sink:
         for r0, values in blocks:
             pixels = np.repeat(np.repeat(values, PATCH, axis=0), PATCH, axis=1)
             rows = min(pixels.shape[0], reader.height - r0 * PATCH)
-            sink.write(r0 * PATCH, pixels[None, :rows, :reader.width].astype(dtype, copy=False))
+            pixels = pixels[:rows, :reader.width].astype(dtype)
+            _, valid = reader.read(Window(0, r0 * PATCH, reader.width, rows))
+            pixels[~valid] = nodata
+            sink.write(r0 * PATCH, pixels[None])
 
 
 def _unit(block: np.ndarray) -> np.ndarray:
@@ -433,8 +436,8 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
             seed: int = 0, overwrite: bool = False, progress: Optional[bool] = None) -> AnalysisResult:
     """k-means land units: scikit-learn's MiniBatchKMeans (``k`` clusters, ``seed``) over the unit
     patch features of every 16-px cell, as a uint8 COG on the scene's grid (0..k-1, 255 nodata, a
-    colour table); with ``vector``, the units as polygons (layer ``clusters``: ``cluster``,
-    ``area_m2``) in a GeoPackage.
+    colour table); with ``vector``, the units as polygons (layer ``clusters``: ``class``,
+    ``class_name``, ``area_m2``) in a GeoPackage.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -449,16 +452,18 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         with _cell_features(run, reader, output, features) as feats:
             kmeans = _fit_kmeans(feats, int(k), seed)
-            labels = np.full(feats.shape[1:], CLASS_NODATA, np.uint8)
-            blocks = ((r0, _predict_block(kmeans, block, labels, r0)) for r0, block in _row_blocks(feats))
+            blocks = ((r0, _predict_block(kmeans, block)) for r0, block in _row_blocks(feats))
             _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster",
                             colormap=_palette(int(k)))
-        if vector is not None:
-            try:
-                _write_cluster_polygons(labels, reader, Path(vector), overwrite)
-            except BaseException:
-                output.unlink(missing_ok=True)
-                raise
+    if vector is not None:
+        from dinov3_geo.io.vector import polygonize_classes
+
+        try:
+            polygonize_classes(output, vector, [f"unit {i}" for i in range(int(k))], layer="clusters",
+                               overwrite=overwrite)
+        except BaseException:        # no half job: the same command can be rerun
+            output.unlink(missing_ok=True)
+            raise
     return _result(output, run, t0, vector=Path(vector) if vector is not None else None)
 
 
@@ -483,15 +488,13 @@ def _fit_kmeans(feats, k: int, seed: int):
     return kmeans
 
 
-def _predict_block(kmeans, block: np.ndarray, labels: np.ndarray, r0: int) -> np.ndarray:
-    """Cluster of each cell of ``[D, rows, width]`` (255 where nodata), also kept in ``labels``."""
+def _predict_block(kmeans, block: np.ndarray) -> np.ndarray:
+    """Cluster of each cell of ``[D, rows, width]`` (255 where nodata)."""
     cells, ok = _valid_columns(_unit(block))
     out = np.full(ok.size, CLASS_NODATA, np.uint8)
     if len(cells):
         out[ok] = kmeans.predict(cells).astype(np.uint8)
-    out = out.reshape(block.shape[1:])
-    labels[r0:r0 + out.shape[0]] = out
-    return out
+    return out.reshape(block.shape[1:])
 
 
 def _palette(k: int) -> dict[int, tuple[int, int, int, int]]:
@@ -502,36 +505,6 @@ def _palette(k: int) -> dict[int, tuple[int, int, int, int]]:
         colours[i] = (int(r * 255), int(g * 255), int(b * 255), 255)
     colours[CLASS_NODATA] = (0, 0, 0, 0)
     return colours
-
-
-def _write_cluster_polygons(labels: np.ndarray, reader, path: Path, overwrite: bool) -> None:
-    """Polygons of equal cluster cells, cut to the scene's footprint, as layer ``clusters``."""
-    import geopandas as gpd
-    import shapely
-    from rasterio.features import shapes
-
-    from dinov3_geo.io.features import window_polygon
-
-    grid = CellGrid.of(reader)
-    footprint = window_polygon(Window(0, 0, reader.width, reader.height), reader.transform)
-    geoms, ids = [], []
-    for geom, value in shapes(labels, mask=labels != CLASS_NODATA, transform=grid.transform, connectivity=4):
-        geoms.append(shapely.intersection(shapely.geometry.shape(geom), footprint))
-        ids.append(int(value))
-    frame = gpd.GeoDataFrame({"cluster": np.array(ids, np.int32)}, geometry=geoms, crs=reader.crs)
-    frame["area_m2"] = _areas_m2(frame)
-    with atomic_output(path, overwrite, inputs=[_scene_path(reader)]) as tmp:
-        os.unlink(tmp)
-        frame.to_file(tmp, layer="clusters", driver="GPKG")
-
-
-def _areas_m2(frame) -> np.ndarray:
-    """True areas in m² (an equal-area projection at the layer's centre; planar without a CRS)."""
-    if frame.crs is None or frame.empty:
-        return frame.area.to_numpy()
-    centre = frame.to_crs("EPSG:4326").union_all().centroid
-    laea = f"+proj=laea +lat_0={centre.y:.8f} +lon_0={centre.x:.8f} +datum=WGS84 +units=m"
-    return frame.to_crs(laea).area.to_numpy()
 
 
 # -- change -------------------------------------------------------------------------------------

@@ -79,10 +79,10 @@ def test_clusters_on_the_scene_grid(sample, tmp_path, backbone_file):
         labels, valid = ds.read(1), src.dataset_mask() > 0
         assert ds.nodata == 255 and ds.colormap(1)[0][3] == 255
     assert set(np.unique(labels)) == {0, 1, 2, 3, 255}
-    assert (labels[valid] != 255).all()                # every valid pixel has a unit
+    assert (labels[valid] != 255).all() and (labels[~valid] == 255).all()   # units exactly where data is
     polygons = gpd.read_file(vec, layer="clusters")
     assert polygons.crs == rasterio.open(scene).crs
-    assert set(polygons.cluster) == {0, 1, 2, 3}
+    assert set(polygons["class"]) == {0, 1, 2, 3}
     assert polygons.area_m2.sum() == pytest.approx((labels != 255).sum() * 300.0 * 300.0, rel=0.02)
 
 
