@@ -30,6 +30,7 @@ from dinov3_geo.io.sinks import check_output
 #: Cell rows per Zarr chunk (all bands and columns of those rows in one chunk).
 ZARR_CHUNK_ROWS = 64
 FEATURES_VAR = "features"
+ZARR_FORMAT = 2
 
 
 def cells(pixels: int) -> int:
@@ -203,8 +204,9 @@ class ZarrFeatureSink:
                                       self.grid, self.band_names)
         ds = template.to_dataset(name=FEATURES_VAR)
         ds.attrs.update(self.attrs)
-        ds.to_zarr(self._tmp, mode="w", compute=False, consolidated=False)
-        self._array = zarr.open_group(self._tmp, mode="r+")[FEATURES_VAR]
+        # Zarr v2 with consolidated metadata: what GDAL, QGIS and older xarray read too
+        ds.to_zarr(self._tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT)
+        self._array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
 
     def write(self, row_off: int, array: np.ndarray) -> None:
         """Take cell rows ``[channels, rows, width]`` starting at ``row_off`` (in order)."""
@@ -287,7 +289,7 @@ def open_features(path):
         raise InputError(path, "file not found")
     try:
         if path.is_dir():
-            ds = xr.open_zarr(path, decode_coords="all", consolidated=False)
+            ds = xr.open_zarr(path, decode_coords="all")
             da = ds[FEATURES_VAR]
             da.attrs.update(ds.attrs)
             return da
