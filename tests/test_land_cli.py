@@ -20,9 +20,12 @@ def backbones(tmp_path_factory):
 
 
 def one_error_line(capsys, code: int, rc: int) -> str:
+    """The exit code and the one ``error:`` line, which ends the output (no traceback)."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == code and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert rc == code and len(errors) == 1 and err[-1] == errors[0], err
+    assert not any("Traceback" in line for line in err), err
+    return errors[0]
 
 
 def test_embed_similar_cluster_through_the_command(sample, tmp_path, backbones, capsys):

@@ -52,7 +52,7 @@ class CellGrid:
     @classmethod
     def of(cls, scene) -> "CellGrid":
         """The cell grid of ``scene`` (its transform scaled by 16, sides rounded up)."""
-        return cls(scene.crs, scene.transform * Affine.scale(PATCH), cells(scene.height), cells(scene.width))
+        return cls(scene.crs, scene.transform @ Affine.scale(PATCH), cells(scene.height), cells(scene.width))
 
     @property
     def input_profile(self) -> dict:
