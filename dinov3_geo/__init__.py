@@ -35,7 +35,7 @@ _EXPORTS = {
     "TaskModel": "dinov3_geo.tasks",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
-    "DinoGeoWarning": "dinov3_geo.api",
+    "DinoGeoWarning": "dinov3_geo.errors",
     "SegmentResult": "dinov3_geo.api",
     "embed": "dinov3_geo.analysis",
     "similar": "dinov3_geo.analysis",

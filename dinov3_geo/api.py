@@ -18,21 +18,19 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .engine import RunSettings, RunStats
-from .errors import UsageError, WeightsNotFoundError
-from .io.scene import scene_reader
-from .io.sinks import check_output
+from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
+from .io.scene import MAX_UPSAMPLE, scene_reader
+from .io.sinks import check_output, outputs_together
 from .io.tiling import ChipPlan, validate_tiling
+from .io.vector import check_threshold
 from .models import registry
+from .models.demo import DEMO_NOTE, demo_canopy_model, is_demo
 from .models.registry import CHMV2_TRAINING_GSD
 from .models.weights import search_dirs
 from .pipeline import DenseOutput, summary_lines, write_dense
 
 PathLike = Union[str, os.PathLike]
 TASKS = ("canopy",)
-
-
-class DinoGeoWarning(UserWarning):
-    """Something the user should know that does not stop the run (pixel size, band choice)."""
 
 
 @dataclass
@@ -66,7 +64,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             bands: Optional[Sequence[int]] = None, gsd: Optional[float] = None,
             scale: Optional[tuple[float, float]] = None, overwrite: bool = False, compile: bool = False,
             progress: Optional[bool] = None, verify: bool = True, readers: Optional[int] = None,
-            dtype: str = "float32") -> SegmentResult:
+            dtype: str = "float32", max_upsample: Optional[float] = MAX_UPSAMPLE) -> SegmentResult:
     """Run ``task`` over the raster ``scene`` and write a Cloud-Optimised GeoTIFF on its grid.
 
     ``canopy``: CHMv2 canopy height in metres (float32, NaN where the input is invalid; ``dtype``
@@ -74,9 +72,15 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     65535 nodata: both within 0.05 m of float32 below 96 m); with
     ``vector``, polygons of canopy at or above ``min_height`` m go to that GeoPackage (layer
     ``canopy``, the scene's CRS, with ``area_m2``, ``mean_height_m``, ``max_height_m``).
-    ``output`` defaults to ``<scene>_<task>.tif`` beside the scene.
+    ``output`` defaults to ``<scene>_<task>.tif`` beside the scene. ``weights="demo"`` runs a small
+    random model built in memory (meaningless heights; a warning says so). A ``gsd`` that upsamples
+    more than ``max_upsample`` times per axis is refused (``None``: no limit). With ``vector``,
+    earlier outputs are replaced only once both new ones are complete.
     """
     t0 = time.perf_counter()
+    collected: list[str] = []
+    if is_demo(weights):
+        _warn(DEMO_NOTE, collected)
     if task not in TASKS:
         raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
@@ -87,28 +91,27 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[scene, output])
+    check_threshold(min_height, "min_height")
+    _check_weights_exist(weights)
     encoding = DenseOutput("continuous", dtype, band_names=("canopy_height_m",))
-    collected: list[str] = []
-    with scene_reader(scene, bands=bands, scale=scale, gsd=gsd) as sc:
+    with outputs_together(output, vector, overwrite) as (raster_out, vector_out), \
+            scene_reader(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)
         plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
+        _say_resampling(sc, plan, collected)
         model = _load_task_model(task, weights, backbone_weights, settings.device, settings.dtype, verify)
-        stats, _ = write_dense(sc, model, output, plan, settings, encoding, overwrite=overwrite,
-                               progress=progress)
+        stats, _ = write_dense(sc, model, raster_out, plan, settings, encoding,
+                               overwrite=overwrite or vector is not None, progress=progress)
         if stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata (NaN)", collected)
         area = _area_km2(sc)
-    polygons = None
-    if vector is not None:
-        from .io.vector import polygonize_threshold
+        polygons = None
+        if vector is not None:      # both outputs replace earlier ones together, or neither does
+            from .io.vector import polygonize_threshold
 
-        try:
-            polygons = polygonize_threshold(output, vector, min_height, layer="canopy", overwrite=overwrite)
-        except BaseException:  # failed or interrupted: no half job, so that the same command can be rerun
-            output.unlink(missing_ok=True)
-            raise
+            polygons = polygonize_threshold(raster_out, vector_out, min_height, layer="canopy", overwrite=True)
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(settings.device), settings.precision, collected)
 
@@ -138,6 +141,19 @@ def _check_pixel_size(scene, gsd: Optional[float], collected: list[str]) -> None
               f"was trained on; heights may be unreliable (try `gsd` {CHMV2_TRAINING_GSD})", collected)
 
 
+def _say_resampling(scene, plan: ChipPlan, collected: list[str]) -> None:
+    """When ``gsd`` changes the grid a lot (2x or more per axis), say so before the work starts:
+    the factor, the chips and the working grid's size."""
+    factor = scene.resampling_factor
+    if not scene.resampled or 0.5 < factor < 2.0:
+        return
+    size_gb = scene.width * scene.height * 4 / 1e9
+    _warn(f"{scene.path}: gsd resamples {factor:.2g}x per axis: {scene.input_profile['width']} x "
+          f"{scene.input_profile['height']} px -> {scene.width} x {scene.height} px, {len(plan.windows)} chips of "
+          f"{plan.tile} px (~{size_gb:.2g} GB of temporary float32 heights; the output stays on the input grid)",
+          collected)
+
+
 def _area_km2(scene) -> float:
     size = scene.pixel_size_m
     if size is None:
@@ -150,6 +166,8 @@ def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: O
     from .models.canopy import load_canopy_model
     from .models.weights import verify_official_hash
 
+    if is_demo(weights):
+        return demo_canopy_model(device, dtype)
     weights = Path(weights) if weights is not None else _find_chmv2()
     if verify:
         for path in (weights, backbone_weights):
@@ -160,6 +178,14 @@ def _load_task_model(task: str, weights: Optional[PathLike], backbone_weights: O
     return load_canopy_model(weights, backbone_weights=backbone_weights, device=device, dtype=dtype, verify=verify)
 
 
+def _check_weights_exist(weights: Optional[PathLike]) -> None:
+    """Before any work: a weights path that does not exist is an error saying where to get them."""
+    from .models.canopy import get_chmv2_help
+
+    if weights is not None and not is_demo(weights) and not Path(weights).exists():
+        raise WeightsNotFoundError(weights, f"not found: {get_chmv2_help(weights)}")
+
+
 def _find_chmv2() -> Path:
     """The CHMv2 weights in the search folders: the HF folder, or Meta's head file."""
     names = (registry.CHMV2_HF_REPO.split("/")[1], registry.CHMV2_HEAD_FILENAME)
@@ -167,11 +193,9 @@ def _find_chmv2() -> Path:
         for name in names:
             if (folder / name).exists():
                 return folder / name
-    raise WeightsNotFoundError(
-        "canopy weights",
-        f"not found. Request the gated CHMv2 weights at https://huggingface.co/{registry.CHMV2_HF_REPO} "
-        f"(or Meta's {registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}), "
-        f"put them in {search_dirs()[0]} (or set DINOV3GEO_WEIGHTS), or pass `weights` PATH")
+    from .models.canopy import get_chmv2_help
+
+    raise WeightsNotFoundError("canopy weights", f"not found (`weights`): {get_chmv2_help()}")
 
 
 def _find_backbone_beside(head: Path) -> Optional[Path]:

@@ -8,16 +8,18 @@ layer alone speaks in flags (:func:`in_flags`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
 import traceback
 import warnings
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from . import __version__
-from .errors import DinoGeoError, UsageError
+from .errors import DinoGeoError, DinoGeoWarning, UsageError
+from .io.scene import MAX_UPSAMPLE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("scene", help="input raster (GeoTIFF, COG, VRT, JP2, /vsicurl/...)")
     seg.add_argument("--task", default="canopy", help="task to run (canopy)")
     seg.add_argument("-o", "--output", help="output COG (default: <scene>_<task>.tif beside the scene)")
-    seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth")
+    seg.add_argument("--weights", help="task weights: CHMv2 HF folder or Meta head .pth; 'demo': a small random "
+                     "model built in memory (meaningless heights, to try the tool)")
     seg.add_argument("--backbone-weights", help="backbone checkpoint for a Meta head .pth")
     seg.add_argument("--vector", help="also write polygons to this GeoPackage (canopy, or one per class region "
                      "with --head)")
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
     _add_run_options(seg)
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
+    seg.add_argument("--allow-large", dest="max_upsample", action="store_const", const=None, default=MAX_UPSAMPLE,
+                     help=f"allow a --gsd that upsamples more than {MAX_UPSAMPLE:g}x per axis (hours of work)")
     seg.add_argument("--compile", action="store_true",
                      help="torch.compile the model by regions: a warm-up first (shorter once the inductor "
                      "cache is warm), then faster chips; worth it on long runs, GPU or CPU")
@@ -82,7 +87,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
-                   "on the CPU); fp8: float8 products in the backbone, GPUs of compute capability 8.9+")
+                   "on the CPU); fp8: float8 products in the backbone, fast on GPUs of compute capability "
+                   "8.9+, emulated (slow, for checking) on the CPU")
     p.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
     p.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
     p.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
@@ -263,8 +269,21 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C so every cleanup path runs."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def _stop_once(signum, frame):
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that an impatient
+    second Ctrl-C cannot cut the clean-up of temporary files short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _catch_stop_signals() -> dict:
+    """Route SIGINT (unless ignored, as under nohup) and SIGTERM to :func:`_stop_once`; returns
+    the previous handlers."""
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _stop_once)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _stop_once)
+    return previous
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -273,7 +292,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 #: Parameters whose flag is not ``--`` + the name with dashes.
 FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "images": "--image", "class_names": "--classes",
-           "k": "-k"}
+           "max_upsample": "--allow-large", "k": "-k"}
 _QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
 
 
@@ -304,6 +323,17 @@ def option_names(parser: argparse.ArgumentParser) -> set[str]:
     return names | {"verify", "verify=False"}
 
 
+@contextlib.contextmanager
+def _own_warnings_only() -> Iterator[None]:
+    """Inside the command: our warnings as ``warning: ...`` lines, the libraries' warnings (torch's
+    pickle notes, rasterio's 'crs was not provided') hidden; all restored after."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", DinoGeoWarning)
+        warnings.showwarning = _show_warning          # catch_warnings puts the previous one back
+        yield
+
+
 def run_segment_head(args: argparse.Namespace) -> int:
     from .tasks.segment_head import segment_with_head
 
@@ -329,9 +359,6 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from rasterio.errors import NotGeoreferencedWarning
-
-    warnings.simplefilter("ignore", NotGeoreferencedWarning)  # the scene's own warning says it once
     if args.head is not None:
         return run_segment_head(args)
 
@@ -342,7 +369,7 @@ def run_segment(args: argparse.Namespace) -> int:
                      device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
                      overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
                      overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify, dtype=args.dtype)
+                     verify=not args.no_verify, dtype=args.dtype, max_upsample=args.max_upsample)
     print(result.summary(), file=sys.stderr)
     return 0
 
@@ -438,19 +465,24 @@ COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one command; returns the exit code. Warning filters and the warning printer are set for
-    the call and restored after it."""
+    """Run one command; returns the exit code. Warning filters, the warning printer and the signal
+    handlers are set for the call and restored after it (after a stop the process is ending: later
+    signals stay ignored)."""
     # Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
     # on small CPUs (3-4x the CPU per chip on 2 cores). Takes effect if torch is not yet imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        return _main(list(sys.argv[1:] if argv is None else argv))
+    previous = _catch_stop_signals()
+    with _own_warnings_only():
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+    if code not in (130, 143):
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
 
 
 def _main(argv: list[str]) -> int:
+    """Parse and run one command; every failure becomes one ``error:`` line and an exit code."""
     debug = "--debug" in argv
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -475,8 +507,6 @@ def _main(argv: list[str]) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
               file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

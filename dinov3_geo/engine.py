@@ -74,13 +74,14 @@ class _Chip:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a DeviceError."""
+    """``auto`` picks CUDA when present; asking for CUDA without one is a UsageError (exit 2)."""
     name = str(device).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError("device", "CUDA was requested but no CUDA GPU is available (use `device` cpu)")
+            raise UsageError("device", f"'{device}' was requested but no CUDA GPU is available (use `device` "
+                                       "cpu or auto)")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

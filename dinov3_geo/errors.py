@@ -53,3 +53,7 @@ class OutputError(DinoGeoError):
 
 class DeviceError(DinoGeoError):
     """The requested device is not available."""
+
+
+class DinoGeoWarning(UserWarning):
+    """Something the user should know that does not stop the run (pixel size, band choice)."""

@@ -55,7 +55,7 @@ class DataArrayScene:
         self.nodata = self.da.rio.nodata if self.da.rio.nodata is not None else self.da.rio.encoded_nodata
         self.band_index = self._bands(bands)
         self.warnings: list[str] = []
-        self.resampled = False
+        self.resampled, self.resampling_factor, self.gcps = False, 1.0, None     # read on its own grid
         self.input_profile = {"crs": self.crs, "transform": self.transform, "width": self.width,
                               "height": self.height}
         self.scaling = self._scaling(scale)

@@ -241,6 +241,16 @@ def _truncated(path: Path) -> Path:
     return path
 
 
+def _vrt_without_source(folder: Path) -> Path:
+    """A VRT over a real crop whose source file was deleted afterwards."""
+    import rasterio.shutil
+
+    source = write(folder / "tile.tif", crop())
+    rasterio.shutil.copy(source, folder / "mosaic.vrt", driver="VRT")
+    source.unlink()
+    return folder / "mosaic.vrt"
+
+
 BAD_INPUTS = {
     # name: (builder(tmp) -> scene path, expected words in the error line)
     "missing": (lambda d: d / "nothere.tif", ["nothere.tif", "not found"]),
@@ -254,6 +264,8 @@ BAD_INPUTS = {
     "complex": (lambda d: write(d / "cplx.tif", crop().astype(np.complex64)), ["cplx.tif", "complex64"]),
     "boolean (1 bit)": (lambda d: write(d / "mask.tif", (crop()[:1] > 100).astype(np.uint8), nbits=1),
                         ["mask.tif", "1-bit"]),
+    "VRT without its source": (lambda d: _vrt_without_source(d), ["mosaic.vrt", "source file", "tile.tif",
+                                                                   "missing"]),
 }
 
 
@@ -301,11 +313,16 @@ def test_geographic_crs_works_with_pixel_size_note(cli, models, tmp_path):
         assert ds.crs.to_epsg() == 4326
 
 
+def plain_scene(path: Path) -> Path:
+    """A real crop with no georeference at all (no CRS, no transform)."""
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
+        ds.write(crop())
+    return path
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_no_georeference_works_in_pixel_space(cli, models, tmp_path):
-    scene = tmp_path / "plain.tif"
-    with rasterio.open(scene, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
-        ds.write(crop())
+    scene = plain_scene(tmp_path / "plain.tif")
     out = tmp_path / "plain_canopy.tif"
     res = cli("segment", scene, "--weights", models["chm"], "-o", out, *FAST)
     assert_ok(res, out)
@@ -315,6 +332,19 @@ def test_no_georeference_works_in_pixel_space(cli, models, tmp_path):
     with rasterio.open(out) as ds:
         assert ds.crs is None
         assert np.isfinite(ds.read(1)).all()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_library_warnings_do_not_reach_the_user(cli, models, tmp_path):
+    """Meta .pth weights (torch pickles), a scene without CRS and a GeoPackage: only our own lines."""
+    scene = plain_scene(tmp_path / "plain.tif")
+    out = tmp_path / "plain_canopy.tif"
+    res = cli("segment", scene, "--weights", models["head"], "--backbone-weights", models["backbone"], "-o", out,
+              "--vector", tmp_path / "plain.gpkg", *FAST)
+    assert_ok(res, out)
+    assert [ln for ln in res.lines if ln.startswith("warning:")] == [
+        f"warning: {scene}: no georeference (no CRS): outputs carry pixel coordinates only"], res.stderr
+    assert all(ln.startswith(("warning:", "done in", "wrote ")) for ln in res.lines), res.stderr
 
 
 # -------------------------------------------------------------------------------------------------
@@ -336,6 +366,10 @@ BAD_OPTIONS = {
     "bands not numbers": (["--bands", "r,g,b"], ["--bands", "r,g,b"]),
     "bad scale": (["--scale", "5,1"], ["--scale", "5,1"]),
     "bad gsd": (["--gsd", "-1"], ["--gsd", "-1"]),
+    "gsd upsampling 1000x": (["--gsd", "0.0006"], ["--gsd", "1000.0x per axis", "--allow-large"]),
+    "min height nan": (["--min-height", "nan", "--vector", "v.gpkg"], ["--min-height", "nan"]),
+    "min height negative": (["--min-height", "-5", "--vector", "v.gpkg"], ["--min-height", "-5"]),
+    "min height inf": (["--min-height", "inf", "--vector", "v.gpkg"], ["--min-height", "inf"]),
 }
 
 
@@ -365,7 +399,7 @@ def test_unknown_argument(cli, good_scene):
 def test_cuda_requested_but_absent(cli, models, tmp_path, good_scene):
     out = tmp_path / "canopy.tif"
     res = cli("segment", good_scene, "--weights", models["chm"], "-o", out, "--device", "cuda")
-    assert_failed(res, 1, "--device", "CUDA", "--device cpu", output=out)
+    assert_failed(res, 2, "--device", "no CUDA GPU", "--device cpu", output=out)
 
 
 # -------------------------------------------------------------------------------------------------

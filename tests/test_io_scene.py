@@ -1,4 +1,5 @@
 """Opening scenes: band choice, scaling, masks, resampling, errors, threads."""
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -195,9 +196,17 @@ def test_reads_from_threads_match_serial(sample):
     with open_scene(sample(NAIP)) as s:
         wins = plan_chips(s.height, s.width, 128, 32)
         serial = [s.read(w) for w in wins]
+        together = threading.Barrier(4, timeout=60)     # the first four reads wait for each other: four
+                                                        # threads read at once, however fast a read is
+
+        def read(i: int):
+            if i < 4:
+                together.wait()
+            return s.read(wins[i])
+
         with ThreadPoolExecutor(4) as pool:
-            parallel = list(pool.map(s.read, wins))
-        assert len(s._handles) >= 2
+            parallel = list(pool.map(read, range(len(wins))))
+        assert len(s._handles) >= 5                     # this thread's and one per pool thread
         for (a, va), (b, vb) in zip(serial, parallel):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(va, vb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError
+from rasterio.transform import from_gcps
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -28,6 +30,8 @@ MIN_SIZE = 16
 #: Longest side of the decimated read used to estimate the percentile stretch.
 STATS_SIDE = 1024
 PERCENTILES = (2.0, 98.0)
+#: Largest upsampling per axis that ``gsd`` may ask for unless the caller raises ``max_upsample``.
+MAX_UPSAMPLE = 8.0
 _ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 
 
@@ -65,8 +69,37 @@ class _Grid:
         return {"crs": self.crs, "transform": self.transform, "width": self.width, "height": self.height}
 
 
+#: Words in band descriptions that name a colour; band codes (Sentinel-2, Landsat 8/9) come second.
+_COLOUR_WORDS = {"red": re.compile(r"\bred\b(?!.?edge)", re.I), "green": re.compile(r"\bgreen\b", re.I),
+                 "blue": re.compile(r"\bblue\b", re.I)}
+_COLOUR_CODES = {"red": {"r", "b4", "b04"}, "green": {"g", "b3", "b03"}, "blue": {"b", "b2", "b02"}}
+
+
+def _rgb_by_colour_interp(src) -> list[int] | None:
+    """Red, green, blue band numbers from the colour interpretation, if all three are set."""
+    interp = list(src.colorinterp)
+    rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    return [interp.index(ci) + 1 for ci in rgb] if all(ci in interp for ci in rgb) else None
+
+
+def _rgb_by_description(src) -> list[int] | None:
+    """Red, green, blue band numbers from band descriptions ('Red', 'B3 red', 'B4'...), if each
+    colour is named by exactly one band."""
+    names = [(d or "").strip() for d in src.descriptions]
+    for match in (lambda colour, name: bool(_COLOUR_WORDS[colour].search(name)),
+                  lambda colour, name: name.lower() in _COLOUR_CODES[colour]):
+        found = [[i + 1 for i, name in enumerate(names) if match(colour, name)] for colour in ("red", "green", "blue")]
+        if all(len(f) == 1 for f in found):
+            return [f[0] for f in found]
+    return None
+
+
 def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[int], list[str]]:
-    """1-based band indexes to read (length 1 or 3) and warnings."""
+    """1-based band indexes to read (length 1 or 3) and warnings.
+
+    Given ``bands`` win; else red, green, blue by colour interpretation, then by band description;
+    else the first three bands, with a warning when there are more than three (their order is
+    unknown: Landsat 5/7 files, for example, start blue, green, red)."""
     count = src.count
     if bands is not None:
         bands = [int(b) for b in bands]
@@ -76,22 +109,34 @@ def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[in
         if len(bands) not in (1, 3):
             raise UsageError("bands", f"give 1 or 3 bands, got {len(bands)}")
         picked = bands
+    elif count == 1:
+        picked = [1]
+    elif count < 3:
+        raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
+                                "choose 1 or 3 with `bands`")
     else:
-        interp = list(src.colorinterp)
-        rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
-        if all(ci in interp for ci in rgb):
-            picked = [interp.index(ci) + 1 for ci in rgb]
-        elif count >= 3:
+        picked = _rgb_by_colour_interp(src) or _rgb_by_description(src)
+        if picked is None:
             picked = [1, 2, 3]
-        elif count == 1:
-            picked = [1]
-        else:
-            raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
-                                    "choose 1 or 3 with `bands`")
+            if count > 3:
+                return picked, [f"{where}: {count} bands with no colour interpretation or band names: used bands "
+                                "1,2,3 as red, green, blue; if the order differs (Landsat 5/7: 1,2,3 are blue, green, "
+                                "red) choose them with `bands` 3,2,1 (Python: bands=[3, 2, 1])"]
     warnings = []
     if len(picked) == 1:
-        warnings.append(f"single band {picked[0]} (panchromatic?) repeated to 3 channels")
+        warnings.append(f"{where}: single band {picked[0]} (panchromatic?) repeated to 3 channels")
     return picked, warnings
+
+
+def _gcps_only(src) -> tuple[list, Any] | None:
+    """``(gcps, crs)`` of a raster georeferenced by ground control points only (no geotransform)."""
+    gcps, crs = src.gcps
+    return (list(gcps), crs) if gcps and src.crs is None and crs is not None else None
+
+
+def _missing_sources(src) -> list[str]:
+    """Local files a dataset (a VRT, for one) refers to that do not exist."""
+    return [f for f in src.files[1:] if "://" not in f and not f.startswith("/vsi") and not os.path.exists(f)]
 
 
 def _open_dataset(path: str):
@@ -111,15 +156,19 @@ class Scene:
 
     Attributes: ``path``, ``height``, ``width``, ``crs``, ``transform`` (working grid), ``bands``
     (1-based), ``dtype`` (source), ``pixel_size_m`` (x, y metres per working pixel, ``None`` without
-    CRS), ``input_profile`` (dict: crs, transform, width, height of the input grid), ``warnings``,
+    CRS), ``input_profile`` (dict: crs, transform, width, height of the input grid), ``gcps``
+    (``(gcps, crs)`` for a scene georeferenced by ground control points only, else ``None``; then
+    ``crs`` is theirs and ``transform`` the affine fit to them), ``warnings``,
     ``resampled`` (True when ``gsd`` changed the grid), ``scaling`` (per-band (lo, hi) or ``None``).
     """
 
     def __init__(self, path, bands: Sequence[int] | None = None,
                  scale: tuple[float, float] | None = None, gsd: float | None = None,
-                 nodata: float | None = None, grid: dict | None = None):
+                 nodata: float | None = None, max_upsample: float | None = MAX_UPSAMPLE,
+                 grid: dict | None = None):
         self.path = str(path)
         self.nodata_override = _check_nodata(nodata)
+        self.max_upsample = max_upsample
         self._local = threading.local()
         self._handles: list = []
         self._lock = threading.Lock()
@@ -146,14 +195,16 @@ class Scene:
         if src.width < MIN_SIZE or src.height < MIN_SIZE:
             raise InputError(self.path, f"too small: {src.width} x {src.height} px (need >= {MIN_SIZE})")
         self.bands, self.warnings = _choose_bands(src, bands, self.path)
-        self.crs = src.crs
+        self.gcps = _gcps_only(src)
+        self.crs = self.gcps[1] if self.gcps else src.crs
         self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
-        if src.crs is None:
-            self.warnings.append("no georeference (no CRS): outputs carry pixel coordinates only")
+        if self.crs is None:
+            self.warnings.append(f"{self.path}: no georeference (no CRS): outputs carry pixel coordinates only")
         self._probe(src)
         self._warp = self._working_grid(src, gsd) if gsd is not None else self._target_grid(src, grid)
         self.resampled = self._warp is not None
-        grid = self._warp or _Grid(src.crs, src.transform, src.width, src.height)
+        own = from_gcps(self.gcps[0]) if self.gcps else src.transform     # GCPs: their affine fit, for sizes
+        grid = self._warp or _Grid(self.crs, own, src.width, src.height)
         self.transform, self.width, self.height = grid.transform, grid.width, grid.height
         if self.width < MIN_SIZE or self.height < MIN_SIZE:
             raise InputError(self.path, f"at gsd={gsd} m the scene is only {self.width} x {self.height} px")
@@ -166,6 +217,9 @@ class Scene:
         try:
             src.read(self.bands[0], window=Window(src.width - 1, src.height - 1, 1, 1))
         except RasterioError as exc:
+            missing = _missing_sources(src)
+            if missing:
+                raise InputError(self.path, f"source file {missing[0]} is missing (the file points to it)") from None
             raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {short_message(exc)})") from None
 
     def _target_grid(self, src, grid: dict | None) -> _Grid | None:
@@ -180,16 +234,30 @@ class Scene:
         return None if same else target
 
     def _working_grid(self, src, gsd: float) -> _Grid:
-        """The input grid resampled to ``gsd`` metres per pixel, covering the same extent."""
-        if gsd is None or not gsd > 0:
+        """The input grid resampled to ``gsd`` metres per pixel, covering the same extent; refuses an
+        upsampling of more than ``max_upsample`` times per axis (hours of work for no new detail)."""
+        if gsd is None or not gsd > 0 or not math.isfinite(gsd):
             raise UsageError("gsd", f"gsd must be a positive number of metres, got {gsd!r}")
+        if self.gcps:
+            raise UsageError("gsd", "resampling to a gsd needs a geotransform; this file is georeferenced by "
+                                    "ground control points (warp it first, e.g. with gdalwarp)")
         if src.crs is None:
             raise UsageError("gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
         px, py = pixel_size_m(src.crs, src.transform, src.width, src.height)
         width = max(1, round(src.width * px / gsd))
         height = max(1, round(src.height * py / gsd))
+        factor = max(px, py) / gsd
+        if self.max_upsample is not None and factor > self.max_upsample:
+            raise UsageError("gsd", f"gsd={gsd:g} m upsamples the {max(px, py):.3g} m pixels {factor:.1f}x per axis "
+                                    f"(to {width} x {height} px, {factor * factor:.0f}x the work); the limit is "
+                                    f"{self.max_upsample:g}x: choose a larger gsd or allow it with `max_upsample`")
         transform = src.transform @ Affine.scale(src.width / width, src.height / height)
         return _Grid(src.crs, transform, width, height)
+
+    @property
+    def resampling_factor(self) -> float:
+        """Input pixels per working pixel along an axis (> 1: the model sees finer pixels)."""
+        return self.width / self.input_profile["width"]
 
     def _scaling(self, src, scale) -> list[tuple[float, float]] | None:
         """Per-band (lo, hi) of the global stretch; ``None`` for uint8 sources (divide by 255)."""
@@ -230,9 +298,16 @@ class Scene:
             self._handles.append(handle)
 
     def _warped(self, src) -> tuple:
-        """(data VRT bilinear, mask VRT nearest) on the working grid."""
+        """(data VRT, mask VRT) on the working grid. Finer pixels: bilinear values, nearest mask.
+        Coarser pixels: the average of the valid input pixels under each working pixel, valid where
+        any is, so that every valid input pixel lies in a valid working pixel (written back exactly)."""
         kw = dict(crs=self._warp.crs, transform=self._warp.transform,
                   width=self._warp.width, height=self._warp.height)
+        if self.nodata_override is not None:      # the user's nodata: excluded from resampling, kept as is
+            kw.update(src_nodata=self.nodata_override, nodata=self.nodata_override)
+        if self.resampling_factor < 1:
+            data = WarpedVRT(src, resampling=Resampling.average, **kw)
+            return data, data
         return (WarpedVRT(src, resampling=Resampling.bilinear, **kw),
                 WarpedVRT(src, resampling=Resampling.nearest, **kw))
 
@@ -281,6 +356,23 @@ class Scene:
             chip = np.repeat(chip, 3, axis=0)
         return chip, valid
 
+    def input_valid(self, window: Window) -> np.ndarray:
+        """Validity ``[h, w]`` of ``window`` of the *input* grid, by the rule of :meth:`read` (any
+        selected band unmasked, or not the ``nodata`` value; none NaN): where outputs written back on
+        the input grid have values."""
+        src = self._handle()[0]
+        try:
+            data = src.read(self.bands, window=window)
+            if self.nodata_override is not None:
+                valid = self._valid_by_value(data, [self.nodata_override])
+            else:
+                valid = np.any(src.read_masks(sorted(set(self.bands)), window=window) > 0, axis=0)
+        except RasterioError as exc:
+            raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
+        if data.dtype.kind == "f":
+            valid &= np.all(np.isfinite(data), axis=0)
+        return valid
+
     def _validity_from_values(self, src) -> list[float] | None:
         """Per-band nodata values when validity can be told from the values read (no second
         read of GDAL's mask): the user's ``nodata``, or per-band nodata values with no alpha or
@@ -316,7 +408,7 @@ class Scene:
         with self._lock:
             handles, self._handles = self._handles or [], None
         for handle in handles:
-            for ds in reversed(handle):
+            for ds in reversed(dict.fromkeys(handle)):     # a VRT may serve data and mask
                 ds.close()
         self._local = threading.local()
 
@@ -355,19 +447,22 @@ def _check_nodata(nodata: float | None) -> float | None:
 
 
 def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
-               gsd: float | None = None, nodata: float | None = None, grid: dict | None = None) -> Scene:
+               gsd: float | None = None, nodata: float | None = None,
+               max_upsample: float | None = MAX_UPSAMPLE, grid: dict | None = None) -> Scene:
     """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
 
     ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
     first three; one band is repeated. ``scale=(MIN, MAX)`` maps values linearly to 0..1 instead of
     the default scene-wide 2-98 % stretch (uint8 is always /255). ``gsd``: metres per pixel of the
-    working grid (the input is resampled; outputs go back to the input grid). ``nodata``: a value
-    marking invalid input pixels (where every band has it), replacing the file's own masks.
-    ``grid``: another scene's ``input_profile`` (crs, transform, width, height) to read this one
-    on, warped (bilinear) when it differs; pixels outside this scene's footprint are invalid.
+    working grid (the input is resampled; outputs go back to the input grid); a ``gsd`` that
+    upsamples more than ``max_upsample`` times per axis is refused (``None``: no limit).
+    ``nodata``: a value marking invalid input pixels (where every band has it), replacing the
+    file's own masks. ``grid``: another scene's ``input_profile`` (crs, transform, width, height)
+    to read this one on, warped (bilinear) when it differs; pixels outside this scene's footprint
+    are invalid.
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
-    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, grid=grid)
+    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample, grid=grid)
 
 
 @contextlib.contextmanager
@@ -376,7 +471,7 @@ def scene_reader(scene, **options):
     with ``read(window)``, ``height``, ``width``, ``crs`` and ``transform``, such as the xarray
     accessor's), else :func:`open_scene` of the path with ``options`` (closed after)."""
     if hasattr(scene, "read") and hasattr(scene, "height"):
-        given = sorted(name for name, value in options.items() if value is not None)
+        given = sorted(name for name, value in options.items() if value is not None and name != "max_upsample")
         if given:
             raise UsageError("scene", f"{', '.join(given)} are set when a scene is opened; pass a path")
         yield scene

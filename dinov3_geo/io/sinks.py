@@ -19,6 +19,7 @@ What is left for the end is kept small, since it runs after the last chip:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -34,12 +35,13 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from pyogrio.errors import DataLayerError, DataSourceError
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from dinov3_geo.errors import OutputError
+from dinov3_geo.errors import DinoGeoError, OutputError, short_message
 
 BLOCK = 512
 
@@ -91,6 +93,76 @@ def _remove(path: Path | None) -> None:
             p.unlink()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux), else set and reset."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished temporary file ``tmp`` onto ``target`` atomically, with the permissions a
+    new file gets (``0666`` less the umask; ``mkstemp`` made it ``0600``)."""
+    if target.exists() and not overwrite:
+        raise OutputError(target, "appeared while writing (use `overwrite` to replace it)")
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, target)
+
+
+#: Free bytes below which a failed write is reported as a full disk.
+DISK_FULL_BYTES = 8 << 20
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, GDAL's words for it, or (GDAL often reports
+    only a later symptom) almost no free space left in ``folder``."""
+    if getattr(exc, "errno", None) == errno.ENOSPC or "no space left" in str(exc).lower() \
+            or "free disk space" in str(exc).lower():
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _folder(target: Path) -> Path:
+    return target.parent if str(target.parent) else Path(".")
+
+
+def _no_space(target: Path) -> OutputError:
+    folder = _folder(Path(target))
+    free = shutil.disk_usage(folder).free
+    return OutputError(target, f"no space left on the disk of {folder.resolve()} ({free / 1e6:.1f} MB free): "
+                               "free some space or choose another folder")
+
+
+def require_space(target: Path, nbytes: int) -> None:
+    """:class:`OutputError` (disk full) unless ``target``'s folder has ``nbytes`` free: checked
+    before GDAL writes, since GDAL and libtiff print their own lines when a write hits a full disk."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(_folder(Path(target))).free < nbytes:
+            raise _no_space(target)
+
+
+@contextlib.contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn a failed write (GDAL, OGR or OS error) of an output into one :class:`OutputError`
+    naming ``target``: 'no space left' with the folder and its free space when the disk is full."""
+    try:
+        yield
+    except (DinoGeoError, KeyboardInterrupt):
+        raise
+    except (RasterioError, OSError, DataSourceError, DataLayerError) as exc:
+        if _disk_full(exc, _folder(Path(target))):
+            raise _no_space(target) from None
+        raise OutputError(target, f"cannot be written ({short_message(exc)})") from None
+
+
 @contextlib.contextmanager
 def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str = "partial") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path`` atomically, on any
@@ -98,13 +170,36 @@ def atomic_output(path, overwrite: bool = False, inputs: Sequence = (), tag: str
     target = check_output(path, overwrite, inputs)
     tmp = temp_path(target, tag)
     try:
-        yield tmp
-        if target.exists() and not overwrite:
-            raise OutputError(target, "appeared while writing (use `overwrite` to replace it)")
-        os.replace(tmp, target)
+        with writing(target):
+            yield tmp
+        publish(tmp, target, overwrite)
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def outputs_together(raster, vector, overwrite: bool) -> Iterator[tuple[Path, Path | None]]:
+    """Paths to write a raster and the vector made from it: with no vector, the raster itself;
+    with one, hidden temporary paths beside both, moved onto them only when the whole block has
+    succeeded, so that a failed or interrupted vector step leaves any earlier outputs as they were.
+    Errors naming a temporary path name its target instead."""
+    raster = Path(raster)
+    if vector is None:
+        yield raster, None
+        return
+    targets = [raster, Path(vector)]
+    staged = [temp_path(t, "staged") for t in targets]
+    try:
+        yield staged[0], staged[1]
+        for tmp, target in zip(staged, targets):
+            publish(tmp, target, overwrite)
+    except DinoGeoError as exc:
+        exc.where = next((str(t) for s, t in zip(staged, targets) if exc.where == str(s)), exc.where)
+        raise
+    finally:
+        for tmp in staged:
+            _remove(tmp)
 
 
 #: GDAL block cache (MB) while streaming. GDAL's default (5 % of RAM) fills with dirty blocks of the
@@ -292,7 +387,8 @@ class COGSink:
         """Open the temporary file and cap GDAL's block cache until exit (see ``GDAL_CACHE_MB``)."""
         self._env.__enter__()
         try:
-            self.open()
+            with writing(self.path):
+                self.open()
         except BaseException:
             self._env.__exit__(None, None, None)
             raise
@@ -324,12 +420,18 @@ class COGSink:
         comp = {} if raw else _temp_compression()
         _zstd_works()               # probe GDAL now, not in the COG conversion after the last chip
         self._tmp = temp_path(self.path)
-        profile = dict(driver="GTiff", width=w, height=h, count=self.count,
-                       dtype=self.dtype, crs=self.scene.crs, transform=self.scene.transform,
+        gcps = None if getattr(self.scene, "resampled", False) else getattr(self.scene, "gcps", None)
+        georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else {}
+        profile = dict(driver="GTiff", width=w, height=h, count=self.count, dtype=self.dtype, **georef,
                        nodata=self.nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                        bigtiff="IF_SAFER", num_threads="ALL_CPUS", **comp)
         try:
-            self._ds = rasterio.open(self._tmp, "w", **profile)
+            with warnings.catch_warnings():     # GCPs come next: not "not georeferenced"
+                if gcps is not None:
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self._tmp, "w", **profile)
+            if gcps is not None:          # georeferenced by ground control points: keep them as they are
+                self._ds.gcps = gcps
             self._strip_worker = _StripWorker("cog-strips")
             if self.progressive_overviews:
                 for k in range(1, overview_count(h, w) + 1):
@@ -357,7 +459,8 @@ class COGSink:
             raise OutputError(self.path, f"rows of shape {array.shape} do not fit "
                                          f"({self.count}, rows, {self.scene.width})")
         self._pending[int(row_off)] = array.astype(self.dtype, copy=False)
-        self._drain(final=False)
+        with writing(self.path):
+            self._drain(final=False)
 
     def _drain(self, final: bool) -> None:
         """Write pending contiguous rows from ``_next_row`` in block-aligned strips."""
@@ -372,6 +475,7 @@ class COGSink:
             strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
             window = Window(0, self._next_row, self.scene.width, take)
+            require_space(self.path, strip[:, :take].nbytes)     # what it takes at most, uncompressed
             self._strip_worker.submit(self._write_strip, strip[:, :take], window)
             if self._ovr_worker is not None:
                 # strips arrive in order and are whole 512-row blocks except the last, so each
@@ -405,37 +509,29 @@ class COGSink:
     def flush(self) -> None:
         """Write every row taken so far into the temporary file and wait for the writer threads
         (raises their first error); what is left for :meth:`finalize` is the COG conversion."""
-        self._drain(final=True)
-        self._strip_worker.join()
-        if self._ovr_worker is not None:
-            self._ovr_worker.join()
+        with writing(self.path):
+            self._drain(final=True)
+            self._strip_worker.join()
+            if self._ovr_worker is not None:
+                self._ovr_worker.join()
 
     def finalize(self) -> None:
         """Finish the file: resample back if needed, convert to COG, move onto the target."""
         cog = None
         try:
-            if self._ds is None:
-                self.open()
-            self.flush()
-            if self._next_row < self.scene.height:
-                raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
-            if self.colormap:
-                self._ds.write_colormap(1, self.colormap)
-            if self.tags:
-                self._ds.update_tags(**self.tags)
-            if self.scales:
-                self._ds.scales = self.scales
-                self._ds.offsets = (0.0,) * len(self.scales)
-            if self.band_descriptions:
-                for i, d in enumerate(self.band_descriptions, 1):
-                    self._ds.set_band_description(i, d)
-            self._ds.close()
-            self._finish_overviews()
-            cog = temp_path(self.path, "cog")
-            self._to_cog(cog)
-            if self.path.exists() and not self.overwrite:
-                raise OutputError(self.path, "appeared while writing (use `overwrite` to replace it)")
-            os.replace(cog, self.path)
+            with writing(self.path):
+                if self._ds is None:
+                    self.open()
+                self.flush()
+                if self._next_row < self.scene.height:
+                    raise OutputError(self.path, f"only {self._next_row} of {self.scene.height} rows were written")
+                self._describe(self._ds)
+                self._ds.close()
+                self._finish_overviews()
+                require_space(self.path, os.path.getsize(self._tmp) // 4)    # the least the COG takes
+                cog = temp_path(self.path, "cog")
+                self._to_cog(cog)
+                publish(cog, self.path, self.overwrite)
             cog = None
             self.finished = True
         except BaseException:
@@ -456,19 +552,53 @@ class COGSink:
                 rasterio.shutil.copy(vrt, cog, driver="COG", **{**opts, "overviews": "FORCE_USE_EXISTING"})
             finally:
                 _remove(vrt)
+        elif getattr(self.scene, "resampled", False):
+            back = temp_path(self.path, "back")
+            try:
+                self._back_on_input_grid(back)
+                rasterio.shutil.copy(back, cog, driver="COG", **opts)
+            finally:
+                _remove(back)
         else:
-            with rasterio.open(self._tmp) as src:
-                if getattr(self.scene, "resampled", False):
-                    grid = self.scene.input_profile
-                    resampling = Resampling.nearest if self.dtype == "uint8" else Resampling.bilinear
-                    with WarpedVRT(src, crs=grid["crs"], transform=grid["transform"], width=grid["width"],
-                                   height=grid["height"], resampling=resampling, src_nodata=self.nodata,
-                                   nodata=self.nodata) as vrt:
-                        rasterio.shutil.copy(vrt, cog, driver="COG", **opts)
-                else:
-                    rasterio.shutil.copy(src, cog, driver="COG", **opts)
+            rasterio.shutil.copy(self._tmp, cog, driver="COG", **opts)
         if self.colormap or self.band_descriptions:
             self._check_metadata(cog)
+
+    def _back_on_input_grid(self, path: Path) -> None:
+        """The working-grid result resampled onto the exact input grid, strip by strip, into the
+        GeoTIFF ``path``: bilinear (nearest for classes), nearest where bilinear has no valid source
+        pixel, and nodata exactly where the input is invalid (``scene.input_valid``)."""
+        grid = self.scene.input_profile
+        kw = dict(crs=grid["crs"], transform=grid["transform"], width=grid["width"], height=grid["height"],
+                  src_nodata=self.nodata, nodata=self.nodata)
+        smooth = Resampling.nearest if self.dtype == "uint8" else Resampling.bilinear
+        input_valid = getattr(self.scene, "input_valid", None)
+        with rasterio.open(self._tmp) as src, WarpedVRT(src, resampling=smooth, **kw) as values, \
+                WarpedVRT(src, resampling=Resampling.nearest, **kw) as nearest, \
+                rasterio.open(path, "w", driver="GTiff", count=self.count, dtype=self.dtype, tiled=True,
+                              blockxsize=BLOCK, blockysize=BLOCK, bigtiff="IF_SAFER",
+                              **{k: v for k, v in kw.items() if k != "src_nodata"}) as dst:
+            for row in range(0, grid["height"], BLOCK):
+                window = Window(0, row, grid["width"], min(BLOCK, grid["height"] - row))
+                out = values.read(window=window)
+                gaps = values.read_masks(window=window) == 0
+                out[gaps] = nearest.read(window=window)[gaps]
+                if input_valid is not None:
+                    out[:, ~input_valid(window)] = self.nodata
+                dst.write(out, window=window)
+            self._describe(dst)
+
+    def _describe(self, ds) -> None:
+        """Colour table, tags, band scales and descriptions onto the open dataset ``ds``."""
+        if self.colormap:
+            ds.write_colormap(1, self.colormap)
+        if self.tags:
+            ds.update_tags(**self.tags)
+        if self.scales:
+            ds.scales = self.scales
+            ds.offsets = (0.0,) * len(self.scales)
+        for i, d in enumerate(self.band_descriptions or [], 1):
+            ds.set_band_description(i, d)
 
     def _overview_vrt(self, vrt: Path) -> None:
         """A VRT of the partial file (all its metadata) whose bands list the streamed overview

@@ -9,6 +9,7 @@ written once no later strip can reach it. Memory is one strip plus the open comp
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,11 +23,12 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.features import shapes
+from rasterio.transform import from_gcps
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
 
-from dinov3_geo.errors import InputError, short_message
+from dinov3_geo.errors import InputError, UsageError, short_message
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -189,6 +191,27 @@ class _LayerWriter:
         self.buffer = []
 
 
+def georeference(ds) -> tuple:
+    """``(crs, transform)`` of an open raster; for one georeferenced by ground control points only,
+    their CRS and the affine transform fitted to them (``rasterio.transform.from_gcps``)."""
+    gcps, gcp_crs = ds.gcps
+    if ds.crs is None and gcps and gcp_crs is not None:
+        return gcp_crs, from_gcps(gcps)
+    return ds.crs, ds.transform
+
+
+def check_threshold(value: float, name: str = "threshold") -> float:
+    """``value`` as a float if it is a finite height above 0 m, else a :class:`UsageError` naming
+    the parameter ``name`` (NaN would select nothing, a negative or zero height everything)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(name, f"expected a height in metres, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(name, f"must be a finite height above 0 m, got {value!r}")
+    return number
+
+
 def _in_units(ds, values: np.ndarray) -> np.ndarray:
     """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
     metres), unchanged when there are none."""
@@ -246,8 +269,9 @@ def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, stri
         raise InputError(raster_path, f"not a readable raster ({short_message(exc)})") from None
     with ds, bounded_gdal_cache(), atomic_output(out_path, overwrite, inputs=[raster_path]) as tmp:
         os.unlink(tmp)  # the GPKG driver creates the file itself
-        areas = _Areas(ds.crs, ds.transform, ds.width, ds.height)
-        writer = _LayerWriter(tmp, layer, ds.crs, ds.transform, areas, batch=batch, columns=columns)
+        crs, transform = georeference(ds)
+        areas = _Areas(crs, transform, ds.width, ds.height)
+        writer = _LayerWriter(tmp, layer, crs, transform, areas, batch=batch, columns=columns)
         merger = _StripMerger(ds.width, by_value=columns is not None)
         for row_off in range(0, ds.height, strip_rows):
             rows = min(strip_rows, ds.height - row_off)

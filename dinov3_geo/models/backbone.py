@@ -229,8 +229,13 @@ def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.dev
     registry name such as ``dinov3-vitl16-sat493m`` (looked up in ``$DINOV3GEO_WEIGHTS`` and the cache).
 
     Official file names keep their hash prefix (``-eadcf0ff``) and are checked against the file's
-    SHA-256 unless ``verify`` is False. Returns the module in eval mode on ``device``.
+    SHA-256 unless ``verify`` is False. Returns the module in eval mode on ``device``. The reserved
+    name ``demo`` gives a small random backbone built in memory (for trying the API; no weights).
     """
+    from .demo import demo_backbone, is_demo
+
+    if is_demo(weights):
+        return demo_backbone(device, dtype)
     path = resolve_weights(weights, allow_download)
     if verify:
         verify_official_hash(path)

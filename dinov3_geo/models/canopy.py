@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -75,6 +76,19 @@ class CanopyModel(nn.Module):
         features = self.backbone.get_intermediate_layers(x.to(dtype), indices=self.layers, norm=True)
         metres = self.head(features, out_size=x.shape[-2:])
         return metres[..., top:top + h, left:left + w]
+
+
+def get_chmv2_help(target: Optional[PathLike] = None) -> str:
+    """Where to get the gated CHMv2 weights, where to put them (``target``, else the first search
+    folder) and the ``demo`` alternative: the text of a missing-weights error."""
+    from . import registry
+    from .weights import search_dirs
+
+    target = target or search_dirs()[0] / registry.CHMV2_HF_REPO.split("/")[1]
+    return (f"request the gated CHMv2 weights at https://huggingface.co/{registry.CHMV2_HF_REPO} (or Meta's "
+            f"{registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}) "
+            f"and put the downloaded folder at {target} (or in $DINOV3GEO_WEIGHTS); to try the tool without "
+            "them, use `weights` demo (a random model: meaningless heights)")
 
 
 def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = None,
