@@ -19,7 +19,7 @@ import torch
 
 from .engine import RunSettings, RunStats
 from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
-from .io.scene import MAX_UPSAMPLE, open_scene
+from .io.scene import MAX_UPSAMPLE, scene_reader
 from .io.sinks import check_output, outputs_together
 from .io.tiling import ChipPlan, validate_tiling
 from .io.vector import check_threshold
@@ -95,7 +95,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     _check_weights_exist(weights)
     encoding = DenseOutput("continuous", dtype, band_names=("canopy_height_m",))
     with outputs_together(output, vector, overwrite) as (raster_out, vector_out), \
-            open_scene(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
+            scene_reader(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
         for text in sc.warnings:
             _warn(text, collected)
         _check_pixel_size(sc, gsd, collected)

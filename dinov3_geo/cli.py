@@ -66,16 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(uint8 COG, colour table, 255 nodata) instead of a task")
     seg.add_argument("--backbone", help="backbone for --head (default: the one the head file names)")
     seg.add_argument("--min-height", type=float, default=2.0, help="canopy threshold for --vector, metres (2)")
-    seg.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
-    seg.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
-    seg.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
-                     "on the CPU); fp8: float8 products in the backbone, fast on GPUs of compute capability "
-                     "8.9+, emulated (slow, for checking) on the CPU")
-    seg.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
-    seg.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
-    seg.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
-    seg.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
-                     "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
+    _add_run_options(seg)
     seg.add_argument("--gsd", type=float, help="run at this pixel size in metres; output stays on the input grid")
     seg.add_argument("--allow-large", dest="max_upsample", action="store_const", const=None, default=MAX_UPSAMPLE,
                      help=f"allow a --gsd that upsamples more than {MAX_UPSAMPLE:g}x per axis (hours of work)")
@@ -85,16 +76,74 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dtype", default="float32", choices=("float32", "float16", "uint16"),
                      help="output type: float32 (default), float16 (half the size), uint16 (decimetres, "
                      "scale 0.1 in the file so GIS tools show metres; 65535 nodata)")
-    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official files")
-    seg.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar (default: only on a terminal)")
     seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
                      "command line win")
     add_batch_options(seg)
-    for p in (parser, seg, *add_head_commands(sub)):
+    for p in (parser, seg, *_add_land_parsers(sub), *add_head_commands(sub)):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every pipeline run takes: device, batches, precision, chips, bands, scaling, output."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
+                   "on the CPU); fp8: float8 products in the backbone, fast on GPUs of compute capability "
+                   "8.9+, emulated (slow, for checking) on the CPU")
+    p.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
+    p.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
+    p.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
+    p.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
+                   "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: only on a terminal)")
+
+
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y in the scene's CRS, got '{text}'")
+    return x, y
+
+
+def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
+    """``embed``, ``similar``, ``cluster`` and ``change``: frozen DINOv3 features over scenes."""
+    emb = sub.add_parser("embed", help="DINOv3 embeddings: one GeoParquet row per chip, or a patch-feature map",
+                         description="Embeddings of a scene: one GeoParquet row per non-empty chip (CLS and mean "
+                         "patch embedding), or with --patch the patch features at 16-px cells (Zarr or COG).")
+    emb.add_argument("scene", help="input raster")
+    emb.add_argument("-o", "--output", required=True, help="output: .parquet (chips), .zarr or .tif (--patch)")
+    emb.add_argument("--patch", action="store_true", help="patch features stitched at 16-px cells")
+    emb.add_argument("--pca", type=int, help="keep this many principal components of the patch features")
+    sim = sub.add_parser("similar", help="cosine similarity to a point or polygons, on the scene's grid",
+                         description="Cosine similarity of every 16-px cell to the mean feature of a reference.")
+    sim.add_argument("scene", help="input raster")
+    sim.add_argument("-o", "--output", required=True, help="output COG (float32, -1..1)")
+    sim.add_argument("--at", type=_point, help="reference point X,Y in the scene's CRS")
+    sim.add_argument("--like", help="reference polygons (any vector file; reprojected to the scene's CRS)")
+    sim.add_argument("--features", help="patch features of this scene (embed --patch, .zarr) instead of a run")
+    clu = sub.add_parser("cluster", help="k-means land units over patch features, on the scene's grid",
+                         description="k-means (MiniBatchKMeans) land units of the scene's 16-px cells.")
+    clu.add_argument("scene", help="input raster")
+    clu.add_argument("-o", "--output", required=True, help="output COG (uint8 units, 255 nodata)")
+    clu.add_argument("-k", dest="k", type=int, default=8, help="number of units (8)")
+    clu.add_argument("--vector", help="also write the units as polygons to this GeoPackage")
+    clu.add_argument("--features", help="patch features of this scene (embed --patch, .zarr) instead of a run")
+    chg = sub.add_parser("change", help="per-cell feature change between two dates, on the first one's grid",
+                         description="Cosine distance between the patch features of two dates; the second is "
+                         "warped onto the first one's grid when needed; areas only one date covers are nodata.")
+    chg.add_argument("before", help="first date (its grid is the output's)")
+    chg.add_argument("after", help="second date")
+    chg.add_argument("-o", "--output", required=True, help="output COG (float32, 0..2)")
+    for p in (emb, sim, clu, chg):
+        p.add_argument("--backbone", default="dinov3-vitl16-sat493m",
+                       help="backbone weights: a path or a name such as dinov3-vitl16-sat493m (the default)")
+        _add_run_options(p)
+    return [emb, sim, clu, chg]
 
 
 def _floats(text: str) -> list[float]:
@@ -249,7 +298,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 #: Parameters whose flag is not ``--`` + the name with dashes.
 FLAG_OF = {"verify=False": "--no-verify", "verify": "--no-verify", "images": "--image", "class_names": "--classes",
-           "max_upsample": "--allow-large"}
+           "max_upsample": "--allow-large", "k": "-k"}
 _QUOTED = re.compile(r"`([a-z_][a-z0-9_]*(?:=[A-Za-z]+)?)`")
 
 
@@ -390,6 +439,46 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """The options of :func:`_add_run_options` (and ``--backbone``) as library keywords."""
+    return dict(backbone=args.backbone, device=args.device, batch_size=args.batch_size, precision=args.precision,
+                tile=args.tile, overlap=args.overlap, bands=args.bands, scale=args.scale, overwrite=args.overwrite,
+                progress=args.progress)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from .analysis import embed
+
+    print(embed(args.scene, args.output, patch=args.patch, pca=args.pca, **_run_options(args)).summary(),
+          file=sys.stderr)
+    return 0
+
+
+def run_similar(args: argparse.Namespace) -> int:
+    from .analysis import similar
+
+    print(similar(args.scene, args.output, at=args.at, like=args.like, features=args.features,
+                  **_run_options(args)).summary(), file=sys.stderr)
+    return 0
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from .analysis import cluster
+
+    print(cluster(args.scene, args.output, k=args.k, vector=args.vector, features=args.features,
+                  **_run_options(args)).summary(), file=sys.stderr)
+    return 0
+
+
+def run_change(args: argparse.Namespace) -> int:
+    from .analysis import change
+
+    print(change(args.before, args.after, args.output, **_run_options(args)).summary(), file=sys.stderr)
+    return 0
+
+
+
+
 def _training_kwargs(args: argparse.Namespace) -> dict:
     from .train.run import print_progress
 
@@ -436,7 +525,8 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify, "eval": run_eval}
+COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify, "eval": run_eval,
+            "embed": run_embed, "similar": run_similar, "cluster": run_cluster, "change": run_change}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .engine import Engine, RunSettings, RunStats, run_chips
 from .errors import UsageError
-from .io.scene import Scene, open_scene
+from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
 from .io.stitch import CLASS_NODATA, StreamingStitcher
 from .io.tiling import ChipPlan, validate_tiling
@@ -158,7 +157,7 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
     validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
     settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
     output = Path(output)
-    with _opened(scene, bands, scale, nodata) as sc:
+    with scene_reader(scene, bands=bands, scale=scale, nodata=nodata) as sc:
         check_output(output, overwrite, inputs=[sc.path])
         plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
         stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
@@ -211,18 +210,6 @@ def output_channels(model: torch.nn.Module, tile: int, settings: RunSettings,
         raise UsageError("model", f"a dense model must map [B,3,{tile},{tile}] to [B,K,{tile},{tile}], "
                                   f"got {list(y.shape)}")
     return int(y.shape[1])
-
-
-@contextmanager
-def _opened(scene: Union[PathLike, Scene], bands, scale, nodata) -> Iterator[Scene]:
-    """An open :class:`Scene`: opened here (and closed after) from a path, or the one given."""
-    if isinstance(scene, Scene):
-        if bands is not None or scale is not None or nodata is not None:
-            raise UsageError("scene", "bands, scale and nodata are set when a Scene is opened; pass a path")
-        yield scene
-        return
-    with open_scene(scene, bands=bands, scale=scale, nodata=nodata) as sc:
-        yield sc
 
 
 def _tuple(given: Optional[Sequence], declared: Optional[tuple]) -> Optional[tuple]:

@@ -6,6 +6,7 @@ threads (each thread gets its own rasterio handle).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -42,7 +43,7 @@ def metres_per_degree(lat: float) -> tuple[float, float]:
     return m_lon, m_lat
 
 
-def _pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+def pixel_size_m(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
     """Metres per pixel (x, y) of a grid; ``None`` without a CRS."""
     px, py = math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
     if crs is None:
@@ -163,7 +164,8 @@ class Scene:
 
     def __init__(self, path, bands: Sequence[int] | None = None,
                  scale: tuple[float, float] | None = None, gsd: float | None = None,
-                 nodata: float | None = None, max_upsample: float | None = MAX_UPSAMPLE):
+                 nodata: float | None = None, max_upsample: float | None = MAX_UPSAMPLE,
+                 grid: dict | None = None):
         self.path = str(path)
         self.nodata_override = _check_nodata(nodata)
         self.max_upsample = max_upsample
@@ -172,14 +174,14 @@ class Scene:
         self._lock = threading.Lock()
         src = _open_dataset(self.path)
         try:
-            self._inspect(src, bands, scale, gsd)
+            self._inspect(src, bands, scale, gsd, grid)
         except BaseException:
             src.close()
             raise
         self._register(src)
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _inspect(self, src, bands, scale, gsd) -> None:
+    def _inspect(self, src, bands, scale, gsd, grid=None) -> None:
         """Fill every attribute from the open source dataset."""
         if src.count == 0:
             subs = list(src.subdatasets)
@@ -199,14 +201,14 @@ class Scene:
         if self.crs is None:
             self.warnings.append(f"{self.path}: no georeference (no CRS): outputs carry pixel coordinates only")
         self._probe(src)
-        self.resampled = gsd is not None
-        self._warp = self._working_grid(src, gsd) if gsd is not None else None
+        self._warp = self._working_grid(src, gsd) if gsd is not None else self._target_grid(src, grid)
+        self.resampled = self._warp is not None
         own = from_gcps(self.gcps[0]) if self.gcps else src.transform     # GCPs: their affine fit, for sizes
         grid = self._warp or _Grid(self.crs, own, src.width, src.height)
         self.transform, self.width, self.height = grid.transform, grid.width, grid.height
         if self.width < MIN_SIZE or self.height < MIN_SIZE:
             raise InputError(self.path, f"at gsd={gsd} m the scene is only {self.width} x {self.height} px")
-        self.pixel_size_m = _pixel_size_m(self.crs, self.transform, self.width, self.height)
+        self.pixel_size_m = pixel_size_m(self.crs, self.transform, self.width, self.height)
         self.scaling = self._scaling(src, scale)
         self._nodata_values = self._validity_from_values(src)
 
@@ -220,6 +222,17 @@ class Scene:
                 raise InputError(self.path, f"source file {missing[0]} is missing (the file points to it)") from None
             raise InputError(self.path, f"unreadable pixels (truncated or damaged file: {short_message(exc)})") from None
 
+    def _target_grid(self, src, grid: dict | None) -> _Grid | None:
+        """``grid`` (crs, transform, width, height: another scene's) when it differs from the input's."""
+        if grid is None:
+            return None
+        if src.crs is None:
+            raise InputError(self.path, "no georeference (no CRS): cannot be put on another scene's grid")
+        target = _Grid(grid["crs"], grid["transform"], grid["width"], grid["height"])
+        same = (src.crs == target.crs and src.transform.almost_equals(target.transform)
+                and (src.width, src.height) == (target.width, target.height))
+        return None if same else target
+
     def _working_grid(self, src, gsd: float) -> _Grid:
         """The input grid resampled to ``gsd`` metres per pixel, covering the same extent; refuses an
         upsampling of more than ``max_upsample`` times per axis (hours of work for no new detail)."""
@@ -230,7 +243,7 @@ class Scene:
                                     "ground control points (warp it first, e.g. with gdalwarp)")
         if src.crs is None:
             raise UsageError("gsd", "resampling to a gsd needs a georeferenced scene (no CRS)")
-        px, py = _pixel_size_m(src.crs, src.transform, src.width, src.height)
+        px, py = pixel_size_m(src.crs, src.transform, src.width, src.height)
         width = max(1, round(src.width * px / gsd))
         height = max(1, round(src.height * py / gsd))
         factor = max(px, py) / gsd
@@ -387,15 +400,7 @@ class Scene:
         return ~nodata
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
-        """uint8 passes through; other types map (lo, hi) per band to 0..1, clipped, float32."""
-        if self.scaling is None:
-            return data.copy() if not data.flags.writeable else data
-        out = np.empty(data.shape, dtype=np.float32)
-        for i, (lo, hi) in enumerate(self.scaling):
-            band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-            np.clip(band, 0.0, 1.0, out=out[i])
-        np.nan_to_num(out, copy=False, nan=0.0)
-        return out
+        return scale_to_unit(data, self.scaling)
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -418,6 +423,19 @@ class Scene:
                 f"dtype={self.dtype}, resampled={self.resampled})")
 
 
+def scale_to_unit(data: np.ndarray, scaling: list[tuple[float, float]] | None) -> np.ndarray:
+    """A chip ``[bands, h, w]`` as the model reads it: uint8 (``scaling`` None) passes through;
+    other types map (lo, hi) per band to 0..1, clipped, float32, NaN to 0."""
+    if scaling is None:
+        return data.copy() if not data.flags.writeable else data
+    out = np.empty(data.shape, dtype=np.float32)
+    for i, (lo, hi) in enumerate(scaling):
+        band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        np.clip(band, 0.0, 1.0, out=out[i])
+    np.nan_to_num(out, copy=False, nan=0.0)
+    return out
+
+
 def _check_nodata(nodata: float | None) -> float | None:
     """The user's input nodata value as a float (NaN allowed), or a UsageError naming ``nodata``."""
     if nodata is None:
@@ -430,7 +448,7 @@ def _check_nodata(nodata: float | None) -> float | None:
 
 def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, float] | None = None,
                gsd: float | None = None, nodata: float | None = None,
-               max_upsample: float | None = MAX_UPSAMPLE) -> Scene:
+               max_upsample: float | None = MAX_UPSAMPLE, grid: dict | None = None) -> Scene:
     """Open ``path`` (anything rasterio opens) as a :class:`Scene`.
 
     ``bands``: 1-based indexes (1 or 3); default red/green/blue by colour interpretation, else the
@@ -439,7 +457,24 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
     working grid (the input is resampled; outputs go back to the input grid); a ``gsd`` that
     upsamples more than ``max_upsample`` times per axis is refused (``None``: no limit).
     ``nodata``: a value marking invalid input pixels (where every band has it), replacing the
-    file's own masks.
+    file's own masks. ``grid``: another scene's ``input_profile`` (crs, transform, width, height)
+    to read this one on, warped (bilinear) when it differs; pixels outside this scene's footprint
+    are invalid.
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
-    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample)
+    return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample, grid=grid)
+
+
+@contextlib.contextmanager
+def scene_reader(scene, **options):
+    """``scene`` itself when it is an open scene reader already (a :class:`Scene`, or any object
+    with ``read(window)``, ``height``, ``width``, ``crs`` and ``transform``, such as the xarray
+    accessor's), else :func:`open_scene` of the path with ``options`` (closed after)."""
+    if hasattr(scene, "read") and hasattr(scene, "height"):
+        given = sorted(name for name, value in options.items() if value is not None and name != "max_upsample")
+        if given:
+            raise UsageError("scene", f"{', '.join(given)} are set when a scene is opened; pass a path")
+        yield scene
+        return
+    with open_scene(scene, **options) as sc:
+        yield sc

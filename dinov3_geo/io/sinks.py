@@ -57,6 +57,7 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
     if path.is_dir():
         raise OutputError(path, "is a folder")
     for src in inputs:
+        src = getattr(src, "path", src)       # an open scene reader stands for its file
         if src is not None and os.path.exists(src) and os.path.realpath(src) == os.path.realpath(path):
             raise OutputError(path, "is the input file; choose another output")
     if path.exists() and not overwrite:
