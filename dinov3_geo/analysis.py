@@ -197,9 +197,14 @@ def _embed_chips(run: _Run, reader, output: Path, overwrite: bool) -> None:
 
     model = ChipTokens(run.backbone)
     plan = ChipPlan.build(reader.height, reader.width, tile=run.tile, overlap=run.overlap)
-    attrs = dict(backbone=model.backbone_id, tile=run.tile, overlap=run.overlap)
-    writer = ChipEmbeddingWriter(output, reader, plan.windows, model.embed_dim, attrs, overwrite)
-    run.run(reader, model, writer, plan)
+    run.run(reader, model, chip_embedding_writer(output, reader, plan, model, overwrite), plan)
+
+
+def chip_embedding_writer(output: Path, reader, plan, model, overwrite: bool = False) -> ChipEmbeddingWriter:
+    """The consumer writing ``model``'s (:class:`~dinov3_geo.tasks.embed.ChipTokens`) chips of
+    ``plan`` over ``reader`` as the GeoParquet ``output``, stamped with the backbone and tiling."""
+    attrs = dict(backbone=model.backbone_id, tile=plan.tile, overlap=plan.overlap)
+    return ChipEmbeddingWriter(output, reader, plan.windows, model.embed_dim, attrs, overwrite)
 
 
 def _feature_attrs(run: _Run, **extra) -> dict:

@@ -115,8 +115,10 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
     emb = sub.add_parser("embed", help="DINOv3 embeddings: one GeoParquet row per chip, or a patch-feature map",
                          description="Embeddings of a scene: one GeoParquet row per non-empty chip (CLS and mean "
                          "patch embedding), or with --patch the patch features at 16-px cells (Zarr or COG).")
-    emb.add_argument("scene", help="input raster")
-    emb.add_argument("-o", "--output", required=True, help="output: .parquet (chips), .zarr or .tif (--patch)")
+    emb.add_argument("scene", nargs="+", help="input raster; several paths, a quoted glob ('scenes/*.tif') or "
+                     "@list.txt run a batch into the folder -o OUT_DIR/ (chip embeddings)")
+    emb.add_argument("-o", "--output", required=True, help="output: .parquet (chips), .zarr or .tif (--patch), or "
+                     "a folder OUT_DIR/ for a batch (one <scene>_embed.parquet each, resumable)")
     emb.add_argument("--patch", action="store_true", help="patch features stitched at 16-px cells")
     emb.add_argument("--pca", type=int, help="keep this many principal components of the patch features")
     sim = sub.add_parser("similar", help="cosine similarity to a point or polygons, on the scene's grid",
@@ -143,6 +145,7 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
         p.add_argument("--backbone", default="dinov3-vitl16-sat493m",
                        help="backbone weights: a path or a name such as dinov3-vitl16-sat493m (the default)")
         _add_run_options(p)
+    add_batch_options(emb, split=False)
     return [emb, sim, clu, chg]
 
 
@@ -344,7 +347,8 @@ def is_batch(args: argparse.Namespace) -> bool:
     from .batch.plan import GLOB_CHARS
 
     out = args.output
-    folder = out is not None and (out.endswith(("/", os.sep)) or os.path.isdir(out))
+    folder = out is not None and (out.endswith(("/", os.sep)) or (os.path.isdir(out) and not
+                                                                  out.lower().endswith(".zarr")))   # a feature store
     named = any(s.startswith("@") or GLOB_CHARS & set(s) for s in args.scene)
     return len(args.scene) > 1 or named or folder or bool(args.dask or getattr(args, "split_above", None))
 
@@ -354,6 +358,11 @@ def batch_options(args: argparse.Namespace) -> dict:
     ``classify`` arguments."""
     if args.command == "classify":
         return dict(task="classify", head=args.head, backbone=args.backbone, tile=args.tile)
+    if args.command == "embed":
+        if args.patch or args.pca is not None:
+            raise UsageError("patch", "a batch writes chip embeddings (one GeoParquet per scene); "
+                                      "run patch features one scene at a time")
+        return dict(task="embed", backbone=args.backbone, tile=args.tile, overlap=args.overlap)
     task = "segment" if args.head is not None else args.task
     return dict(task=task, head=args.head, backbone=args.backbone, weights=args.weights,
                 backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
@@ -372,7 +381,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     try:
         result = run_batch(args.scene, args.output, device=args.device, batch_size=args.batch_size,
                            precision=args.precision, bands=args.bands, scale=args.scale, overwrite=args.overwrite,
-                           verify=not args.no_verify, dask=args.dask, progress=args.progress,
+                           verify=not getattr(args, "no_verify", False), dask=args.dask, progress=args.progress,
                            **batch_options(args))
     except KeyboardInterrupt as exc:
         if args.debug:
@@ -449,7 +458,9 @@ def _run_options(args: argparse.Namespace) -> dict:
 def run_embed(args: argparse.Namespace) -> int:
     from .analysis import embed
 
-    print(embed(args.scene, args.output, patch=args.patch, pca=args.pca, **_run_options(args)).summary(),
+    if is_batch(args):
+        return run_batch_command(args)
+    print(embed(args.scene[0], args.output, patch=args.patch, pca=args.pca, **_run_options(args)).summary(),
           file=sys.stderr)
     return 0
 

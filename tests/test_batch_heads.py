@@ -1,5 +1,5 @@
-"""Heads in batch mode: ``dinov3geo segment 'scenes/*.tif' --head`` and ``dinov3geo classify
-'scenes/*.tif'`` into an output folder, in-process and on a two-worker Dask cluster, give exactly
+"""Heads and embeddings in batch mode: ``dinov3geo segment 'scenes/*.tif' --head``, ``dinov3geo
+classify 'scenes/*.tif'`` and ``dinov3geo embed 'scenes/*.tif'`` into an output folder, in-process and on a two-worker Dask cluster, give exactly
 the single-scene commands' outputs, and a rerun skips what is complete. Real scene crops, a tiny
 random backbone, heads trained on the Chesapeake pairs of data_samples."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pyogrio
 import pytest
 
@@ -67,6 +68,8 @@ def single(scenes, heads, backbone_dir, tmp_path_factory) -> Path:
                                       *SEG_RUN]]) == 0
         assert main([str(a) for a in ["classify", scene, "--head", heads["classify"], "--backbone", backbone_dir,
                                       "-o", out / f"{name}_chips.gpkg", *RUN]]) == 0
+        assert main([str(a) for a in ["embed", scene, "--backbone", backbone_dir, "-o", out / f"{name}_embed.parquet",
+                                      *SEG_RUN]]) == 0
     return out
 
 
@@ -84,6 +87,9 @@ def check_like_single(out: Path, single: Path, combined: Path) -> None:
         assert len(b) > 4
         assert a.drop(columns="geometry").equals(b.drop(columns="geometry"))
         assert a.geometry.equals(b.geometry)
+        embedded = pq.read_table(single / f"{name}_embed.parquet")
+        assert embedded.num_rows > 4 and pq.read_table(out / f"{name}_embed.parquet").equals(embedded)
+        assert pq.read_schema(out / f"{name}_embed.parquet").metadata == embedded.schema.metadata
     polygons = pyogrio.read_dataframe(combined, layer="classes")
     assert polygons.groupby("scene").size().to_dict() == {
         f"{n}.tif": len(pyogrio.read_dataframe(single / f"{n}_classes.gpkg", layer="classes"))
@@ -99,13 +105,14 @@ def test_head_batches_equal_single_scene_runs_and_resume(scenes, heads, backbone
     seg = ["segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir, "-o", f"{out}/",
            "--vector", out / "all_classes.gpkg", *SEG_RUN]
     clf = ["classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/", *RUN]
-    assert main([str(a) for a in seg]) == 0, capsys.readouterr().err
-    assert main([str(a) for a in clf]) == 0, capsys.readouterr().err
+    emb = ["embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN]
+    for command in (seg, clf, emb):
+        assert main([str(a) for a in command]) == 0, capsys.readouterr().err
     check_like_single(out, single, out / "all_classes.gpkg")
     capsys.readouterr()
-    assert main([str(a) for a in seg]) == 0 and main([str(a) for a in clf]) == 0
-    assert capsys.readouterr().err.count("0 done, 2 skipped (complete), 0 failed") == 2
-    for task in ("segment", "classify"):
+    assert all(main([str(a) for a in command]) == 0 for command in (seg, clf, emb))
+    assert capsys.readouterr().err.count("0 done, 2 skipped (complete), 0 failed") == 3
+    for task in ("segment", "classify", "embed"):
         summary = json.loads((out / f"summary_{task}.json").read_text())
         assert len(summary["skipped"]) == 2 and summary["done"] == []
 
@@ -121,4 +128,6 @@ def test_head_batches_on_a_two_worker_cluster(scenes, heads, backbone_dir, singl
               *RUN, "--dask", "local:2")
     assert clf.returncode == 0, clf.stderr
     assert "2 done, 0 skipped (complete), 0 failed" in clf.stderr
+    emb = cli("embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN, "--dask", "local:2")
+    assert emb.returncode == 0, emb.stderr
     check_like_single(out, single, out / "all_classes.gpkg")

@@ -24,14 +24,14 @@ GLOB_CHARS = set("*?[")
 @dataclass(frozen=True)
 class BatchTask:
     """What a task writes per scene: ``output`` is ``continuous`` or ``classes`` (a COG, mosaicked
-    into a VRT; scenes may be split into row bands) or ``chips`` (a GeoPackage layer, merged into one
-    layer with a ``scene`` column); files are ``<scene stem>_<suffix><ext>``; ``layer`` names the
+    into a VRT; scenes may be split into row bands), ``chips`` (a GeoPackage layer, merged into one
+    layer with a ``scene`` column) or ``embeddings`` (a GeoParquet file); files are ``<scene stem>_<suffix><ext>``; ``layer`` names the
     vector layer."""
 
     output: str
     suffix: str
     ext: str
-    layer: str
+    layer: Optional[str] = None
 
     @property
     def dense(self) -> bool:
@@ -39,11 +39,12 @@ class BatchTask:
 
 
 #: The tasks a batch runs: ``canopy`` (CHMv2 heights), ``segment`` (a segmentation head's classes),
-#: ``classify`` (a probe's class per chip).
+#: ``classify`` (a probe's class per chip), ``embed`` (a backbone's chip embeddings, GeoParquet).
 TASKS: dict[str, BatchTask] = {
     "canopy": BatchTask("continuous", "canopy", ".tif", "canopy"),
     "segment": BatchTask("classes", "classes", ".tif", "classes"),
     "classify": BatchTask("chips", "chips", ".gpkg", "chips"),
+    "embed": BatchTask("embeddings", "embed", ".parquet"),
 }
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from dinov3_geo.batch.plan import Grid
 
@@ -74,10 +74,9 @@ def is_ours(output: Path) -> bool:
 
 
 def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Grid,
-                     extra_files: tuple[Path, ...] = (),
-                     problem: Optional[Callable[[Path, Grid], Optional[str]]] = None) -> Optional[str]:
-    """None when ``output`` is complete for this scene and recipe, else the reason in a few words.
-    ``problem(output, grid)`` checks the file itself (default :func:`cog_problem`)."""
+                     extra_files: tuple[Path, ...] = ()) -> Optional[str]:
+    """None when ``output`` is complete for this scene and recipe, else the reason in a few words
+    (the file itself checked as its kind: :data:`FILE_CHECKS`)."""
     record = read_sidecar(output)
     if not output.exists():
         return "no output yet"
@@ -97,7 +96,7 @@ def why_not_complete(output: Path, scene: Path, recipe: dict[str, Any], grid: Gr
     missing = [p for p in extra_files if not p.exists()]
     if missing:
         return f"{missing[0].name} is missing"
-    return (problem or cog_problem)(output, grid)
+    return FILE_CHECKS.get(output.suffix.lower(), cog_problem)(output, grid)
 
 
 def cog_problem(output: Path, grid: Grid) -> Optional[str]:
@@ -131,3 +130,18 @@ def geopackage_problem(output: Path, grid: Grid) -> Optional[str]:
     except Exception as exc:  # noqa: BLE001 - pyogrio raises several types for a damaged file
         return f"unreadable ({str(exc).splitlines()[0][:80]})"
     return None
+
+
+def parquet_problem(output: Path, grid: Grid) -> Optional[str]:
+    """None when ``output`` is a Parquet file whose footer reads, else what is wrong."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(output)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        return f"unreadable ({str(exc).splitlines()[0][:80]})"
+    return None
+
+
+#: How an output is checked, by its extension (anything else: a COG on the input's grid).
+FILE_CHECKS = {".gpkg": geopackage_problem, ".parquet": parquet_problem}

@@ -91,7 +91,8 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
 
     ``task``: ``canopy`` (CHMv2 ``weights``), ``segment`` (the segmentation ``head`` file on its
     ``backbone``, as ``segment_with_head``) or ``classify`` (the probe ``head``, as
-    ``classify_scene``). ``tile`` and ``overlap`` default as the single-scene commands do (canopy
+    ``classify_scene``) or ``embed`` (the chip embeddings of ``backbone``, as ``analysis.embed``:
+``<name>_embed.parquet`` per scene). ``tile`` and ``overlap`` default as the single-scene commands do (canopy
     512/64; a head's training chip size). Each dense scene's COG is ``out_dir/<name>_<suffix>.tif``
     on the scene's grid (suffix ``canopy`` or ``classes``; with ``vector``, also its polygons in
     ``<name>_<suffix>.gpkg``, and all of them in the GeoPackage ``vector``, layer ``canopy`` or
@@ -217,10 +218,14 @@ def _resolve_head(task: str, head, backbone, tile: Optional[int], overlap: Optio
     """For a head task: the head file checked here, once (its task, readable), absolute paths of it
     and the backbone, and the tiling and band reading the single-scene command takes from the head
     when not given. For canopy: 512 px chips with 64 px overlap unless given."""
-    if task == "canopy":
+    if task in ("canopy", "embed"):
         if head is not None:
-            raise UsageError("head", "the canopy task takes `weights`; a head runs as the segment task")
-        return None, None, tile or 512, 64 if overlap is None else overlap, bands, scale
+            raise UsageError("head", f"the {task} task takes no head; a head runs as the segment or classify task")
+        if task == "embed":
+            from dinov3_geo.analysis import DEFAULT_BACKBONE
+
+            backbone = _absolute_if_file(backbone or DEFAULT_BACKBONE)
+        return None, backbone, tile or 512, 64 if overlap is None else overlap, bands, scale
     from dinov3_geo.tasks.classify import load_classify_head
     from dinov3_geo.tasks.segment_head import head_reading, head_tiling, load_segment_head
 
@@ -232,9 +237,13 @@ def _resolve_head(task: str, head, backbone, tile: Optional[int], overlap: Optio
     else:       # one chip each, no overlap, as classify_scene
         tile, overlap = tile or int(hf.meta["chip_size"]), 0
     bands, scale = head_reading(hf, bands, scale)
-    if backbone is not None and Path(backbone).exists():       # else a registry name
-        backbone = str(Path(backbone).absolute())
-    return str(Path(head).absolute()), backbone, tile, overlap, bands, scale
+    return str(Path(head).absolute()), _absolute_if_file(backbone), tile, overlap, bands, scale
+
+
+def _absolute_if_file(backbone):
+    """A backbone path made absolute (workers may run elsewhere in the folder tree); a registry
+    name or None as given."""
+    return str(Path(backbone).absolute()) if backbone is not None and Path(backbone).exists() else backbone
 
 
 def _resolve_weights(task: str, weights, backbone_weights) -> tuple[Optional[str], Optional[str]]:
@@ -260,8 +269,9 @@ def _recipe(options: JobOptions) -> dict:
                                                "dtype")}     # max_upsample allows runs, changes no value
     recipe["weights_sha256"] = resume.weights_hash(options.weights) if options.weights != "demo" else "demo"
     recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
-    if options.head is not None:       # a backbone named by the head file is recorded by name
+    if options.head is not None:
         recipe["head_sha256"] = resume.weights_hash(options.head)
+    if options.task != "canopy":       # a backbone named by the head file or the registry: by name
         recipe["backbone"] = resume.weights_hash(options.backbone) if options.backbone and \
             Path(options.backbone).exists() else options.backbone
     if options.vector:
@@ -282,8 +292,7 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
             continue
         extra = (vector_path(output),) if options.vector else ()
         dense = TASKS[options.task].dense
-        why = resume.why_not_complete(output, scene, recipe, grid, extra,
-                                      None if dense else resume.geopackage_problem)
+        why = resume.why_not_complete(output, scene, recipe, grid, extra)
         if why is None and not overwrite:
             outcomes.append(SceneOutcome(str(scene), str(output), "skipped", "complete"))
             continue
@@ -418,6 +427,8 @@ def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Op
     if not complete:
         return
     spec = TASKS[task]
+    if spec.layer is None:          # embeddings: one file per scene, nothing to combine
+        return
     if not spec.dense:
         result.vector = out_dir / f"mosaic_{task}.gpkg"
         mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete], result.vector,

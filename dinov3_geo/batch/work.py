@@ -130,7 +130,7 @@ class Runtime:
             self.model = _load_task_model(options.task, options.weights, options.backbone_weights,
                                           self.settings.device, self.settings.dtype, options.verify)
         else:
-            self.model = load_head_model(options).to(self.settings.device)
+            self.model = load_backbone_model(options).to(self.settings.device)
         self.options = options
         self.info = describe(self.model)
         kind = TASKS[options.task].output
@@ -142,16 +142,21 @@ class Runtime:
         vectors), or the GeoPackage of its chips."""
         from dinov3_geo.io.scene import open_scene
         from dinov3_geo.pipeline import write_dense
+        from dinov3_geo.analysis import chip_embedding_writer
+        from dinov3_geo.engine import run_chips
         from dinov3_geo.tasks.classify import write_chips
 
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
             view = SceneRows(sc, 0, sc.height, _unit_reporter(report, unit_name(output)))
-            if self.spec is None:
-                stats, _ = write_chips(view, self.model, output, self._plan(view), self.settings, overwrite=True,
-                                       progress=False)
+            plan = self._plan(view)
+            if self.options.task == "embed":
+                writer = chip_embedding_writer(output, view, plan, self.model, overwrite=True)
+                stats = run_chips(view, self.model, writer, plan, self.settings, progress=False)
+            elif self.spec is None:
+                stats, _ = write_chips(view, self.model, output, plan, self.settings, overwrite=True, progress=False)
             else:
-                stats, _ = write_dense(view, self.model, output, self._plan(view), self.settings, self.spec,
-                                       self.info, overwrite=True, progress=False)
+                stats, _ = write_dense(view, self.model, output, plan, self.settings, self.spec, self.info,
+                                       overwrite=True, progress=False)
         _write_vector(output, self.options, self.info.class_names)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
@@ -183,12 +188,17 @@ class Runtime:
         return ChipPlan.build(view.height, view.width, self.options.tile, self.options.overlap)
 
 
-def load_head_model(options: JobOptions):
-    """The backbone and head of a ``segment`` or ``classify`` job, as the single-scene commands
-    build them."""
+def load_backbone_model(options: JobOptions):
+    """The model of a ``segment``, ``classify`` or ``embed`` job (a backbone and its head, or the
+    backbone's chip tokens), as the single-scene commands build it."""
     from dinov3_geo.tasks.classify import ChipClassifier, load_classify_head
     from dinov3_geo.tasks.segment_head import SegmentHeadModel, backbone_for_head, load_segment_head
 
+    if options.task == "embed":
+        from dinov3_geo.analysis import _load_backbone
+        from dinov3_geo.tasks.embed import ChipTokens
+
+        return ChipTokens(_load_backbone(options.backbone))
     if options.task == "segment":
         hf = load_segment_head(options.head)
         return SegmentHeadModel(backbone_for_head(hf, options.backbone, options.verify), hf)
