@@ -354,8 +354,8 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 
 def batch_options(args: argparse.Namespace) -> dict:
-    """The batch's task and options from ``segment`` (``--task``, or ``--head``: the segment task) or
-    ``classify`` arguments."""
+    """The batch's task and options from ``segment`` (``--task``, or ``--head``: the segment task),
+    ``classify`` or ``embed`` arguments."""
     if args.command == "classify":
         return dict(task="classify", head=args.head, backbone=args.backbone, tile=args.tile)
     if args.command == "embed":
@@ -371,8 +371,8 @@ def batch_options(args: argparse.Namespace) -> dict:
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    """``segment`` or ``classify`` over many scenes into the folder ``-o``: one library call; exit 1
-    if any failed."""
+    """``segment``, ``classify`` or ``embed`` over many scenes into the folder ``-o``: one library
+    call; exit 1 if any failed."""
     from .batch import run_batch
 
     if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)

@@ -131,3 +131,29 @@ def test_head_batches_on_a_two_worker_cluster(scenes, heads, backbone_dir, singl
     emb = cli("embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN, "--dask", "local:2")
     assert emb.returncode == 0, emb.stderr
     check_like_single(out, single, out / "all_classes.gpkg")
+
+
+def test_split_head_scene_equals_the_single_scene_run(scenes, heads, backbone_dir, tmp_path, capsys):
+    """A scene cut into row bands (in-process), assembled into one class COG equal to the single-scene
+    command's (batch size 1: every chip meets the model alone in both runs)."""
+    scene = scenes / "a_saltlake.tif"
+    common = ["--head", heads["segment"], "--backbone", backbone_dir, *SEG_RUN, "--batch-size", "1"]
+    assert main([str(a) for a in ["segment", scene, "-o", tmp_path / "one.tif", *common]]) == 0
+    assert main([str(a) for a in ["segment", scene, "-o", f"{tmp_path}/split/", "--split-above", 300 * 80,
+                                  *common]]) == 0
+    summary = json.loads((tmp_path / "split" / "summary_segment.json").read_text())
+    assert summary["done"][0]["bands"] == 4
+    np.testing.assert_array_equal(read(tmp_path / "split" / "a_saltlake_classes.tif"), read(tmp_path / "one.tif"))
+    capsys.readouterr()
+
+
+def test_batch_usage_errors_of_head_and_embed_tasks(scenes, heads, tmp_path, capsys):
+    """Options a task cannot honour in a batch: one error line naming the flag, exit 2, nothing written."""
+    out = tmp_path / "out"
+    assert main(["embed", str(scenes / "*.tif"), "-o", f"{out}/", "--patch"]) == 2
+    assert main(["segment", str(scenes / "*.tif"), "--head", str(heads["classify"]), "-o", f"{out}/"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("error: --patch: a batch writes chip embeddings (one GeoParquet per scene); run patch "
+                      "features one scene at a time")
+    assert err[1].startswith(f"error: {heads['classify']}: a classify head: use it with classify")
+    assert not out.exists()

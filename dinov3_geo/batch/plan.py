@@ -2,8 +2,9 @@
 
 Inputs are glob patterns, paths, or ``@list.txt`` files (one path or pattern a line, ``#`` comments).
 Each scene's output lies in the output folder under the scene's name with the task's suffix
-(``a.tif`` -> ``a_canopy.tif``, ``a_classes.tif``, ``a_chips.gpkg``: :data:`TASKS`). A scene of more than ``split_above`` pixels is cut into row bands
-that own disjoint output rows and read one chip row more on each side (see :func:`plan_bands`).
+(``a.tif`` -> ``a_canopy.tif``, ``a_classes.tif``, ``a_chips.gpkg``, ``a_embed.parquet``:
+:data:`TASKS`). A scene of more than ``split_above`` pixels is cut into row bands that own
+disjoint output rows and read one chip row more on each side (see :func:`plan_bands`).
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ GLOB_CHARS = set("*?[")
 class BatchTask:
     """What a task writes per scene: ``output`` is ``continuous`` or ``classes`` (a COG, mosaicked
     into a VRT; scenes may be split into row bands), ``chips`` (a GeoPackage layer, merged into one
-    layer with a ``scene`` column) or ``embeddings`` (a GeoParquet file); files are ``<scene stem>_<suffix><ext>``; ``layer`` names the
-    vector layer."""
+    layer with a ``scene`` column) or ``embeddings`` (a GeoParquet file, not combined). Files are
+    ``<scene stem>_<suffix><ext>``; ``layer`` names the vector layer."""
 
     output: str
     suffix: str

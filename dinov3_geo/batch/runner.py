@@ -90,14 +90,15 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
 
     ``task``: ``canopy`` (CHMv2 ``weights``), ``segment`` (the segmentation ``head`` file on its
-    ``backbone``, as ``segment_with_head``) or ``classify`` (the probe ``head``, as
-    ``classify_scene``) or ``embed`` (the chip embeddings of ``backbone``, as ``analysis.embed``:
-``<name>_embed.parquet`` per scene). ``tile`` and ``overlap`` default as the single-scene commands do (canopy
-    512/64; a head's training chip size). Each dense scene's COG is ``out_dir/<name>_<suffix>.tif``
-    on the scene's grid (suffix ``canopy`` or ``classes``; with ``vector``, also its polygons in
-    ``<name>_<suffix>.gpkg``, and all of them in the GeoPackage ``vector``, layer ``canopy`` or
-    ``classes``, with a ``scene`` column); ``classify`` writes ``<name>_chips.gpkg`` per scene and
-    every scene's chips in ``mosaic_classify.gpkg`` (layer ``chips``, with a ``scene`` column). ``dask``: None (in this process, or
+    ``backbone``, as ``segment_with_head``), ``classify`` (the probe ``head``, as
+    ``classify_scene``) or ``embed`` (the chip embeddings of ``backbone``, as ``analysis.embed``).
+    ``tile`` and ``overlap`` default as the single-scene commands do (512/64; a head's training chip
+    size). Each dense scene's COG is ``out_dir/<name>_<suffix>.tif`` on the scene's grid (suffix
+    ``canopy`` or ``classes``; with ``vector``, also its polygons in ``<name>_<suffix>.gpkg``, and
+    all of them in the GeoPackage ``vector``, layer ``canopy`` or ``classes``, with a ``scene``
+    column); ``classify`` writes ``<name>_chips.gpkg`` per scene and every scene's chips in
+    ``mosaic_classify.gpkg`` (layer ``chips``, with a ``scene`` column); ``embed`` writes
+    ``<name>_embed.parquet`` per scene. ``dask``: None (in this process, or
     ``$DASK_SCHEDULER_ADDRESS``), ``"local[:N]"`` or a scheduler address. Scenes above
     ``split_above`` pixels run as row bands on several workers, assembled into one COG equal to the
     unsplit run (bit for bit at ``batch_size=1``; other batch sizes group chips differently, which
@@ -109,7 +110,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
         raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
     if not TASKS[task].dense and (vector is not None or split_above is not None):
         raise UsageError("vector" if vector is not None else "split_above", f"the {task} task writes one "
-                         "GeoPackage per scene: no polygons or row bands to ask for")
+                         f"{TASKS[task].ext} file per scene: no polygons or row bands to ask for")
     head, backbone, tile, overlap, bands, scale = _resolve_head(task, head, backbone, tile, overlap, bands, scale)
     _validate(task, tile, overlap, batch_size, split_above, dtype)
     target = cluster.dask_target(dask)
@@ -180,7 +181,8 @@ def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: 
     from dinov3_geo.engine import validate_batch_size
     from dinov3_geo.pipeline import DenseOutput
 
-    DenseOutput(TASKS[task].output if TASKS[task].dense else "continuous", dtype)        # checks the dtype
+    if TASKS[task].dense:
+        DenseOutput(TASKS[task].output, dtype)        # checks the dtype
     validate_tiling(tile, overlap)
     validate_batch_size(batch_size)
     if split_above is not None and int(split_above) < 1:
@@ -217,7 +219,8 @@ def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
 def _resolve_head(task: str, head, backbone, tile: Optional[int], overlap: Optional[int], bands, scale) -> tuple:
     """For a head task: the head file checked here, once (its task, readable), absolute paths of it
     and the backbone, and the tiling and band reading the single-scene command takes from the head
-    when not given. For canopy: 512 px chips with 64 px overlap unless given."""
+    when not given. For canopy and embed: 512 px chips with 64 px overlap unless given (embed: the
+    default backbone unless given)."""
     if task in ("canopy", "embed"):
         if head is not None:
             raise UsageError("head", f"the {task} task takes no head; a head runs as the segment or classify task")

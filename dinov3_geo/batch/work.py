@@ -36,13 +36,13 @@ ChipReport = Callable[[str, int], None]
 @dataclass(frozen=True)
 class JobOptions:
     """Everything a worker needs to load the model and run scenes like ``segment`` (or ``segment
-    --head``, ``classify``) does."""
+    --head``, ``classify``, ``embed``) does."""
 
     task: str = "canopy"
     weights: Optional[str] = None
     backbone_weights: Optional[str] = None
     head: Optional[str] = None              # segment, classify: the head file
-    backbone: Optional[str] = None          # its backbone (None: the one the head file names)
+    backbone: Optional[str] = None          # the head's (None: the one its file names) or embed's
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 8
@@ -139,11 +139,11 @@ class Runtime:
 
     def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
         """The whole scene into its output: a COG (and its GeoPackage when the job asks for
-        vectors), or the GeoPackage of its chips."""
-        from dinov3_geo.io.scene import open_scene
-        from dinov3_geo.pipeline import write_dense
+        vectors), the GeoPackage of its chips' classes, or the GeoParquet of its chip embeddings."""
         from dinov3_geo.analysis import chip_embedding_writer
         from dinov3_geo.engine import run_chips
+        from dinov3_geo.io.scene import open_scene
+        from dinov3_geo.pipeline import write_dense
         from dinov3_geo.tasks.classify import write_chips
 
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
