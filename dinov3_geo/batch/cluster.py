@@ -12,11 +12,12 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from dataclasses import replace
 from typing import Iterator, Optional
 
 from dinov3_geo.batch.work import JobOptions, Runtime
-from dinov3_geo.errors import DeviceError, UsageError
+from dinov3_geo.errors import DeviceError, DinoGeoWarning, UsageError
 
 PLUGIN_PREFIX = "dinov3geo-model"
 
@@ -144,6 +145,16 @@ def chip_events(topic: str):
 
     worker = get_worker()
     return lambda unit, chips: worker.log_event(topic, [unit, int(chips)])
+
+
+@contextlib.contextmanager
+def library_warnings_hidden() -> Iterator[None]:
+    """Around a task on a worker: the libraries' warnings (rasterio's 'no geotransform', pyogrio's
+    'crs was not provided') hidden, as the command hides them in its own process; ours still show."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", DinoGeoWarning)
+        yield
 
 
 def worker_runtime(plugin_name: str) -> Runtime:

@@ -360,19 +360,27 @@ def _assembled(scene: Path, output: Path, bands: list[Band], options: JobOptions
 
 
 def _scene_task(plugin: str, scene: Path, output: Path) -> UnitResult:
-    try:
-        runtime = cluster.worker_runtime(plugin)
-    except DinoGeoError as exc:
-        return UnitResult(False, str(exc))
-    return guarded(runtime.scene, scene, output, cluster.chip_events(plugin))
+    with cluster.library_warnings_hidden():
+        try:
+            runtime = cluster.worker_runtime(plugin)
+        except DinoGeoError as exc:
+            return UnitResult(False, str(exc))
+        return guarded(runtime.scene, scene, output, cluster.chip_events(plugin))
 
 
 def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult:
-    try:
-        runtime = cluster.worker_runtime(plugin)
-    except DinoGeoError as exc:
-        return UnitResult(False, str(exc))
-    return guarded(runtime.band, scene, output, band, cluster.chip_events(plugin))
+    with cluster.library_warnings_hidden():
+        try:
+            runtime = cluster.worker_runtime(plugin)
+        except DinoGeoError as exc:
+            return UnitResult(False, str(exc))
+        return guarded(runtime.band, scene, output, band, cluster.chip_events(plugin))
+
+
+def _assemble_task(scene: Path, output: Path, bands: list[Band], options: JobOptions,
+                   parts: list[UnitResult]) -> UnitResult:
+    with cluster.library_warnings_hidden():
+        return _assembled(scene, output, bands, options, parts)
 
 
 def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: JobProgress, done: Callable) -> None:
@@ -394,7 +402,7 @@ def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: J
                 futures += parts
                 for p, b in zip(parts, job.bands):
                     owners[p.key] = (job, b)
-                fut = client.submit(_assembled, job.scene, job.output, job.bands, options, parts, pure=False)
+                fut = client.submit(_assemble_task, job.scene, job.output, job.bands, options, parts, pure=False)
             owners[fut.key] = (job, None)
             futures.append(fut)
         for fut in as_completed(futures):
