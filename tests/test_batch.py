@@ -232,7 +232,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary_canopy.json").read_text())
     assert [Path(s["scene"]).name for s in summary["skipped"]] == [first.name[:-len("_canopy.tif.json")] + ".tif"]
-    assert len(summary["done"]) == len(list(SAMPLES.glob("*.tif"))) - 1
+    assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - 1
     assert hidden_files(out) == []
 
 
