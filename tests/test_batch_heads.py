@@ -115,6 +115,13 @@ def test_head_batches_equal_single_scene_runs_and_resume(scenes, heads, backbone
     for task in ("segment", "classify", "embed"):
         summary = json.loads((out / f"summary_{task}.json").read_text())
         assert len(summary["skipped"]) == 2 and summary["done"] == []
+    other = tmp_path / "other.safetensors"          # another probe: every chip GeoPackage is redone
+    assert main([str(a) for a in ["train", "classify", "--chips", heads["classify"].parent / "chips", "--backbone",
+                                  backbone_dir, "--chip", "64", "-o", other, "--c-grid", "100", "--device", "cpu",
+                                  "--cache", tmp_path / "cache"]]) == 0
+    capsys.readouterr()
+    assert main([str(a) for a in clf[:2] + ["--head", other] + clf[4:]]) == 0
+    assert "2 done, 0 skipped (complete), 0 failed" in capsys.readouterr().err
 
 
 @pytest.mark.slow
