@@ -173,6 +173,7 @@ class Engine:
         self.readers = settings.readers
         self.compile = settings.compile
         self.normalise = _normaliser(model, mean, std)
+        _to_device(model, settings.device)
         if settings.precision == "fp8":
             _use_fp8(model, settings.device)
         self._pending = None        # (batch, results) of the batch in flight on the device
@@ -384,6 +385,16 @@ class Engine:
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _to_device(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model`` (in place, as ``Module.to`` does) to the run's device if its weights are
+    elsewhere: a model loaded on the CPU runs on the GPU the settings chose."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    if tensor is not None and tensor.device.type != device.type:
+        model.to(device)
 
 
 def _normaliser(model: torch.nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):

@@ -229,3 +229,4 @@ def test_output_encodings_within_their_quantisation(tmp_path, dtype, tol):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     ok = ~np.isnan(ref)
     assert np.abs(got[ok] - ref[ok]).max() <= tol
+
