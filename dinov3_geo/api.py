@@ -96,8 +96,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
     encoding = DenseOutput("continuous", dtype, band_names=("canopy_height_m",))
     with outputs_together(output, vector, overwrite) as (raster_out, vector_out), \
             scene_reader(scene, bands=bands, scale=scale, gsd=gsd, max_upsample=max_upsample) as sc:
-        for text in sc.warnings:
-            _warn(text, collected)
+        collected.extend(sc.warnings)     # already issued by scene_reader
         _check_pixel_size(sc, gsd, collected)
         plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
         _say_resampling(sc, plan, collected)

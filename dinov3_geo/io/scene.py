@@ -11,6 +11,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from rasterio.transform import from_gcps
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from dinov3_geo.errors import InputError, UsageError, short_message
+from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, short_message
 
 MIN_SIZE = 16
 #: Longest side of the decimated read used to estimate the percentile stretch.
@@ -469,7 +470,8 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
 def scene_reader(scene, **options):
     """``scene`` itself when it is an open scene reader already (a :class:`Scene`, or any object
     with ``read(window)``, ``height``, ``width``, ``crs`` and ``transform``, such as the xarray
-    accessor's), else :func:`open_scene` of the path with ``options`` (closed after)."""
+    accessor's), else :func:`open_scene` of the path with ``options`` (closed after), whose
+    warnings are issued as :class:`DinoGeoWarning`."""
     if hasattr(scene, "read") and hasattr(scene, "height"):
         given = sorted(name for name, value in options.items() if value is not None and name != "max_upsample")
         if given:
@@ -477,4 +479,6 @@ def scene_reader(scene, **options):
         yield scene
         return
     with open_scene(scene, **options) as sc:
+        for text in sc.warnings:          # band choice, no georeference, ...: said once, here
+            warnings.warn(text, DinoGeoWarning, stacklevel=3)
         yield sc

@@ -9,12 +9,13 @@ copy of the weights (the ViT-7B included).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import InputError, WeightsError
+from ..errors import DinoGeoWarning, InputError, WeightsError
 from . import registry
 from .weights import (Checkpoint, ViTArch, checkpoint_from_state, key_list, read_checkpoint, resolve_weights,
                       verify_official_hash)
@@ -222,6 +223,10 @@ def backbone_from_state_dict(state: dict[str, torch.Tensor], hf_config: Optional
     return build_backbone(ckpt, dtype).to(device)
 
 
+DEMO_BACKBONE_NOTE = ("`backbone` demo: a small random backbone built in memory; its features are meaningless "
+                      "(for trying the tools; real DINOv3 weights: see the README's Weights section)")
+
+
 def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                   dtype: torch.dtype = torch.float32, verify: bool = True,
                   allow_download: Optional[bool] = None) -> Backbone:
@@ -235,6 +240,7 @@ def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.dev
     from .demo import demo_backbone, is_demo
 
     if is_demo(weights):
+        warnings.warn(DEMO_BACKBONE_NOTE, DinoGeoWarning, stacklevel=2)
         return demo_backbone(device, dtype)
     path = resolve_weights(weights, allow_download)
     if verify:

@@ -119,7 +119,7 @@ class HeadRunResult:
     seconds: float
 
     def summary(self) -> str:
-        lines = [f"warning: {w}" for w in self.predict.warnings] + [self.predict.summary()]
+        lines = [self.predict.summary()]         # the scene's warnings were issued as warnings
         if self.vector is not None:
             lines.append(f"wrote {self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
         return "\n".join(lines)
