@@ -205,9 +205,10 @@ class Engine:
         t0 = time.perf_counter()
         writer = _Writer(consumer)
         bar = _progress_bar(len(windows), progress)
+        chips = self._read_ahead(scene, windows)
         try:
             batch: list[_Chip] = []
-            for chip in self._read_ahead(scene, windows):
+            for chip in chips:
                 if chip.data is None:
                     writer.put(("skip", chip.window))
                     stats.chips_skipped += 1
@@ -224,6 +225,10 @@ class Engine:
             self._retire(writer)
             writer.finish()
         except BaseException:
+            # stop the readers (their running reads finish) before the caller closes the scene
+            # they read from: a traceback keeps the generator alive, and a read of a closed
+            # dataset crashes GDAL
+            chips.close()
             self._pending = None
             writer.abort()
             raise
