@@ -374,10 +374,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
     """``segment``, ``classify`` or ``embed`` over many scenes into the folder ``-o``: one library
     call; exit 1 if any failed."""
     from .batch import run_batch
+    from .engine import STOP
 
     if args.output is None or (not args.output.endswith(("/", os.sep)) and not os.path.isdir(args.output)
                                and os.path.splitext(args.output)[1]):
         raise UsageError("--output", "many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/")
+    in_process = args.dask is None and not os.environ.get("DASK_SCHEDULER_ADDRESS")
+    previous = _stop_at_the_next_chip() if in_process else {}
     try:
         result = run_batch(args.scene, args.output, device=args.device, batch_size=args.batch_size,
                            precision=args.precision, bands=args.bands, scale=args.scale, overwrite=args.overwrite,
@@ -389,8 +392,30 @@ def run_batch_command(args: argparse.Namespace) -> int:
         print("error: interrupted; finished scenes are kept and no partial file is left: rerun the same "
               "command to resume", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        STOP.clear()
     print(text_in_flags(result.summary_text(), option_names(build_parser())), file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _stop_at_the_next_chip() -> dict:
+    """In-process batches: the first Ctrl-C or SIGTERM is recorded and raised by the run at its
+    next chip or scene (a signal raised wherever it lands could cut a GDAL dataset's set-up or
+    teardown short, and a batch opens and closes many); later signals are ignored. Returns the
+    handlers to put back."""
+    from .engine import STOP
+
+    def record(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        STOP.request(_Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, record)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, record)
+    return previous
 
 
 @contextlib.contextmanager

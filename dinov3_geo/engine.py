@@ -34,6 +34,29 @@ log = logging.getLogger("dinov3_geo")
 PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
+class StopRequest:
+    """A stop asked for from outside a run (a signal handler that must not raise wherever the
+    signal lands, e.g. inside the set-up of a GDAL dataset): :meth:`request` records the exception,
+    and runs raise it at their next chip or scene (:meth:`raise_if_requested`)."""
+
+    def __init__(self) -> None:
+        self._exc: Optional[BaseException] = None
+
+    def request(self, exc: BaseException) -> None:
+        self._exc = self._exc or exc
+
+    def clear(self) -> None:
+        self._exc = None
+
+    def raise_if_requested(self) -> None:
+        if self._exc is not None:
+            raise self._exc
+
+
+#: The process's stop request, checked by every run between chips.
+STOP = StopRequest()
+
+
 @dataclass
 class RunStats:
     """What a run did: chips planned, computed and skipped (no valid pixel), and timings."""
@@ -209,6 +232,7 @@ class Engine:
         try:
             batch: list[_Chip] = []
             for chip in chips:
+                STOP.raise_if_requested()
                 if chip.data is None:
                     writer.put(("skip", chip.window))
                     stats.chips_skipped += 1

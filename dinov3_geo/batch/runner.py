@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from dinov3_geo.engine import STOP
 from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (TASKS, Band, band_count, check_distinct_outputs, expand_inputs, output_for,
                                    plan_bands, read_grid)
@@ -335,6 +336,7 @@ def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: JobProgre
             done(job, UnitResult(False, str(exc)))
         return
     for job in jobs:
+        STOP.raise_if_requested()         # a stop asked for during the last scene's tail
         if job.bands is None:
             done(job, guarded(runtime.scene, job.scene, job.output, report.chips))
             continue
