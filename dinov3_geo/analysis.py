@@ -97,7 +97,6 @@ class _Run:
         """One pipeline run; counts chips."""
         from dinov3_geo.pipeline import run_chips
 
-        model = model.to(self.settings.device)
         stats = run_chips(reader, model, consumer, plan, self.settings, progress=self.progress)
         self.chips_computed += stats.chips_computed
         self.chips_skipped += stats.chips_skipped
