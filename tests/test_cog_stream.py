@@ -1,0 +1,106 @@
+"""COG blocks encoded while streaming: the same file GDAL's COG copy makes, value for value."""
+import numpy as np
+import pytest
+import rasterio
+from rasterio.control import GroundControlPoint
+from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_validate
+
+from conftest import stream
+from dinov3_geo.io.scene import open_scene
+from dinov3_geo.io.sinks import COGSink
+
+RGB = "rasterio_RGB.byte.tif"           # 791 x 718: odd sides
+SALT = "landsat7_saltlake_truecolor_utm12n.tif"
+
+
+def mean_model(x):
+    return x.mean(0, keepdims=True)
+
+
+def three_features(x):
+    return np.stack([x[0] - x[1], x[2] * 2.0, x.mean(0) ** 2]).astype(np.float32)
+
+
+def both_ways(scene, folder, model, channels, **sink_kw):
+    """The result written with blocks encoded while streaming and through GDAL's COG copy."""
+    outs = {}
+    for streamed in (True, False):
+        out = folder / f"{'streamed' if streamed else 'gdal'}.tif"
+        with COGSink(out, scene, count=channels, stream_blocks=streamed, **sink_kw) as sink:
+            assert sink.streams_blocks == streamed
+            stream(scene, sink, model, channels, 256, 32)
+        outs[streamed] = out
+    return outs[True], outs[False]
+
+
+def assert_same_raster(mine, gdal, same_overviews=True):
+    valid, errors, warnings = cog_validate(mine, strict=True, quiet=True)
+    assert valid, (errors, warnings)
+    with rasterio.open(mine) as a, rasterio.open(gdal) as b:
+        assert a.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert {**a.profile, "nodata": str(a.nodata)} == {**b.profile, "nodata": str(b.nodata)}
+        assert (a.tags(), a.descriptions, a.scales) == (b.tags(), b.descriptions, b.scales)
+        assert [repr(g) for g in a.gcps[0]] == [repr(g) for g in b.gcps[0]] and a.gcps[1] == b.gcps[1]
+        np.testing.assert_array_equal(a.read(), b.read())          # bit for bit, NaN where NaN
+        assert a.overviews(1) == b.overviews(1) and a.overviews(1)
+        levels = len(a.overviews(1))
+    for level in range(levels):
+        with rasterio.open(mine, overview_level=level) as o, rasterio.open(gdal, overview_level=level) as g:
+            x, y = o.read(), g.read()
+            assert x.shape == y.shape
+            if same_overviews:
+                np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_streamed_blocks_equal_gdal_cog_on_a_scene_whose_sides_halve(sample, tmp_path):
+    crop = tmp_path / "crop.tif"        # 1024 x 1152: both sides divide by 2**2 (two levels)
+    with rasterio.open(sample(SALT)) as src:
+        profile = {**src.profile, "width": 1152, "height": 1024}
+        with rasterio.open(crop, "w", **profile) as dst:
+            dst.write(src.read(window=Window(0, 200, 1152, 1024)))
+    with open_scene(crop) as scene:
+        mine, gdal = both_ways(scene, tmp_path, mean_model, 1, band_descriptions=["mean"],
+                               tags={"UNITS": "m"})
+    assert_same_raster(mine, gdal)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.tif", "gdal.tif", "streamed.tif"]
+
+
+def test_streamed_blocks_on_odd_sides_and_three_bands(sample, tmp_path):
+    """Odd sides: full resolution bit for bit; overviews are exact 2x2 means of the pixels they
+    cover (GDAL stretches its windows to a little over 2 pixels to reach the last odd pixel)."""
+    with open_scene(sample(RGB)) as scene:
+        assert scene.width % 2
+        mine, gdal = both_ways(scene, tmp_path, three_features, 3, scales=[0.5, 1.0, 2.0])
+    assert_same_raster(mine, gdal, same_overviews=False)
+    with rasterio.open(mine) as a, rasterio.open(mine, overview_level=0) as o:
+        full, half = a.read(), o.read()
+        h, w = half.shape[1:]
+        with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning, match="empty slice"):
+            two_by_two = np.nanmean(full[:, :2 * h, :2 * w].reshape(3, h, 2, w, 2), axis=(2, 4))
+        np.testing.assert_allclose(half, two_by_two, rtol=1e-6, atol=1e-6)
+
+
+def test_streamed_blocks_keep_ground_control_points(tmp_path):
+    px, x0, y0 = 2.0, 500000.0, 4100000.0
+    gcps = [GroundControlPoint(row, col, x0 + col * px + row * 0.5, y0 - row * px + col * 0.25)
+            for row, col in [(0, 0), (0, 699), (599, 0), (599, 699), (300, 350)]]
+    src = tmp_path / "gcps.tif"
+    data = (np.indices((600, 700)).sum(0) % 251).astype(np.uint8)
+    with rasterio.open(src, "w", driver="GTiff", width=700, height=600, count=3, dtype="uint8",
+                       gcps=gcps, crs="EPSG:32618") as ds:
+        ds.write(np.stack([data, data[::-1], data[:, ::-1]]))
+    with open_scene(src) as scene:
+        mine, gdal = both_ways(scene, tmp_path, mean_model, 1)
+    assert_same_raster(mine, gdal)
+    with rasterio.open(mine) as ds:
+        assert len(ds.gcps[0]) == 5 and ds.gcps[1] == rasterio.crs.CRS.from_epsg(32618)
+
+
+@pytest.mark.parametrize("dtype, streamed", [("float32", True), ("uint8", False)])
+def test_only_float_results_on_the_scene_grid_stream_blocks(sample, tmp_path, dtype, streamed):
+    with open_scene(sample(RGB)) as scene:
+        with COGSink(tmp_path / "o.tif", scene, dtype=dtype) as sink:
+            assert sink.streams_blocks == streamed
+            sink.write(0, np.zeros((1, scene.height, scene.width), dtype))
