@@ -179,7 +179,8 @@ def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_pa
     assert run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST).ok
     os.utime(folder / "a_saltlake.tif")                                 # the input changed
     leftovers = [".a_saltlake_canopy.tif.partial-x1y2.tif", ".c_naip_canopy.tif.band-0001-of-0003.tif",
-                 ".mosaic_canopy.vrt.partial-k3.vrt"]                  # as a killed run leaves them
+                 ".mosaic_canopy.vrt.partial-k3.vrt", ".a_saltlake_canopy.tif.partial1-ab12.bin",
+                 ".a_saltlake_canopy.tif.empty2-cd34.vrt"]             # as a killed run leaves them
     for name in leftovers:
         (out / name).write_bytes(b"")
     with rasterio.open(out / "b_saltlake_canopy.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:  # edited

@@ -331,7 +331,7 @@ def remove_band_files(output: Path) -> None:
 
 
 #: Hidden temporaries beside a target: ``.NAME.<tag>-XXXX`` (io.sinks.temp_path), ``.NAME.band-...``.
-_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial|cog|ovr|vrt|probe|band)(?:-.*)?$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial\d*|cog|ovr|vrt|probe|band|empty\d*)(?:-.*)?$")
 
 
 def remove_temporaries(folder: Path, targets: set[str]) -> int:

@@ -1,20 +1,23 @@
 """Streaming writer of results as a Cloud-Optimised GeoTIFF on the input grid, written atomically.
 
-Rows arrive with ``write(row_off, array)`` and go into a hidden temporary tiled GeoTIFF beside the
-target (on the working grid). On a clean exit the file is, if the scene was resampled, warped back
-onto the exact input grid, converted by GDAL's COG driver (compression, overviews, 512 blocks) to a
-second temporary file and moved onto the target with ``os.replace``.
+Rows arrive with ``write(row_off, array)`` and are gathered into whole 512-row strips. Two ways on:
 
-What is left for the end is kept small, since it runs after the last chip:
+* **blocks encoded while streaming** (float32 results of up to ``STREAM_MAX_BANDS`` bands on the
+  scene's own grid: canopy heights, most feature maps): each strip and its 2x2 means, level by
+  level, are cut into 512 blocks, encoded on worker threads and appended to hidden block files;
+  GDAL's COG of the empty result, made on its own thread meanwhile, gets the blocks appended at the
+  end (:mod:`dinov3_geo.io.cog`). After the last row only bytes are copied. Overviews are exact
+  2x2 means of the pixels they cover (NaN ignored), GDAL's AVERAGE where the sides halve evenly;
+* **GDAL's COG copy** (classes, integers, half floats, resampled scenes, many bands): the strips
+  go into a hidden temporary tiled GeoTIFF beside the target (uncompressed when it fits comfortably
+  on disk, ``TEMP_RAW_MAX_BYTES``); float results on the scene's own grid whose sides halve evenly
+  get their overviews while streaming (one small GeoTIFF per level, read through a VRT with
+  ``OVERVIEWS=FORCE_USE_EXISTING``); on a clean exit the file is, if the scene was resampled,
+  warped back onto the exact input grid and converted by GDAL's COG driver.
 
-* the temporary file is uncompressed when it fits comfortably on disk (``TEMP_RAW_MAX_BYTES``),
-  so neither the writer thread nor the COG copy spends time on (de)compression;
-* float results on the scene's own grid get their overviews while streaming: each finished strip
-  is averaged down (NaN-aware 2x2 means, GDAL's AVERAGE up to float rounding) on a worker thread
-  into one small temporary GeoTIFF per level, and the COG copy reads them through a VRT with
-  ``OVERVIEWS=FORCE_USE_EXISTING`` instead of resampling the whole scene;
-* the final file uses ZSTD level ``COG_ZSTD_LEVEL`` (1) with the floating-point predictor. On any exception (also
-``KeyboardInterrupt``) every temporary file is removed and the target is left as it was.
+Both end with ZSTD level ``COG_ZSTD_LEVEL`` (1) and the TIFF predictor, 512 blocks, and a move onto
+the target with ``os.replace``. On any exception (also ``KeyboardInterrupt``) every temporary file
+is removed and the target is left as it was.
 """
 from __future__ import annotations
 
@@ -324,6 +327,95 @@ def _zstd_works() -> bool:
         return False
 
 
+#: Most bands whose blocks are encoded while streaming: a pixel-interleaved block of ``b`` float32
+#: bands takes ``b`` MB, three times per encoder thread; feature maps of hundreds of bands go
+#: through GDAL's COG copy (which holds one block at a time in its cache).
+STREAM_MAX_BANDS = 16
+
+
+def _needs_bigtiff(levels: Sequence[tuple[int, int]], count: int, dtype: str) -> bool:
+    """Whether a COG of these levels could pass 4 GB even with incompressible blocks."""
+    raw = sum(h * w for h, w in levels) * count * np.dtype(dtype).itemsize
+    return raw * 1.01 + (64 << 20) >= 1 << 32
+
+
+def empty_cog(path: Path, levels: Sequence[tuple[int, int]], profile: dict, describe, zstd_level: int,
+              bigtiff: bool, near: Path | None = None) -> None:
+    """GDAL's COG at ``path`` of an empty raster of ``profile`` (count, dtype, nodata, crs and
+    transform or gcps) with empty overviews of ``levels`` (``SPARSE_OK``: all IFDs, no block);
+    ``describe(ds)`` adds metadata. The source is a VRT whose bands have no sources, made from a
+    never-written sparse GeoTIFF that carries the metadata; these are hidden files named after
+    ``near`` (default ``path``)."""
+    near = Path(near or path)
+    carrier = temp_path(near, "empty")
+    vrts = [temp_path(near, f"empty{k}", ".vrt") for k in range(len(levels))]
+    profile = dict(profile)
+    gcps = profile.pop("gcps", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(carrier, "w", driver="GTiff", width=levels[0][1], height=levels[0][0],
+                               tiled=True, blockxsize=BLOCK, blockysize=BLOCK, sparse_ok=True, **profile) as ds:
+                if gcps is not None:
+                    ds.gcps = gcps
+                describe(ds)
+        rasterio.shutil.copy(carrier, vrts[0], driver="VRT")
+        _empty_levels(vrts, levels)
+        opts = {**_cog_options(profile["dtype"], zstd_level), "overviews": "FORCE_USE_EXISTING",
+                "sparse_ok": True, "bigtiff": "YES" if bigtiff else "NO"}
+        rasterio.shutil.copy(vrts[0], path, driver="COG", **opts)
+    finally:
+        for p in (carrier, *vrts):
+            _remove(p)
+
+
+def _empty_levels(vrts: list[Path], levels: Sequence[tuple[int, int]]) -> None:
+    """Strip the sources from the full-resolution VRT ``vrts[0]``, write the empty overview VRTs
+    ``vrts[1:]`` and list them as its bands' ``<Overview>`` levels."""
+    tree = ET.parse(vrts[0])
+    bands = list(tree.getroot().iter("VRTRasterBand"))
+    for band in bands:
+        for source in [c for c in band if c.tag.endswith("Source")]:
+            band.remove(source)
+    for vrt, (h, w) in zip(vrts[1:], levels[1:]):
+        root = ET.Element("VRTDataset", rasterXSize=str(w), rasterYSize=str(h))
+        for band in bands:
+            level_band = ET.SubElement(root, "VRTRasterBand", dataType=band.get("dataType"), band=band.get("band"))
+            for nodata in band.iter("NoDataValue"):
+                ET.SubElement(level_band, "NoDataValue").text = nodata.text
+            ovr = ET.SubElement(band, "Overview")
+            ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(Path(vrt).resolve())
+            ET.SubElement(ovr, "SourceBand").text = band.get("band")
+        ET.ElementTree(root).write(vrt)
+    tree.write(vrts[0])
+
+
+@functools.cache
+def _layout_fits(count: int, bigtiff: bool, zstd_level: int) -> bool:
+    """Whether this GDAL lays out a COG of ``count`` float32 bands as the streamed blocks need: tried
+    once per process on a small empty raster in the temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="dinov3geo-probe-") as folder:
+        return _probe_layout(Path(folder) / "probe.tif", count, bigtiff, zstd_level)
+
+
+def _probe_layout(probe: Path, count: int, bigtiff: bool, zstd_level: int) -> bool:
+    levels = [(1100, 1030), (550, 515)]
+    profile = dict(count=count, dtype="float32", nodata=float("nan"), crs="EPSG:32612",
+                   transform=Affine(30, 0, 300000, 0, -30, 4500000))
+    try:
+        empty_cog(probe, levels, profile, lambda ds: None, zstd_level, bigtiff)
+        blocks.skeleton_tables(probe, levels, count, np.dtype("float32"))
+        return True
+    except (blocks.SkeletonMismatch, RasterioError, OSError):
+        return False
+
+
+def _check_layout(count: int, bigtiff: bool, zstd_level: int) -> None:
+    """:class:`~dinov3_geo.io.cog.SkeletonMismatch` unless GDAL's COG layout fits streamed blocks."""
+    if not _layout_fits(count, bigtiff, zstd_level):
+        raise blocks.SkeletonMismatch("this GDAL lays out COGs otherwise")
+
+
 class _StripWorker:
     """One thread that runs jobs in order (writes to one GDAL dataset, which must not be shared
     between threads), with at most ``depth`` jobs waiting so that memory stays flat. A job's error
@@ -398,10 +490,11 @@ class COGSink:
         # blocks encoded while streaming: GDAL's empty COG, one block file and tiler per level
         self.stream_blocks = stream_blocks
         self._skeleton: Path | None = None
-        self._tables: list[blocks.TileTable] = []
         self._block_files: list[blocks.BlockFile] = []
         self._tilers: list[blocks.LevelTiler] = []
         self._encoders: ThreadPoolExecutor | None = None
+        self._skeleton_job: ThreadPoolExecutor | None = None
+        self._skeleton_made: Future | None = None
         self.finished = False
 
     # -- context --------------------------------------------------------------------------------
@@ -441,10 +534,12 @@ class COGSink:
         return self._skeleton is not None
 
     def _can_stream_blocks(self) -> bool:
-        """Float results on the scene's own grid, whose overviews are 2x2 means of 512-row strips
-        (up to 9 levels: scenes below 262144 px a side), with ZSTD in GDAL."""
+        """Float results of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
+        are 2x2 means of 512-row strips (up to 9 levels: scenes below 262144 px a side), with ZSTD
+        in GDAL."""
         h, w = self.scene.height, self.scene.width
         return (self.stream_blocks and self.dtype == "float32" and not self.nbits
+                and self.count <= STREAM_MAX_BANDS
                 and not getattr(self.scene, "resampled", False) and overview_count(h, w) <= 9
                 and _zstd_works())
 
@@ -493,16 +588,21 @@ class COGSink:
 
     # -- rows -----------------------------------------------------------------------------------
     def _open_streamed(self) -> None:
-        """GDAL's empty COG of the result (checked against the layout the blocks are encoded for),
-        and one block file and tiler per level, the encoders and the strip thread."""
+        """One block file and tiler per level, the encoders and the strip thread; GDAL's empty COG
+        of the result is made meanwhile on its own thread (GDAL releases the GIL; it reads the whole
+        empty raster to find no block, 1-2 ns per pixel), once this GDAL's layout is known to fit."""
         levels = self._levels()
+        bigtiff = _needs_bigtiff(levels, self.count, self.dtype)
+        _check_layout(self.count, bigtiff, self.zstd_level)
         self._skeleton = temp_path(self.path, "cog")
-        self._empty_cog(self._skeleton, levels)
-        self._tables = blocks.skeleton_tables(self._skeleton, levels, self.count, np.dtype(self.dtype))
+        self._skeleton_job = ThreadPoolExecutor(1, thread_name_prefix="cog-skeleton")
+        self._skeleton_made = self._skeleton_job.submit(
+            empty_cog, self._skeleton, levels, self._georeferenced_profile(), self._describe,
+            self.zstd_level, bigtiff, self.path)
         self._encoders = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="cog-encode")
         fill = np.nan if self.nodata is None or np.isnan(self.nodata) else self.nodata
         for k, (h, w) in enumerate(levels):
-            self._block_files.append(blocks.BlockFile(temp_path(self.path, f"blocks{k}", ".bin")))
+            self._block_files.append(blocks.BlockFile(temp_path(self.path, f"partial{k}", ".bin")))
             self._tilers.append(blocks.LevelTiler(h, w, self.dtype, fill, self._block_files[-1],
                                                   self._encoders, self.zstd_level))
         self._strip_worker = _StripWorker("cog-strips")
@@ -516,53 +616,11 @@ class COGSink:
             levels.append((h, w))
         return levels
 
-    def _empty_cog(self, path: Path, levels: list[tuple[int, int]]) -> None:
-        """GDAL's COG of an empty raster with this result's size, georeferencing and metadata, and
-        empty overviews of ``levels`` (``SPARSE_OK``: all IFDs, no block). The source is a VRT whose
-        bands have no sources, made from a never-written sparse GeoTIFF that carries the metadata."""
-        carrier = temp_path(self.path, "empty")
-        vrts = [temp_path(self.path, f"empty{k}", ".vrt") for k in range(len(levels))]
-        try:
-            gcps = getattr(self.scene, "gcps", None)
-            georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else {}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with rasterio.open(carrier, "w", driver="GTiff", width=levels[0][1], height=levels[0][0],
-                                   count=self.count, dtype=self.dtype, nodata=self.nodata, tiled=True,
-                                   blockxsize=BLOCK, blockysize=BLOCK, sparse_ok=True, **georef) as ds:
-                    if gcps is not None:
-                        ds.gcps = gcps
-                    self._describe(ds)
-            rasterio.shutil.copy(carrier, vrts[0], driver="VRT")
-            self._empty_levels(vrts, levels)
-            raw = sum(h * w for h, w in levels) * self.count * np.dtype(self.dtype).itemsize
-            opts = {**_cog_options(self.dtype, self.zstd_level), "overviews": "FORCE_USE_EXISTING",
-                    "sparse_ok": True, "bigtiff": "YES" if raw * 1.01 + (64 << 20) >= 1 << 32 else "NO"}
-            rasterio.shutil.copy(vrts[0], path, driver="COG", **opts)
-        finally:
-            for p in (carrier, *vrts):
-                _remove(p)
-
-    def _empty_levels(self, vrts: list[Path], levels: list[tuple[int, int]]) -> None:
-        """Strip the sources from the full-resolution VRT ``vrts[0]``, write the empty overview VRTs
-        ``vrts[1:]`` and list them as its bands' ``<Overview>`` levels."""
-        tree = ET.parse(vrts[0])
-        bands = list(tree.getroot().iter("VRTRasterBand"))
-        for band in bands:
-            for source in [c for c in band if c.tag.endswith("Source")]:
-                band.remove(source)
-        for vrt, (h, w) in zip(vrts[1:], levels[1:]):
-            root = ET.Element("VRTDataset", rasterXSize=str(w), rasterYSize=str(h))
-            for band in bands:
-                level_band = ET.SubElement(root, "VRTRasterBand", dataType=band.get("dataType"),
-                                           band=band.get("band"))
-                for nodata in band.iter("NoDataValue"):
-                    ET.SubElement(level_band, "NoDataValue").text = nodata.text
-                ovr = ET.SubElement(band, "Overview")
-                ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(Path(vrt).resolve())
-                ET.SubElement(ovr, "SourceBand").text = band.get("band")
-            ET.ElementTree(root).write(vrt)
-        tree.write(vrts[0])
+    def _georeferenced_profile(self) -> dict:
+        """Bands, type, nodata and georeferencing (GCPs, else CRS and transform) of the result."""
+        gcps = getattr(self.scene, "gcps", None)
+        georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else dict(gcps=gcps)
+        return dict(count=self.count, dtype=self.dtype, nodata=self.nodata, **georef)
 
     def write(self, row_off: int, array: np.ndarray) -> None:
         """Take rows ``[row_off, row_off + rows)``; written in whole 512-row strips when complete."""
@@ -677,8 +735,10 @@ class COGSink:
         for tiler in self._tilers:
             tiler.finish()
         require_space(self.path, sum(f.nbytes for f in self._block_files))
+        self._skeleton_made.result()
         try:
-            blocks.assemble(self._skeleton, self._tables, self._block_files)
+            tables = blocks.skeleton_tables(self._skeleton, self._levels(), self.count, np.dtype(self.dtype))
+            blocks.assemble(self._skeleton, tables, self._block_files)
         except blocks.SkeletonMismatch as exc:
             raise OutputError(self.path, f"blocks do not fit GDAL's COG layout ({exc})") from None
         if self.colormap or self.band_descriptions:
@@ -774,9 +834,10 @@ class COGSink:
             if worker is not None:
                 worker.shutdown()
         self._strip_worker = self._ovr_worker = None
-        if self._encoders is not None:
-            self._encoders.shutdown(wait=True, cancel_futures=True)
-            self._encoders = None
+        for pool in (self._encoders, self._skeleton_job):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._encoders = self._skeleton_job = self._skeleton_made = None
         for f in self._block_files:
             f.close()
             _remove(f.path)
