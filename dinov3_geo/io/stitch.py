@@ -62,6 +62,7 @@ class StreamingStitcher:
         self._valid = np.zeros((capacity, width), bool)
         self._lock = threading.Lock()
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
+        self._weight_scratch = np.empty(self._scratch.shape[1:], np.float32)
         self.rows_written = 0
 
     # -- public ---------------------------------------------------------------------------------
@@ -74,11 +75,9 @@ class StreamingStitcher:
         if values.shape != (self.channels, h, w) or valid.shape != (h, w):
             raise UsageError("stitcher", f"chip {window} got values {values.shape} / valid "
                                          f"{valid.shape}, expected ({self.channels}, {h}, {w})")
-        weights = self.plan.weights(window)
         everywhere = valid.all()
-        if not everywhere:
-            weights = np.where(valid, weights, np.float32(0))
         with self._lock:
+            weights = self._chip_weights(window, valid, everywhere)
             self._take(window)
             self._ensure_rows(r + h)
             lo = r - self._base
@@ -110,6 +109,17 @@ class StreamingStitcher:
         return self._rows
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def _chip_weights(self, window: Window, valid: np.ndarray, everywhere: bool) -> np.ndarray:
+        """The plan's weights of ``window``, 0 where ``valid`` is false: the cached array itself when
+        every pixel is valid, else a product with the mask in a reused buffer (held under the lock;
+        the same values as ``np.where(valid, weights, 0)`` since every weight is > 0)."""
+        weights = self.plan.weights(window)
+        if everywhere:
+            return weights
+        out = self._weight_scratch[:weights.shape[0], :weights.shape[1]]
+        np.multiply(weights, valid, out=out)
+        return out
+
     def _take(self, window: Window) -> None:
         """Check ``window`` is a planned chip not yet seen, and mark it seen."""
         key = _key(window)
@@ -154,17 +164,17 @@ class StreamingStitcher:
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows, as new
-        arrays."""
-        ok = wsum > 0
-        ok &= valid
+        arrays. A pixel has a value where some chip was valid there (``valid``: such a chip added a
+        weight > 0, so ``wsum > 0`` there and need not be tested)."""
         if self.kind == "classes":
             out = np.argmax(acc, axis=0).astype(np.uint8)  # weights > 0 do not change the argmax
-            out[~ok] = CLASS_NODATA
+            out[~valid] = CLASS_NODATA
             return out[None]
         out = np.empty(acc.shape, np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
             np.divide(acc, wsum, out=out)
-        np.copyto(out, np.float32(np.nan), where=~ok)
+        if not valid.all():
+            np.copyto(out, np.float32(np.nan), where=~valid)
         return out
 
 
