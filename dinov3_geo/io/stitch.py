@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
@@ -22,6 +23,55 @@ KINDS = ("continuous", "classes")
 
 def _key(window: Window) -> tuple[int, int, int, int]:
     return int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+
+
+class _Coverage:
+    """Which cells of the chip grid (the rectangles between consecutive chip edges, rows and columns)
+    have received a chip. A chip *stores* its share into cells nobody reached yet and *adds* it
+    where others did, so the accumulators need no zeroing and fresh cells are not read back: the
+    stored values are the sums the additions to zeros would give (``0 + p == p + 0``, and ``+ 0``
+    keeps a product of -0 at +0 as adding it to zeros does)."""
+
+    def __init__(self, plan: ChipPlan):
+        h, w = plan.chip_shape
+        self._rows = sorted({0, plan.height} | set(plan.row_starts) | {r + h for r in plan.row_starts})
+        self._cols = sorted({0, plan.width} | set(plan.col_starts) | {c + w for c in plan.col_starts})
+        self._row_at = {v: i for i, v in enumerate(self._rows)}
+        self._col_at = {v: i for i, v in enumerate(self._cols)}
+        self._seen = np.zeros((len(self._rows) - 1, len(self._cols) - 1), bool)
+
+    def claim(self, r: int, c: int, h: int, w: int) -> list[tuple[slice, slice, bool]]:
+        """Split the chip ``[r, r+h) x [c, c+w)`` into rectangles each seen before or new, as
+        (rows, cols) slices relative to the chip and ``seen``; then mark the chip's cells seen."""
+        i0, i1 = self._row_at[r], self._row_at[r + h]
+        j0, j1 = self._col_at[c], self._col_at[c + w]
+        block = self._seen[i0:i1, j0:j1]
+        if block.all() or not block.any():
+            parts = [(slice(0, h), slice(0, w), bool(block[0, 0]))]
+        else:
+            parts = [(slice(self._rows[a] - r, self._rows[b] - r), slice(self._cols[x] - c, self._cols[y] - c), seen)
+                     for a, b, pattern in _runs(block.tolist(), i0)
+                     for x, y, seen in _runs(pattern, j0)]
+        block[...] = True
+        return parts
+
+    def unseen(self, start: int, stop: int) -> list[tuple[slice, slice]]:
+        """Scene rows and columns (slices) of the cells in rows ``[start, stop)`` (chip edges) that
+        no chip reached."""
+        i0, i1 = self._row_at[start], self._row_at[stop]
+        block = self._seen[i0:i1]
+        if block.all():
+            return []
+        return [(slice(self._rows[a], self._rows[b]), slice(self._cols[x], self._cols[y]))
+                for a, b, pattern in _runs(block.tolist(), i0)
+                for x, y, seen in _runs(pattern, 0) if not seen]
+
+
+def _runs(flags: list, offset: int) -> list[tuple[int, int, Any]]:
+    """Maximal runs of equal items of ``flags`` (booleans, or rows of them): (start, stop, item),
+    indexes + ``offset``."""
+    edges = [0] + [k for k in range(1, len(flags)) if flags[k] != flags[k - 1]] + [len(flags)]
+    return [(offset + a, offset + b, flags[a]) for a, b in zip(edges, edges[1:])]
 
 
 class StreamingStitcher:
@@ -55,7 +105,7 @@ class StreamingStitcher:
             self._row_left[self._row_index[int(w.row_off)]] += 1
         self._first_open = 0          # index of the first chip row not complete
         self._base = 0                # scene row of accumulator row 0
-        self._rows = 0                # accumulator rows in use; the rows past them are zero
+        self._rows = 0                # accumulator rows in use (where no chip reached: stale, see _Coverage)
         capacity = min(height, tile + (tile - overlap))   # what plan-order arrival holds open
         self._acc = np.zeros((channels, capacity, width), np.float32)
         self._wsum = np.zeros((capacity, width), np.float32)
@@ -63,6 +113,7 @@ class StreamingStitcher:
         self._lock = threading.Lock()
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
         self._weight_scratch = np.empty(self._scratch.shape[1:], np.float32)
+        self._coverage = _Coverage(plan)
         self.rows_written = 0
 
     # -- public ---------------------------------------------------------------------------------
@@ -84,12 +135,11 @@ class StreamingStitcher:
             acc = self._acc[:, lo:lo + h, c:c + w]
             scratch = self._scratch[:, :h, :w]  # one buffer for every chip: no per-chip temporaries
             np.multiply(values, weights, out=scratch, casting="same_kind")
-            acc += scratch
-            self._wsum[lo:lo + h, c:c + w] += weights
-            if everywhere:
-                self._valid[lo:lo + h, c:c + w] = True
-            else:
-                self._valid[lo:lo + h, c:c + w] |= valid
+            wsum = self._wsum[lo:lo + h, c:c + w]
+            seen_valid = self._valid[lo:lo + h, c:c + w]
+            for rows, cols, seen in self._coverage.claim(r, c, h, w):
+                _blend(acc[:, rows, cols], scratch[:, rows, cols], wsum[rows, cols], weights[rows, cols],
+                       seen_valid[rows, cols], True if everywhere else valid[rows, cols], seen)
             self._done(r)
 
     def skip(self, window: Window) -> None:
@@ -153,14 +203,25 @@ class StreamingStitcher:
         if n <= 0:
             return
         self._ensure_rows(limit)
+        self._clear_unseen(limit)
         # the sink may keep what it is given: hand it new arrays, never views of the accumulator
         self.sink.write(self._base, self._finish(self._acc[:, :n], self._wsum[:n], self._valid[:n]))
         self.rows_written += n
         self._base = limit
         keep = self._rows - n
-        for buf in (self._acc, self._wsum, self._valid):
-            _shift_rows(buf, n, keep)
+        if keep:
+            for buf in (self._acc, self._wsum, self._valid):
+                buf[..., :keep, :] = buf[..., n:n + keep, :]     # numpy copes with the overlap
         self._rows = keep
+
+    def _clear_unseen(self, limit: int) -> None:
+        """Zero the accumulators where no chip reached in scene rows ``[base, limit)`` (skipped or
+        missing chips), which hold whatever earlier rows left there: such pixels are nodata."""
+        for rows, cols in self._coverage.unseen(self._base, limit):
+            rows = slice(rows.start - self._base, rows.stop - self._base)
+            self._acc[:, rows, cols] = 0
+            self._wsum[rows, cols] = 0
+            self._valid[rows, cols] = False
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows, as new
@@ -185,9 +246,16 @@ def _grown(buf: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-def _shift_rows(buf: np.ndarray, n: int, keep: int) -> None:
-    """Move rows ``[n, n + keep)`` of ``buf`` (second-last axis) to the front and zero the ``n`` rows
-    after them (numpy copes with the overlap), so rows past the ones in use stay zero."""
-    if keep:
-        buf[..., :keep, :] = buf[..., n:n + keep, :]
-    buf[..., keep:keep + n, :] = 0
+def _blend(acc: np.ndarray, product: np.ndarray, wsum: np.ndarray, weights: np.ndarray,
+           valid: np.ndarray, chip_valid, seen: bool) -> None:
+    """Add one chip's weighted values ``product``, its ``weights`` and validity into a rectangle of
+    the accumulators; where no chip was before (``seen`` false) store them instead of adding to
+    zeros, with the same result (``+ 0`` turns a -0 product into +0, as the sum with zero does)."""
+    if seen:
+        acc += product
+        wsum += weights
+        valid |= chip_valid
+    else:
+        np.add(product, np.float32(0), out=acc)
+        wsum[...] = weights
+        valid[...] = chip_valid
