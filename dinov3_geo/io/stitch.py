@@ -33,9 +33,9 @@ class _Coverage:
     keeps a product of -0 at +0 as adding it to zeros does)."""
 
     def __init__(self, plan: ChipPlan):
-        h, w = plan.chip_shape
-        self._rows = sorted({0, plan.height} | set(plan.row_starts) | {r + h for r in plan.row_starts})
-        self._cols = sorted({0, plan.width} | set(plan.col_starts) | {c + w for c in plan.col_starts})
+        keys = [_key(w) for w in plan.windows]      # any plan-like object: windows, height, width
+        self._rows = sorted({0, plan.height} | {r for r, _, _, _ in keys} | {r + h for r, _, h, _ in keys})
+        self._cols = sorted({0, plan.width} | {c for _, c, _, _ in keys} | {c + w for _, c, _, w in keys})
         self._row_at = {v: i for i, v in enumerate(self._rows)}
         self._col_at = {v: i for i, v in enumerate(self._cols)}
         self._seen = np.zeros((len(self._rows) - 1, len(self._cols) - 1), bool)
