@@ -352,7 +352,7 @@ class Scene:
             valid &= np.all(np.isfinite(data), axis=0)
         chip = self._scale(data)
         if not valid.all():
-            np.multiply(chip, valid, out=chip)     # invalid pixels to 0 (NaN is already 0 here)
+            _zero_invalid(chip, valid)
         if chip.shape[0] == 1:
             chip = np.repeat(chip, 3, axis=0)
         return chip, valid
@@ -393,12 +393,17 @@ class Scene:
     @staticmethod
     def _valid_by_value(data: np.ndarray, values) -> np.ndarray:
         """GDAL's dataset-mask rule from values: a pixel is nodata where every band holds its band's
-        nodata value (NaN matches NaN)."""
-        nodata = None
-        for band, value in zip(data, values if len(values) == len(data) else [values[0]] * len(data)):
-            band_nodata = np.isnan(band) if np.isnan(value) else (band == value)
-            nodata = band_nodata if nodata is None else np.logical_and(nodata, band_nodata, out=nodata)
-        return ~nodata
+        nodata value (NaN matches NaN). Integers are compared in their own type, not float64."""
+        if len(values) != len(data):
+            values = [values[0]] * len(data)
+        targets = [_comparable(band.dtype, value) for band, value in zip(data, values)]
+        if any(t is None for t in targets):     # a band never holds its nodata value: no pixel is nodata
+            return np.ones(data.shape[1:], bool)
+        valid = _band_valid(data[0], targets[0])
+        scratch = np.empty_like(valid) if len(data) > 1 else None
+        for band, target in zip(data[1:], targets[1:]):
+            np.logical_or(valid, _band_valid(band, target, out=scratch), out=valid)
+        return valid
 
     def _scale(self, data: np.ndarray) -> np.ndarray:
         return scale_to_unit(data, self.scaling)
@@ -422,6 +427,35 @@ class Scene:
     def __repr__(self) -> str:
         return (f"Scene({self.path!r}, {self.width}x{self.height}, bands={self.bands}, "
                 f"dtype={self.dtype}, resampled={self.resampled})")
+
+
+def _comparable(dtype: np.dtype, value: float):
+    """``value`` as compared with data of ``dtype``: float data, the value itself (as before, NaN
+    included); integer data, the value in that integer type when it holds it exactly, else ``None``
+    (no pixel can equal it: a comparison in float64 would find none either)."""
+    value = float(value)
+    if dtype.kind == "f":
+        return value
+    info = np.iinfo(dtype)
+    if math.isfinite(value) and value.is_integer() and info.min <= value <= info.max:
+        return dtype.type(int(value))
+    return None
+
+
+def _band_valid(band: np.ndarray, target, out: np.ndarray | None = None) -> np.ndarray:
+    """Where ``band`` differs from its nodata value ``target`` (see :func:`_comparable`); a NaN
+    target: where the band is not NaN."""
+    if isinstance(target, float) and math.isnan(target):
+        out = np.isnan(band, out=out)
+        return np.logical_not(out, out=out)
+    return np.not_equal(band, target, out=out)
+
+
+def _zero_invalid(chip: np.ndarray, valid: np.ndarray) -> None:
+    """Set the invalid pixels of ``chip`` ``[bands, h, w]`` to 0 in place (multiplying by 1 or 0 in
+    the chip's own type when it is uint8: no cast of the mask per element)."""
+    mask = valid.view(np.uint8) if chip.dtype == np.uint8 else valid
+    np.multiply(chip, mask, out=chip)     # NaN is already 0 here
 
 
 def scale_to_unit(data: np.ndarray, scaling: list[tuple[float, float]] | None) -> np.ndarray:

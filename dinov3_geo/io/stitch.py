@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
@@ -22,6 +23,55 @@ KINDS = ("continuous", "classes")
 
 def _key(window: Window) -> tuple[int, int, int, int]:
     return int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+
+
+class _Coverage:
+    """Which cells of the chip grid (the rectangles between consecutive chip edges, rows and columns)
+    have received a chip. A chip *stores* its share into cells nobody reached yet and *adds* it
+    where others did, so the accumulators need no zeroing and fresh cells are not read back: the
+    stored values are the sums the additions to zeros would give (``0 + p == p + 0``, and ``+ 0``
+    keeps a product of -0 at +0 as adding it to zeros does)."""
+
+    def __init__(self, plan: ChipPlan):
+        keys = [_key(w) for w in plan.windows]      # any plan-like object: windows, height, width
+        self._rows = sorted({0, plan.height} | {r for r, _, _, _ in keys} | {r + h for r, _, h, _ in keys})
+        self._cols = sorted({0, plan.width} | {c for _, c, _, _ in keys} | {c + w for _, c, _, w in keys})
+        self._row_at = {v: i for i, v in enumerate(self._rows)}
+        self._col_at = {v: i for i, v in enumerate(self._cols)}
+        self._seen = np.zeros((len(self._rows) - 1, len(self._cols) - 1), bool)
+
+    def claim(self, r: int, c: int, h: int, w: int) -> list[tuple[slice, slice, bool]]:
+        """Split the chip ``[r, r+h) x [c, c+w)`` into rectangles each seen before or new, as
+        (rows, cols) slices relative to the chip and ``seen``; then mark the chip's cells seen."""
+        i0, i1 = self._row_at[r], self._row_at[r + h]
+        j0, j1 = self._col_at[c], self._col_at[c + w]
+        block = self._seen[i0:i1, j0:j1]
+        if block.all() or not block.any():
+            parts = [(slice(0, h), slice(0, w), bool(block[0, 0]))]
+        else:
+            parts = [(slice(self._rows[a] - r, self._rows[b] - r), slice(self._cols[x] - c, self._cols[y] - c), seen)
+                     for a, b, pattern in _runs(block.tolist(), i0)
+                     for x, y, seen in _runs(pattern, j0)]
+        block[...] = True
+        return parts
+
+    def unseen(self, start: int, stop: int) -> list[tuple[slice, slice]]:
+        """Scene rows and columns (slices) of the cells in rows ``[start, stop)`` (chip edges) that
+        no chip reached."""
+        i0, i1 = self._row_at[start], self._row_at[stop]
+        block = self._seen[i0:i1]
+        if block.all():
+            return []
+        return [(slice(self._rows[a], self._rows[b]), slice(self._cols[x], self._cols[y]))
+                for a, b, pattern in _runs(block.tolist(), i0)
+                for x, y, seen in _runs(pattern, 0) if not seen]
+
+
+def _runs(flags: list, offset: int) -> list[tuple[int, int, Any]]:
+    """Maximal runs of equal items of ``flags`` (booleans, or rows of them): (start, stop, item),
+    indexes + ``offset``."""
+    edges = [0] + [k for k in range(1, len(flags)) if flags[k] != flags[k - 1]] + [len(flags)]
+    return [(offset + a, offset + b, flags[a]) for a, b in zip(edges, edges[1:])]
 
 
 class StreamingStitcher:
@@ -55,13 +105,15 @@ class StreamingStitcher:
             self._row_left[self._row_index[int(w.row_off)]] += 1
         self._first_open = 0          # index of the first chip row not complete
         self._base = 0                # scene row of accumulator row 0
-        self._rows = 0                # accumulator rows in use; the rows past them are zero
+        self._rows = 0                # accumulator rows in use (where no chip reached: stale, see _Coverage)
         capacity = min(height, tile + (tile - overlap))   # what plan-order arrival holds open
         self._acc = np.zeros((channels, capacity, width), np.float32)
         self._wsum = np.zeros((capacity, width), np.float32)
         self._valid = np.zeros((capacity, width), bool)
         self._lock = threading.Lock()
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
+        self._weight_scratch = np.empty(self._scratch.shape[1:], np.float32)
+        self._coverage = _Coverage(plan)
         self.rows_written = 0
 
     # -- public ---------------------------------------------------------------------------------
@@ -74,23 +126,20 @@ class StreamingStitcher:
         if values.shape != (self.channels, h, w) or valid.shape != (h, w):
             raise UsageError("stitcher", f"chip {window} got values {values.shape} / valid "
                                          f"{valid.shape}, expected ({self.channels}, {h}, {w})")
-        weights = self.plan.weights(window)
         everywhere = valid.all()
-        if not everywhere:
-            weights = np.where(valid, weights, np.float32(0))
         with self._lock:
+            weights = self._chip_weights(window, valid, everywhere)
             self._take(window)
             self._ensure_rows(r + h)
             lo = r - self._base
             acc = self._acc[:, lo:lo + h, c:c + w]
             scratch = self._scratch[:, :h, :w]  # one buffer for every chip: no per-chip temporaries
             np.multiply(values, weights, out=scratch, casting="same_kind")
-            acc += scratch
-            self._wsum[lo:lo + h, c:c + w] += weights
-            if everywhere:
-                self._valid[lo:lo + h, c:c + w] = True
-            else:
-                self._valid[lo:lo + h, c:c + w] |= valid
+            wsum = self._wsum[lo:lo + h, c:c + w]
+            seen_valid = self._valid[lo:lo + h, c:c + w]
+            for rows, cols, seen in self._coverage.claim(r, c, h, w):
+                _blend(acc[:, rows, cols], scratch[:, rows, cols], wsum[rows, cols], weights[rows, cols],
+                       seen_valid[rows, cols], True if everywhere else valid[rows, cols], seen)
             self._done(r)
 
     def skip(self, window: Window) -> None:
@@ -110,6 +159,17 @@ class StreamingStitcher:
         return self._rows
 
     # -- bookkeeping ----------------------------------------------------------------------------
+    def _chip_weights(self, window: Window, valid: np.ndarray, everywhere: bool) -> np.ndarray:
+        """The plan's weights of ``window``, 0 where ``valid`` is false: the cached array itself when
+        every pixel is valid, else a product with the mask in a reused buffer (held under the lock;
+        the same values as ``np.where(valid, weights, 0)`` since every weight is > 0)."""
+        weights = self.plan.weights(window)
+        if everywhere:
+            return weights
+        out = self._weight_scratch[:weights.shape[0], :weights.shape[1]]
+        np.multiply(weights, valid, out=out)
+        return out
+
     def _take(self, window: Window) -> None:
         """Check ``window`` is a planned chip not yet seen, and mark it seen."""
         key = _key(window)
@@ -143,28 +203,39 @@ class StreamingStitcher:
         if n <= 0:
             return
         self._ensure_rows(limit)
+        self._clear_unseen(limit)
         # the sink may keep what it is given: hand it new arrays, never views of the accumulator
         self.sink.write(self._base, self._finish(self._acc[:, :n], self._wsum[:n], self._valid[:n]))
         self.rows_written += n
         self._base = limit
         keep = self._rows - n
-        for buf in (self._acc, self._wsum, self._valid):
-            _shift_rows(buf, n, keep)
+        if keep:
+            for buf in (self._acc, self._wsum, self._valid):
+                buf[..., :keep, :] = buf[..., n:n + keep, :]     # numpy copes with the overlap
         self._rows = keep
+
+    def _clear_unseen(self, limit: int) -> None:
+        """Zero the accumulators where no chip reached in scene rows ``[base, limit)`` (skipped or
+        missing chips), which hold whatever earlier rows left there: such pixels are nodata."""
+        for rows, cols in self._coverage.unseen(self._base, limit):
+            rows = slice(rows.start - self._base, rows.stop - self._base)
+            self._acc[:, rows, cols] = 0
+            self._wsum[rows, cols] = 0
+            self._valid[rows, cols] = False
 
     def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows, as new
-        arrays."""
-        ok = wsum > 0
-        ok &= valid
+        arrays. A pixel has a value where some chip was valid there (``valid``: such a chip added a
+        weight > 0, so ``wsum > 0`` there and need not be tested)."""
         if self.kind == "classes":
             out = np.argmax(acc, axis=0).astype(np.uint8)  # weights > 0 do not change the argmax
-            out[~ok] = CLASS_NODATA
+            out[~valid] = CLASS_NODATA
             return out[None]
         out = np.empty(acc.shape, np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
             np.divide(acc, wsum, out=out)
-        np.copyto(out, np.float32(np.nan), where=~ok)
+        if not valid.all():
+            np.copyto(out, np.float32(np.nan), where=~valid)
         return out
 
 
@@ -175,9 +246,16 @@ def _grown(buf: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-def _shift_rows(buf: np.ndarray, n: int, keep: int) -> None:
-    """Move rows ``[n, n + keep)`` of ``buf`` (second-last axis) to the front and zero the ``n`` rows
-    after them (numpy copes with the overlap), so rows past the ones in use stay zero."""
-    if keep:
-        buf[..., :keep, :] = buf[..., n:n + keep, :]
-    buf[..., keep:keep + n, :] = 0
+def _blend(acc: np.ndarray, product: np.ndarray, wsum: np.ndarray, weights: np.ndarray,
+           valid: np.ndarray, chip_valid, seen: bool) -> None:
+    """Add one chip's weighted values ``product``, its ``weights`` and validity into a rectangle of
+    the accumulators; where no chip was before (``seen`` false) store them instead of adding to
+    zeros, with the same result (``+ 0`` turns a -0 product into +0, as the sum with zero does)."""
+    if seen:
+        acc += product
+        wsum += weights
+        valid |= chip_valid
+    else:
+        np.add(product, np.float32(0), out=acc)
+        wsum[...] = weights
+        valid[...] = chip_valid
