@@ -42,14 +42,15 @@ class SkeletonMismatch(Exception):
 # -- encoding one block -------------------------------------------------------------------------
 
 def predictor_for(dtype: np.dtype) -> int:
-    """TIFF predictor of a block of ``dtype``: 3 (floating point); other types are not encoded here."""
-    if np.dtype(dtype).kind != "f":
+    """TIFF predictor of a block of ``dtype``: 3 (floating point) for float32; other types are not
+    encoded here."""
+    if np.dtype(dtype) != np.float32:
         raise ValueError(f"blocks of {np.dtype(dtype)} are left to GDAL")
     return 3
 
 
 def predicted_rows(block: np.ndarray, predictor: int = 3) -> np.ndarray:
-    """Rows of a pixel-interleaved float block ``[rows, cols, bands]`` (little-endian) after the TIFF
+    """Rows of a pixel-interleaved float32 block ``[rows, cols, bands]`` (little-endian) after the TIFF
     floating-point predictor, as libtiff applies it before compression: each row's words split
     into byte planes, most significant first, then each byte differenced with the one ``bands``
     bytes before it (Adobe Photoshop TIFF Technical Note 3). The result is a buffer of this
@@ -57,12 +58,15 @@ def predicted_rows(block: np.ndarray, predictor: int = 3) -> np.ndarray:
     if predictor != 3:
         raise ValueError(f"predictor {predictor} is left to GDAL")
     rows, cols, bands = block.shape
-    size = block.dtype.itemsize
-    words = block.view(np.uint8).reshape(rows, cols * bands, size)
-    planes = scratch("planes", (rows, size, cols * bands), np.uint8)
-    for k in range(size):               # plane by plane: 2x faster than one strided transpose
-        planes[:, k] = words[:, :, size - 1 - k]
-    planes = planes.reshape(rows, size * cols * bands)
+    if block.dtype.itemsize != 4:
+        raise ValueError(f"blocks of {block.dtype} are left to GDAL")
+    words = block.view("<u4").reshape(rows, cols * bands)
+    planes = scratch("planes", (rows, 4, cols * bands), np.uint8)
+    shifted = scratch("shifted", words.shape, np.uint32)
+    for k in range(4):      # each byte plane by a shift and a cast: faster than gathering bytes
+        np.right_shift(words, 8 * (3 - k), out=shifted)
+        planes[:, k] = shifted
+    planes = planes.reshape(rows, 4 * cols * bands)
     out = scratch("predicted", planes.shape, np.uint8)
     out[:, :bands] = planes[:, :bands]
     np.subtract(planes[:, bands:], planes[:, :-bands], out=out[:, bands:])
@@ -111,7 +115,8 @@ class BlockFile:
 
     def append(self, data: bytes) -> None:
         n = len(data)
-        self._file.write(LEADER.pack(n) + data + data[-4:])
+        for part in (LEADER.pack(n), data, data[-4:]):     # the block itself unbuffered, not copied
+            self._file.write(part)
         self.offsets.append(self.nbytes + LEADER.size)
         self.sizes.append(n)
         self.nbytes += n + 8
@@ -195,8 +200,7 @@ class TileTable:
 _TYPES = {3: "H", 4: "I", 16: "Q"}       # TIFF SHORT, LONG, LONG8
 
 
-def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, dtype: np.dtype,
-                    nbits: int | None = None) -> list[TileTable]:
+def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, dtype: np.dtype) -> list[TileTable]:
     """The tile tables of GDAL's empty COG at ``path`` (full resolution first), after checking that
     its layout is the one the streamed blocks are encoded for; :class:`SkeletonMismatch` if not."""
     dtype = np.dtype(dtype)
@@ -211,7 +215,7 @@ def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, d
         for page, (h, w) in zip(pages, levels):
             expect = dict(shape=(h, w), compression=ZSTD, predictor=predictor_for(dtype), tilewidth=BLOCK,
                           tilelength=BLOCK, samplesperpixel=bands, planarconfig=1,
-                          bitspersample=nbits or dtype.itemsize * 8)
+                          bitspersample=dtype.itemsize * 8)
             got = dict(shape=(page.imagelength, page.imagewidth), compression=int(page.compression),
                        predictor=int(page.predictor), tilewidth=page.tilewidth, tilelength=page.tilelength,
                        samplesperpixel=page.samplesperpixel, planarconfig=int(page.planarconfig),
