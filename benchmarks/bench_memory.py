@@ -6,7 +6,7 @@ plan -> reader threads -> batches -> model -> StreamingStitcher -> COGSink) with
 (the mean of the channels) on the CPU. Prints one JSON line last: peak RSS (sampled and
 ru_maxrss), baseline (after the imports), scene size, seconds.
 
-    python benchmarks/bench_memory.py [--size 20000] [--tile 512] [--overlap 64] [--workdir DIR]
+    python benchmarks/bench_memory.py [--size 20000] [--height H] [--tile 512] [--overlap 64] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -31,17 +31,19 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data_samples" / "landsat7_sal
 BLOCK = 512
 
 
-def make_scene(path: Path, size: int) -> None:
-    """Write ``size`` x ``size`` x 3 uint8, block by block, tiling the real sample over the grid."""
+def make_scene(path: Path, size: int, height: int | None = None) -> None:
+    """Write ``height`` (default ``size``) x ``size`` x 3 uint8, block by block, tiling the real
+    sample over the grid."""
+    height = height or size
     with rasterio.open(SAMPLE) as src:
         tile = src.read([1, 2, 3])
         profile = src.profile.copy()
     th, tw = tile.shape[1:]
-    profile.update(width=size, height=size, count=3, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+    profile.update(width=size, height=height, count=3, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
                    compress="DEFLATE", zlevel=1, bigtiff="IF_SAFER", photometric="RGB")
     with rasterio.open(path, "w", **profile) as dst:
-        for r in range(0, size, BLOCK):
-            rows = np.arange(r, min(r + BLOCK, size)) % th
+        for r in range(0, height, BLOCK):
+            rows = np.arange(r, min(r + BLOCK, height)) % th
             band = tile[:, rows]
             for c in range(0, size, BLOCK):
                 cols = np.arange(c, min(c + BLOCK, size)) % tw
@@ -85,18 +87,20 @@ def stream(scene_path: Path, out: Path, tile: int, overlap: int, readers: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=20000)
+    ap.add_argument("--size", type=int, default=20000, help="width (and height unless --height) in px")
+    ap.add_argument("--height", type=int, default=None, help="height in px (default: --size)")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_memory_"))
     work.mkdir(parents=True, exist_ok=True)
-    scene_path, out = work / f"scene_{a.size}.tif", work / f"out_{a.size}.tif"
+    height = a.height or a.size
+    scene_path, out = work / f"scene_{height}x{a.size}.tif", work / f"out_{height}x{a.size}.tif"
     try:
         t0 = time.time()
         if not scene_path.exists():
-            make_scene(scene_path, a.size)
+            make_scene(scene_path, a.size, height)
         t1 = time.time()
         baseline = psutil.Process().memory_info().rss
         sampler = PeakSampler()
@@ -108,7 +112,7 @@ def main() -> None:
             layout = ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT")
             shape = (ds.height, ds.width)
         print(json.dumps({
-            "scene_px": [a.size, a.size], "tile": a.tile, "overlap": a.overlap, "chips_computed": chips,
+            "scene_px": [height, a.size], "tile": a.tile, "overlap": a.overlap, "chips_computed": chips,
             "baseline_rss_mb": round(baseline / 2**20), "peak_rss_mb": round(peak / 2**20),
             "peak_above_baseline_mb": round((peak - baseline) / 2**20),
             "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -11,11 +11,15 @@ Each stage runs alone, one after the other, on the same chips (the pass-through 
 - ``to_float``: the uint8 -> float32 /255 step (on the device in real runs; CPU here);
 - ``stitch``: ``StreamingStitcher.add`` (weights, accumulation, normalising finished rows) into a
   sink that drops rows;
-- ``sink``: the same into ``COGSink`` (strips to the temporary file, streamed overviews) minus
-  ``stitch``, up to the last row;
-- ``cog``: the COG conversion after the last chip (``finalize``).
+- ``sink_<how>``: the same into ``COGSink`` minus ``stitch``, up to the last row, both ways:
+  ``streamed`` (blocks encoded while streaming, the default) and ``gdal_copy`` (strips into a
+  temporary GeoTIFF and streamed overviews, ``stream_blocks=False``);
+- ``cog_<how>``: what the sink does after the last row (``finalize``): appending the encoded
+  blocks, or GDAL's COG conversion.
 
-Prints one JSON object (ms of CPU per chip per stage, wall seconds, the machine, load average).
+Prints one JSON object (ms of CPU per chip per stage, wall seconds, the machine, load average;
+``total_cpu_ms_per_chip_<how>``: read to COG, without ``read`` and ``mask``, which ``scene_read``
+contains).
 
     python benchmarks/bench_stages.py [--grid 12x12] [--tile 512] [--overlap 64] [--batch 8]
 """

@@ -104,3 +104,22 @@ def test_only_float_results_on_the_scene_grid_stream_blocks(sample, tmp_path, dt
         with COGSink(tmp_path / "o.tif", scene, dtype=dtype) as sink:
             assert sink.streams_blocks == streamed
             sink.write(0, np.zeros((1, scene.height, scene.width), dtype))
+
+
+def test_streamed_blocks_carry_gdal_block_leaders_and_trailers(sample, tmp_path):
+    """The ghost header promises a size leader and a repeated trailer around every block (GDAL
+    reads COGs over HTTP by them): each block's are right, and the blocks lie in GDAL's order."""
+    import tifffile
+
+    with open_scene(sample(SALT)) as scene:
+        mine, _ = both_ways(scene, tmp_path, mean_model, 1)
+    data = mine.read_bytes()
+    assert b"BLOCK_LEADER=SIZE_AS_UINT4" in data[:400] and b"KNOWN_INCOMPATIBLE_EDITION=NO" in data[:400]
+    with tifffile.TiffFile(mine) as tif:
+        firsts = []
+        for page in tif.pages:
+            for offset, size in zip(page.dataoffsets, page.databytecounts):
+                assert int.from_bytes(data[offset - 4:offset], "little") == size
+                assert data[offset + size:offset + size + 4] == data[offset + size - 4:offset + size]
+            firsts.append(page.dataoffsets[0])
+    assert firsts == sorted(firsts, reverse=True)       # smallest overview first, full resolution last
