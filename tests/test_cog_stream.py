@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from rasterio.control import GroundControlPoint
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
@@ -123,3 +124,68 @@ def test_streamed_blocks_carry_gdal_block_leaders_and_trailers(sample, tmp_path)
                 assert data[offset + size:offset + size + 4] == data[offset + size - 4:offset + size]
             firsts.append(page.dataoffsets[0])
     assert firsts == sorted(firsts, reverse=True)       # smallest overview first, full resolution last
+
+
+@pytest.mark.parametrize("height, width, nodata", [(16, 17, float("nan")), (80, 100, -9999.0),
+                                                   (512, 512, float("nan")), (1024, 513, -9999.0),
+                                                   (1100, 1536, float("nan")), (1024, 1536, -9999.0)])
+def test_streamed_blocks_on_any_size_and_nodata(tmp_path, height, width, nodata):
+    """The smallest scene, sub-block, whole-block and ragged sizes, NaN or a number as nodata: the same
+    full-resolution file as GDAL's COG copy, rows written in uneven pieces; overviews that ignore
+    nodata as GDAL's do (the same where the sides halve evenly)."""
+    src = tmp_path / "in.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
+        ds.write(np.full((3, height, width), 7, np.uint8))
+    rng = np.random.default_rng(height * 7 + width)
+    values = rng.normal(10, 5, (1, height, width)).astype(np.float32)
+    values[:, rng.random((height, width)) < 0.1] = nodata
+    with open_scene(src) as scene:
+        for streamed in (True, False):
+            out = tmp_path / f"{streamed}.tif"
+            with COGSink(out, scene, nodata=nodata, stream_blocks=streamed) as sink:
+                assert sink.streams_blocks == streamed
+                for row in range(0, height, 300):            # pieces that are not whole strips
+                    sink.write(row, values[:, row:row + 300].copy())
+    if height > 512 or width > 512:
+        halves = height % 4 == 0 and width % 4 == 0
+        assert_same_raster(tmp_path / "True.tif", tmp_path / "False.tif", same_overviews=halves)
+    else:
+        _same_small(tmp_path / "True.tif", tmp_path / "False.tif")
+
+
+def _same_small(mine, gdal):
+    """A result of one block level: no overviews to compare."""
+    valid, errors, warnings = cog_validate(mine, strict=True, quiet=True)
+    assert valid, (errors, warnings)
+    with rasterio.open(mine) as a, rasterio.open(gdal) as b:
+        assert {**a.profile, "nodata": str(a.nodata)} == {**b.profile, "nodata": str(b.nodata)}
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert a.overviews(1) == b.overviews(1) == []
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_overviews_ignore_a_numeric_nodata_as_gdal_average_does(tmp_path, streamed):
+    height, width, nodata = 1024, 1536, -9999.0
+    geo = dict(crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000))
+    src = tmp_path / "in.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", **geo) as ds:
+        ds.write(np.full((3, height, width), 7, np.uint8))
+    rng = np.random.default_rng(1)
+    values = rng.normal(10, 5, (1, height, width)).astype(np.float32)
+    values[:, rng.random((height, width)) < 0.3] = nodata
+    values[:, :40, :40] = nodata
+    with open_scene(src) as scene, COGSink(tmp_path / "out.tif", scene, nodata=nodata,
+                                           stream_blocks=streamed) as sink:
+        sink.write(0, values)
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", driver="GTiff", width=width, height=height, count=1, dtype="float32",
+                       nodata=nodata, **geo) as ds:
+        ds.write(values)
+    rasterio.shutil.copy(plain, tmp_path / "gdal.tif", driver="COG", overview_resampling="AVERAGE")
+    for level in range(2):
+        with rasterio.open(tmp_path / "out.tif", overview_level=level) as o, \
+                rasterio.open(tmp_path / "gdal.tif", overview_level=level) as g:
+            mine, gdal = o.read(1), g.read(1)
+            np.testing.assert_array_equal(mine == nodata, gdal == nodata)
+            np.testing.assert_allclose(mine, gdal, rtol=1e-6, atol=1e-5)

@@ -668,22 +668,29 @@ class COGSink:
     def _encode_strip(self, strip: np.ndarray) -> None:
         """Full-resolution rows and their 2x2 means, level by level, into the block encoders (on the
         strip thread; strips arrive in order, whole 512-row blocks but the last)."""
-        for k, tiler in enumerate(self._tilers):
-            if k:
-                strip = average_down(strip)     # while the level above encodes
-            tiler.add(strip)
+        self._tilers[0].add(strip)
+        for tiler, means in zip(self._tilers[1:], self._level_means(strip)):   # while the level above encodes
+            tiler.add(means)
         for tiler in self._tilers:
             tiler.collect()
+
+    def _level_means(self, strip: np.ndarray) -> Iterator[np.ndarray]:
+        """The strip's 2x2 means, level after level, nodata ignored as GDAL's AVERAGE ignores it:
+        nodata where no pixel under a cell is valid (NaN, or the sink's nodata number)."""
+        numeric = self.nodata is not None and not np.isnan(self.nodata)
+        means = np.where(strip == self.nodata, np.float32(np.nan), strip) if numeric else strip
+        while True:
+            means = average_down(means)
+            yield np.where(np.isnan(means), np.float32(self.nodata), means) if numeric else means
 
     def _write_strip(self, strip: np.ndarray, window: Window) -> None:
         """Full-resolution rows into the partial file (on the strip worker's thread)."""
         self._ds.write(strip, window=window)
 
     def _write_overviews(self, row_off: int, strip: np.ndarray) -> None:
-        for ds in self._ovr_ds:
-            strip, row_off = average_down(strip), row_off // 2
-            ds.write(strip.astype(self.dtype, copy=False),
-                     window=Window(0, row_off, ds.width, strip.shape[1]))
+        for ds, means in zip(self._ovr_ds, self._level_means(strip)):
+            row_off //= 2
+            ds.write(means.astype(self.dtype, copy=False), window=Window(0, row_off, ds.width, means.shape[1]))
 
     def _finish_overviews(self) -> None:
         """Wait for the overview worker and close the level files (raises the worker's error)."""
