@@ -265,3 +265,25 @@ def test_failed_write_fails_the_run_and_cleans_up(sample, tmp_path, limit_mb):
                     stream(scene, sink, mean_model, 1, 256, 32)
     assert "too large" in str(failure.value).lower() or "write" in str(failure.value).lower(), failure.value
     assert leftovers(tmp_path, set()) == []
+
+
+@pytest.mark.parametrize("nan_share", [0.0, 0.001, 0.3, 0.95])
+@pytest.mark.parametrize("shape", [(1, 512, 1030), (3, 9, 7), (2, 511, 1001)])
+def test_average_down_same_bits_at_any_nan_share(nan_share, shape):
+    """Few NaN cells (redone alone) or many (every cell masked): the bits of the masked definition."""
+    from dinov3_geo.io.sinks import average_down
+
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    x = (rng.normal(size=shape) * 100).astype(np.float32)
+    x[rng.random(shape) < nan_share] = np.nan
+    x[..., :4, :6] = np.nan
+    padded = np.pad(x, [(0, 0), (0, shape[1] % 2), (0, shape[2] % 2)], constant_values=np.nan)
+    z = np.where(np.isnan(padded), np.float32(0), padded)
+    sums = z[:, 0::2] + z[:, 1::2]
+    sums = sums[:, :, 0::2] + sums[:, :, 1::2]
+    valid = (~np.isnan(padded)).astype(np.uint8)
+    counts = valid[:, 0::2] + valid[:, 1::2]
+    counts = counts[:, :, 0::2] + counts[:, :, 1::2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = sums / counts
+    np.testing.assert_array_equal(average_down(x), expected.astype(np.float32))
