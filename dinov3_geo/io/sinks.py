@@ -573,6 +573,9 @@ class COGSink:
                 return self._open_streamed()
             except blocks.SkeletonMismatch:     # this GDAL lays COGs out otherwise: its COG copy
                 self.abort()
+            except BaseException:
+                self.abort()
+                raise
         self._open_partial()
 
     def _open_partial(self) -> None:
@@ -868,7 +871,8 @@ class COGSink:
                 pool.shutdown(wait=True, cancel_futures=True)
         self._encoders = self._skeleton_job = self._skeleton_made = None
         for f in self._block_files:
-            f.close()
+            with contextlib.suppress(OSError):    # buffered bytes that cannot be written: dropped
+                f.close()
             _remove(f.path)
         self._block_files, self._tilers = [], []
         _remove(self._skeleton)
