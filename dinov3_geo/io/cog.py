@@ -29,6 +29,7 @@ import zstandard
 
 BLOCK = 512
 ZSTD = 50000            # TIFF compression code of ZSTD
+FLOAT_PREDICTOR = 3     # TIFF predictor of floating-point data (the only kind encoded here)
 LEADER = struct.Struct("<I")
 #: What GDAL's ghost header must promise for the blocks appended here to match it.
 GHOST_PROMISES = ("LAYOUT=IFDS_BEFORE_DATA", "BLOCK_ORDER=ROW_MAJOR", "BLOCK_LEADER=SIZE_AS_UINT4",
@@ -41,25 +42,20 @@ class SkeletonMismatch(Exception):
 
 # -- encoding one block -------------------------------------------------------------------------
 
-def predictor_for(dtype: np.dtype) -> int:
-    """TIFF predictor of a block of ``dtype``: 3 (floating point) for float32; other types are not
-    encoded here."""
+def check_float32(dtype: np.dtype) -> None:
+    """ValueError unless ``dtype`` is float32, the only type whose blocks are encoded here."""
     if np.dtype(dtype) != np.float32:
         raise ValueError(f"blocks of {np.dtype(dtype)} are left to GDAL")
-    return 3
 
 
-def predicted_rows(block: np.ndarray, predictor: int = 3) -> np.ndarray:
+def predicted_rows(block: np.ndarray) -> np.ndarray:
     """Rows of a pixel-interleaved float32 block ``[rows, cols, bands]`` (little-endian) after the TIFF
     floating-point predictor, as libtiff applies it before compression: each row's words split
     into byte planes, most significant first, then each byte differenced with the one ``bands``
     bytes before it (Adobe Photoshop TIFF Technical Note 3). The result is a buffer of this
     thread, valid until its next call."""
-    if predictor != 3:
-        raise ValueError(f"predictor {predictor} is left to GDAL")
+    check_float32(block.dtype.newbyteorder("="))
     rows, cols, bands = block.shape
-    if block.dtype.itemsize != 4:
-        raise ValueError(f"blocks of {block.dtype} are left to GDAL")
     words = block.view("<u4").reshape(rows, cols * bands)
     planes = scratch("planes", (rows, 4, cols * bands), np.uint8)
     shifted = scratch("shifted", words.shape, np.uint32)
@@ -86,7 +82,7 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return buf
 
 
-def encode_block(block: np.ndarray, predictor: int, level: int) -> bytes:
+def encode_block(block: np.ndarray, level: int) -> bytes:
     """One TIFF block: ``block`` ``[bands, 512, 512]`` pixel-interleaved, predicted, one ZSTD frame."""
     cctx = getattr(_per_thread, f"zstd{level}", None)
     if cctx is None:        # a compressor is not thread-safe: one per thread and level
@@ -97,7 +93,7 @@ def encode_block(block: np.ndarray, predictor: int, level: int) -> bytes:
         pixels = block[0][:, :, None]
     else:
         pixels = np.ascontiguousarray(np.moveaxis(block, 0, -1))
-    return cctx.compress(predicted_rows(pixels, predictor))
+    return cctx.compress(predicted_rows(pixels))
 
 
 # -- blocks of one level ------------------------------------------------------------------------
@@ -136,7 +132,7 @@ class LevelTiler:
                  pool: ThreadPoolExecutor, level: int):
         self.height, self.width, self.dtype, self.fill = height, width, np.dtype(dtype), fill
         self.blocks, self._pool, self._level = blocks, pool, level
-        self.predictor = predictor_for(dtype)
+        check_float32(self.dtype)
         self._parts: list[np.ndarray] = []
         self._held = 0
         self._jobs: list = []
@@ -172,7 +168,7 @@ class LevelTiler:
         rest = strip[:, n:]
         self._parts, self._held = ([rest] if rest.shape[1] else []), rest.shape[1]
         strip = strip[:, :n].astype(self.dtype, copy=False)
-        self._jobs += [self._pool.submit(encode_block, self._block(strip, c), self.predictor, self._level)
+        self._jobs += [self._pool.submit(encode_block, self._block(strip, c), self._level)
                        for c in range(0, self.width, BLOCK)]
         self.rows_done += n
 
@@ -203,6 +199,7 @@ _TYPES = {3: "H", 4: "I", 16: "Q"}       # TIFF SHORT, LONG, LONG8
 def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, dtype: np.dtype) -> list[TileTable]:
     """The tile tables of GDAL's empty COG at ``path`` (full resolution first), after checking that
     its layout is the one the streamed blocks are encoded for; :class:`SkeletonMismatch` if not."""
+    check_float32(dtype)
     dtype = np.dtype(dtype)
     with tifffile.TiffFile(path) as tif:
         ghost = _ghost_header(path)
@@ -213,7 +210,7 @@ def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, d
             raise SkeletonMismatch(f"{len(pages)} IFDs for {len(levels)} levels")
         tables = []
         for page, (h, w) in zip(pages, levels):
-            expect = dict(shape=(h, w), compression=ZSTD, predictor=predictor_for(dtype), tilewidth=BLOCK,
+            expect = dict(shape=(h, w), compression=ZSTD, predictor=FLOAT_PREDICTOR, tilewidth=BLOCK,
                           tilelength=BLOCK, samplesperpixel=bands, planarconfig=1,
                           bitspersample=dtype.itemsize * 8)
             got = dict(shape=(page.imagelength, page.imagewidth), compression=int(page.compression),

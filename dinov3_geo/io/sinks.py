@@ -47,7 +47,7 @@ from rasterio.windows import Window
 from dinov3_geo.errors import DinoGeoError, OutputError, short_message
 from dinov3_geo.io import cog as blocks
 
-BLOCK = 512
+BLOCK = blocks.BLOCK        # 512: the COG's block size, either way it is written
 
 
 def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
@@ -361,6 +361,21 @@ def _needs_bigtiff(levels: Sequence[tuple[int, int]], count: int, dtype: str) ->
     return raw * 1.01 + (64 << 20) >= 1 << 32
 
 
+def _create_gtiff(path: Path, profile: dict, **options):
+    """A new GeoTIFF at ``path``, open for writing: ``profile`` (width, height, count, dtype, nodata,
+    and crs and transform or ``gcps``) and GDAL creation ``options``. Ground control points are set
+    after creation, so the file is not reported as not georeferenced meanwhile."""
+    profile = dict(profile)
+    gcps = profile.pop("gcps", None)
+    with warnings.catch_warnings():
+        if gcps is not None:
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        ds = rasterio.open(path, "w", driver="GTiff", **profile, **options)
+    if gcps is not None:          # georeferenced by ground control points: keep them as they are
+        ds.gcps = gcps
+    return ds
+
+
 def empty_cog(path: Path, levels: Sequence[tuple[int, int]], profile: dict, describe, zstd_level: int,
               bigtiff: bool, near: Path | None = None) -> None:
     """GDAL's COG at ``path`` of an empty raster of ``profile`` (count, dtype, nodata, crs and
@@ -371,16 +386,10 @@ def empty_cog(path: Path, levels: Sequence[tuple[int, int]], profile: dict, desc
     near = Path(near or path)
     carrier = temp_path(near, "empty")
     vrts = [temp_path(near, f"empty{k}", ".vrt") for k in range(len(levels))]
-    profile = dict(profile)
-    gcps = profile.pop("gcps", None)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(carrier, "w", driver="GTiff", width=levels[0][1], height=levels[0][0],
-                               tiled=True, blockxsize=BLOCK, blockysize=BLOCK, sparse_ok=True, **profile) as ds:
-                if gcps is not None:
-                    ds.gcps = gcps
-                describe(ds)
+        with _create_gtiff(carrier, {**profile, "height": levels[0][0], "width": levels[0][1]}, tiled=True,
+                           blockxsize=BLOCK, blockysize=BLOCK, sparse_ok=True) as ds:
+            describe(ds)
         rasterio.shutil.copy(carrier, vrts[0], driver="VRT")
         _empty_levels(vrts, levels)
         opts = {**_cog_options(profile["dtype"], zstd_level), "overviews": "FORCE_USE_EXISTING",
@@ -430,12 +439,6 @@ def _probe_layout(probe: Path, count: int, bigtiff: bool, zstd_level: int) -> bo
         return True
     except (blocks.SkeletonMismatch, RasterioError, OSError):
         return False
-
-
-def _check_layout(count: int, bigtiff: bool, zstd_level: int) -> None:
-    """:class:`~dinov3_geo.io.cog.SkeletonMismatch` unless GDAL's COG layout fits streamed blocks."""
-    if not _layout_fits(count, bigtiff, zstd_level):
-        raise blocks.SkeletonMismatch("this GDAL lays out COGs otherwise")
 
 
 class _StripWorker:
@@ -584,22 +587,13 @@ class COGSink:
         comp = {} if raw else _temp_compression()
         _zstd_works()               # probe GDAL now, not in the COG conversion after the last chip
         self._tmp = temp_path(self.path)
-        gcps = None if getattr(self.scene, "resampled", False) else getattr(self.scene, "gcps", None)
-        georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else {}
-        profile = dict(driver="GTiff", width=w, height=h, count=self.count, dtype=self.dtype, **georef,
-                       nodata=self.nodata, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
-                       bigtiff="IF_SAFER", num_threads="ALL_CPUS", **comp)
         try:
-            with warnings.catch_warnings():     # GCPs come next: not "not georeferenced"
-                if gcps is not None:
-                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                self._ds = rasterio.open(self._tmp, "w", **profile)
-            if gcps is not None:          # georeferenced by ground control points: keep them as they are
-                self._ds.gcps = gcps
+            self._ds = _create_gtiff(self._tmp, {**self._georeferenced_profile(), "height": h, "width": w},
+                                     tiled=True, blockxsize=BLOCK, blockysize=BLOCK, bigtiff="IF_SAFER",
+                                     num_threads="ALL_CPUS", **comp)
             self._strip_worker = _StripWorker("cog-strips")
             if self.progressive_overviews:
-                for k in range(1, overview_count(h, w) + 1):
-                    h, w = h // 2, w // 2
+                for k, (h, w) in enumerate(self._levels()[1:], 1):
                     self._ovr_paths.append(temp_path(self.path, "ovr"))
                     self._ovr_ds.append(rasterio.open(
                         self._ovr_paths[-1], "w", driver="GTiff", width=w, height=h, count=self.count,
@@ -618,7 +612,8 @@ class COGSink:
         empty raster to find no block, 1-2 ns per pixel), once this GDAL's layout is known to fit."""
         levels = self._levels()
         bigtiff = _needs_bigtiff(levels, self.count, self.dtype)
-        _check_layout(self.count, bigtiff, self.zstd_level)
+        if not _layout_fits(self.count, bigtiff, self.zstd_level):
+            raise blocks.SkeletonMismatch("this GDAL lays out COGs otherwise")
         self._skeleton = temp_path(self.path, "cog")
         self._skeleton_job = ThreadPoolExecutor(1, thread_name_prefix="cog-skeleton")
         self._skeleton_made = self._skeleton_job.submit(
@@ -642,8 +637,9 @@ class COGSink:
         return levels
 
     def _georeferenced_profile(self) -> dict:
-        """Bands, type, nodata and georeferencing (GCPs, else CRS and transform) of the result."""
-        gcps = getattr(self.scene, "gcps", None)
+        """Bands, type, nodata and georeferencing of the result: the scene's GCPs (unless it was
+        resampled onto a working grid), else its CRS and transform."""
+        gcps = None if getattr(self.scene, "resampled", False) else getattr(self.scene, "gcps", None)
         georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else dict(gcps=gcps)
         return dict(count=self.count, dtype=self.dtype, nodata=self.nodata, **georef)
 
