@@ -26,6 +26,7 @@ import torch
 from rasterio.windows import Window
 
 from .errors import DeviceError, UsageError
+from .hostmem import keep_freed_memory
 from .io.tiling import ChipPlan, pad_to_tile
 from .models.backbone import normalise_rgb
 
@@ -224,6 +225,7 @@ class Engine:
         """Read and infer every chip of ``plan`` over ``scene`` and hand the results to ``consumer``
         (closed at the end)."""
         self._tile = plan.tile
+        keep_freed_memory()     # freed arrays reused, not fresh pages zeroed by the kernel
         windows = plan.windows
         stats = RunStats(chips_total=len(windows), batch_size=self.batch_size, notes=list(self._early_notes))
         t0 = time.perf_counter()

@@ -1,0 +1,59 @@
+"""Host memory: keep the memory a run frees inside the process, so the next array does not pay the
+kernel for fresh pages.
+
+A run allocates and frees arrays of megabytes per chip row (chip batches, stitched rows, strips,
+overview levels, compressed blocks). With glibc's defaults such arrays are mapped fresh from the
+kernel and given back when freed (mmap, or the heap trimmed), and the kernel zeroes every page of
+every new mapping: on the 2-core benchmark machine that zeroing was 15-18 % of the host CPU per
+chip. Raising glibc's mmap threshold to its maximum and its trim threshold to 64 MB lets freed
+memory be reused instead (`benchmarks/RESULTS.md`: ~10 % less CPU per chip, peak memory unchanged).
+
+The thresholds are process-wide and stay set once a run has set them (glibc cannot go back to its
+adaptive thresholds); a process keeps up to ``TRIM_THRESHOLD`` of freed memory per malloc arena.
+``DINOV3GEO_KEEP_FREED_MEMORY=0`` in the environment leaves the allocator alone. Other C libraries
+(musl, macOS) are left alone too.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import threading
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1           # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+#: Allocations below this come from the heap, where freed memory is reused (glibc's maximum, 32 MB).
+MMAP_THRESHOLD = 32 << 20
+#: Free memory at the top of a heap beyond this goes back to the kernel.
+TRIM_THRESHOLD = 64 << 20
+ENV = "DINOV3GEO_KEEP_FREED_MEMORY"
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's thresholds once per process (see the module); True when they are set. Does
+    nothing when ``DINOV3GEO_KEEP_FREED_MEMORY`` is ``0`` or the C library is not glibc."""
+    with _lock:
+        if "kept" not in _state:
+            _state["kept"] = _apply()
+        return _state["kept"]
+
+
+def _apply() -> bool:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        kept = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and \
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+    log.debug("glibc malloc thresholds: mmap %d, trim %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD, kept)
+    return kept
