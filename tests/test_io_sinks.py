@@ -269,15 +269,25 @@ def test_failed_write_fails_the_run_and_cleans_up(sample, tmp_path, limit_mb):
 
 @pytest.mark.parametrize("nan_share", [0.0, 0.001, 0.3, 0.95])
 @pytest.mark.parametrize("shape", [(1, 512, 1030), (3, 9, 7), (2, 511, 1001)])
-def test_average_down_same_bits_at_any_nan_share(nan_share, shape):
-    """Few NaN cells (redone alone) or many (every cell masked): the bits of the masked definition."""
+@pytest.mark.parametrize("nodata_area", [False, True], ids=["scattered", "with-nodata-area"])
+def test_average_down_same_bits_at_any_nan_share(nan_share, shape, nodata_area):
+    """Few NaN cells (redone alone), cells all NaN (a nodata area: kept as summed), or many mixed
+    cells (every cell masked): the bits of the masked definition."""
     from dinov3_geo.io.sinks import average_down
 
     rng = np.random.default_rng(len(shape) + shape[-1])
     x = (rng.normal(size=shape) * 100).astype(np.float32)
     x[rng.random(shape) < nan_share] = np.nan
     x[..., :4, :6] = np.nan
-    padded = np.pad(x, [(0, 0), (0, shape[1] % 2), (0, shape[2] % 2)], constant_values=np.nan)
+    if nodata_area:     # a collar and an odd-edged hole, as around a scene's footprint
+        x[..., :, : shape[-1] // 3] = np.nan
+        x[..., shape[-2] // 2:, shape[-1] // 2 + 1:] = np.nan
+    np.testing.assert_array_equal(average_down(x), masked_means(x))
+
+
+def masked_means(x: np.ndarray) -> np.ndarray:
+    """2x2 means ignoring NaN by definition: NaN as 0 in the sums (rows first), over the valid count."""
+    padded = np.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2)], constant_values=np.nan)
     z = np.where(np.isnan(padded), np.float32(0), padded)
     sums = z[:, 0::2] + z[:, 1::2]
     sums = sums[:, :, 0::2] + sums[:, :, 1::2]
@@ -285,5 +295,4 @@ def test_average_down_same_bits_at_any_nan_share(nan_share, shape):
     counts = valid[:, 0::2] + valid[:, 1::2]
     counts = counts[:, :, 0::2] + counts[:, :, 1::2]
     with np.errstate(invalid="ignore", divide="ignore"):
-        expected = sums / counts
-    np.testing.assert_array_equal(average_down(x), expected.astype(np.float32))
+        return (sums / counts).astype(np.float32)
