@@ -17,7 +17,8 @@ Each stage runs alone, one after the other, on the same chips (the pass-through 
 - ``cog_<how>``: what the sink does after the last row (``finalize``): appending the encoded
   blocks, or GDAL's COG conversion.
 
-Prints one JSON object (ms of CPU per chip per stage, wall seconds, the machine, load average;
+The allocator is set as a run sets it (:mod:`dinov3_geo.hostmem`). Prints one JSON object (ms of
+CPU per chip per stage, wall seconds, the machine, load average;
 ``total_cpu_ms_per_chip_<how>``: read to COG, without ``read`` and ``mask``, which ``scene_read``
 contains).
 
@@ -39,6 +40,7 @@ import rasterio
 import torch
 
 import bench_pipeline as bp
+from dinov3_geo.hostmem import keep_freed_memory
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.stitch import StreamingStitcher
@@ -139,7 +141,9 @@ def main() -> None:
         if not scene.exists():
             bp.make_scene(bp.DEFAULT_SOURCE, scene, h, w)
         result = {"machine": f"{os.cpu_count()} cores, {platform.machine()}", "scene_px": [h, w], "tile": a.tile,
-                  "overlap": a.overlap, "batch": a.batch, "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+                  "overlap": a.overlap, "batch": a.batch,
+                  "freed_memory_kept": keep_freed_memory(),     # the allocator as a run sets it
+                  "load_average_before": [round(v, 2) for v in os.getloadavg()]}
         result.update(run(scene, work, a.tile, a.overlap, a.batch))
         result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(result))
