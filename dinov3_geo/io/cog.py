@@ -4,7 +4,8 @@ GDAL's COG driver only copies a finished raster: after the last chip it reads th
 and compresses every block again, which was the largest host cost per chip at GPU speeds. Here each
 512 x 512 block is encoded as soon as its rows are final, the way libtiff encodes it for GDAL
 (TIFF predictor, then a ZSTD frame), on worker threads that release the GIL, and appended to a
-hidden block file per resolution level. The file's structure comes from GDAL: at the start its COG
+hidden block file per resolution level. float32 results (floating-point predictor) and uint16 ones
+(horizontal differencing) are encoded here. The file's structure comes from GDAL: at the start its COG
 driver writes the complete file from an *empty* raster with the result's size, georeferencing and
 metadata (``SPARSE_OK``: every tag, every IFD, no block), so GeoTIFF keys, nodata, scales, colour
 tables and the ghost header are GDAL's own. At the end the blocks are appended in COG order
@@ -29,7 +30,10 @@ import zstandard
 
 BLOCK = 512
 ZSTD = 50000            # TIFF compression code of ZSTD
-FLOAT_PREDICTOR = 3     # TIFF predictor of floating-point data (the only kind encoded here)
+FLOAT_PREDICTOR = 3     # TIFF predictor of floating-point data
+HORIZONTAL_PREDICTOR = 2    # TIFF predictor of integers: differences of neighbouring samples
+#: The sample types whose blocks are encoded here, with the predictor GDAL gives them in a COG.
+PREDICTORS = {np.dtype("float32"): FLOAT_PREDICTOR, np.dtype("uint16"): HORIZONTAL_PREDICTOR}
 LEADER = struct.Struct("<I")
 #: What GDAL's ghost header must promise for the blocks appended here to match it.
 GHOST_PROMISES = ("LAYOUT=IFDS_BEFORE_DATA", "BLOCK_ORDER=ROW_MAJOR", "BLOCK_LEADER=SIZE_AS_UINT4",
@@ -42,9 +46,9 @@ class SkeletonMismatch(Exception):
 
 # -- encoding one block -------------------------------------------------------------------------
 
-def check_float32(dtype: np.dtype) -> None:
-    """ValueError unless ``dtype`` is float32, the only type whose blocks are encoded here."""
-    if np.dtype(dtype) != np.float32:
+def check_encodable(dtype: np.dtype) -> None:
+    """ValueError unless blocks of ``dtype`` are encoded here (float32, uint16)."""
+    if np.dtype(dtype).newbyteorder("=") not in PREDICTORS:
         raise ValueError(f"blocks of {np.dtype(dtype)} are left to GDAL")
 
 
@@ -54,7 +58,8 @@ def predicted_rows(block: np.ndarray) -> np.ndarray:
     into byte planes, most significant first, then each byte differenced with the one ``bands``
     bytes before it (Adobe Photoshop TIFF Technical Note 3). The result is a buffer of this
     thread, valid until its next call."""
-    check_float32(block.dtype.newbyteorder("="))
+    if block.dtype.newbyteorder("=") != np.float32:
+        raise ValueError(f"the floating-point predictor takes float32, not {block.dtype}")
     rows, cols, bands = block.shape
     words = block.view("<u4").reshape(rows, cols * bands)
     planes = scratch("planes", (rows, 4, cols * bands), np.uint8)
@@ -66,6 +71,20 @@ def predicted_rows(block: np.ndarray) -> np.ndarray:
     out = scratch("predicted", planes.shape, np.uint8)
     out[:, :bands] = planes[:, :bands]
     np.subtract(planes[:, bands:], planes[:, :-bands], out=out[:, bands:])
+    return out
+
+
+def differenced_rows(block: np.ndarray) -> np.ndarray:
+    """Rows of a pixel-interleaved uint16 block ``[rows, cols, bands]`` (little-endian) after the TIFF
+    horizontal predictor, as libtiff applies it: each sample less the one ``bands`` samples before
+    it in its row (modulo 2**16). A buffer of this thread, valid until its next call."""
+    if block.dtype.newbyteorder("=") != np.uint16:
+        raise ValueError(f"horizontal differencing is encoded for uint16, not {block.dtype}")
+    rows, cols, bands = block.shape
+    words = block.reshape(rows, cols * bands)
+    out = scratch("differenced", words.shape, np.dtype("<u2"))
+    out[:, :bands] = words[:, :bands]
+    np.subtract(words[:, bands:], words[:, :-bands], out=out[:, bands:])
     return out
 
 
@@ -83,7 +102,8 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 def encode_block(block: np.ndarray, level: int) -> bytes:
-    """One TIFF block: ``block`` ``[bands, 512, 512]`` pixel-interleaved, predicted, one ZSTD frame."""
+    """One TIFF block: ``block`` ``[bands, 512, 512]`` (float32 or uint16) pixel-interleaved, through
+    its type's predictor, one ZSTD frame."""
     cctx = getattr(_per_thread, f"zstd{level}", None)
     if cctx is None:        # a compressor is not thread-safe: one per thread and level
         cctx = zstandard.ZstdCompressor(level=level)
@@ -93,7 +113,8 @@ def encode_block(block: np.ndarray, level: int) -> bytes:
         pixels = block[0][:, :, None]
     else:
         pixels = np.ascontiguousarray(np.moveaxis(block, 0, -1))
-    return cctx.compress(predicted_rows(pixels))
+    rows = predicted_rows(pixels) if pixels.dtype.kind == "f" else differenced_rows(pixels)
+    return cctx.compress(rows)
 
 
 # -- blocks of one level ------------------------------------------------------------------------
@@ -132,7 +153,7 @@ class LevelTiler:
                  pool: ThreadPoolExecutor, level: int):
         self.height, self.width, self.dtype, self.fill = height, width, np.dtype(dtype), fill
         self.blocks, self._pool, self._level = blocks, pool, level
-        check_float32(self.dtype)
+        check_encodable(self.dtype)
         self._parts: list[np.ndarray] = []
         self._held = 0
         self._jobs: list = []
@@ -199,7 +220,7 @@ _TYPES = {3: "H", 4: "I", 16: "Q"}       # TIFF SHORT, LONG, LONG8
 def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, dtype: np.dtype) -> list[TileTable]:
     """The tile tables of GDAL's empty COG at ``path`` (full resolution first), after checking that
     its layout is the one the streamed blocks are encoded for; :class:`SkeletonMismatch` if not."""
-    check_float32(dtype)
+    check_encodable(dtype)
     dtype = np.dtype(dtype)
     with tifffile.TiffFile(path) as tif:
         ghost = _ghost_header(path)
@@ -210,7 +231,7 @@ def skeleton_tables(path: Path, levels: Sequence[tuple[int, int]], bands: int, d
             raise SkeletonMismatch(f"{len(pages)} IFDs for {len(levels)} levels")
         tables = []
         for page, (h, w) in zip(pages, levels):
-            expect = dict(shape=(h, w), compression=ZSTD, predictor=FLOAT_PREDICTOR, tilewidth=BLOCK,
+            expect = dict(shape=(h, w), compression=ZSTD, predictor=PREDICTORS[dtype], tilewidth=BLOCK,
                           tilelength=BLOCK, samplesperpixel=bands, planarconfig=1,
                           bitspersample=dtype.itemsize * 8)
             got = dict(shape=(page.imagelength, page.imagewidth), compression=int(page.compression),

@@ -434,20 +434,21 @@ def _empty_levels(vrts: list[Path], levels: Sequence[tuple[int, int]]) -> None:
 
 
 @functools.cache
-def _layout_fits(count: int, bigtiff: bool, zstd_level: int) -> bool:
-    """Whether this GDAL lays out a COG of ``count`` float32 bands as the streamed blocks need: tried
-    once per process on a small empty raster in the temporary folder."""
+def _layout_fits(count: int, dtype: str, bigtiff: bool, zstd_level: int) -> bool:
+    """Whether this GDAL lays out a COG of ``count`` bands of ``dtype`` as the streamed blocks need:
+    tried once per process on a small empty raster in the temporary folder."""
     with tempfile.TemporaryDirectory(prefix="dinov3geo-probe-") as folder:
-        return _probe_layout(Path(folder) / "probe.tif", count, bigtiff, zstd_level)
+        return _probe_layout(Path(folder) / "probe.tif", count, dtype, bigtiff, zstd_level)
 
 
-def _probe_layout(probe: Path, count: int, bigtiff: bool, zstd_level: int) -> bool:
+def _probe_layout(probe: Path, count: int, dtype: str, bigtiff: bool, zstd_level: int) -> bool:
     levels = [(1100, 1030), (550, 515)]
-    profile = dict(count=count, dtype="float32", nodata=float("nan"), crs="EPSG:32612",
+    nodata = float("nan") if np.dtype(dtype).kind == "f" else float(np.iinfo(dtype).max)
+    profile = dict(count=count, dtype=dtype, nodata=nodata, crs="EPSG:32612",
                    transform=Affine(30, 0, 300000, 0, -30, 4500000))
     try:
         empty_cog(probe, levels, profile, lambda ds: None, zstd_level, bigtiff)
-        blocks.skeleton_tables(probe, levels, count, np.dtype("float32"))
+        blocks.skeleton_tables(probe, levels, count, np.dtype(dtype))
         return True
     except (blocks.SkeletonMismatch, RasterioError, OSError):
         return False
@@ -490,8 +491,9 @@ class COGSink:
     checks (folder, overwrite, input file) happen in ``__init__``, before any model work. Inside the
     ``with`` block GDAL's block cache is capped at ``gdal_cache_mb`` (process-wide, so it also bounds
     the reader threads' cache) so memory stays flat on large scenes. ``zstd_level`` is the final
-    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a float result
-    on the scene's own grid is encoded block by block while it streams (:mod:`dinov3_geo.io.cog`), so
+    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a float32 result,
+    or a uint16 one with a nodata number, on the scene's own grid is encoded block by block while it
+    streams (:mod:`dinov3_geo.io.cog`), so
     nothing but appending bytes is left after the last row; other results, or ``stream_blocks=False``,
     go through GDAL's COG copy of a temporary GeoTIFF.
     """
@@ -571,11 +573,12 @@ class COGSink:
         return self._skeleton is not None
 
     def _can_stream_blocks(self) -> bool:
-        """Float results of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
-        are 2x2 means of 512-row strips (up to 9 levels: scenes below 262144 px a side), with ZSTD
-        in GDAL."""
+        """float32 results (or uint16 with a nodata number) of up to ``STREAM_MAX_BANDS`` bands on the
+        scene's own grid, whose overviews are 2x2 means of 512-row strips (up to 9 levels: scenes
+        below 262144 px a side), with ZSTD in GDAL."""
         h, w = self.scene.height, self.scene.width
-        return (self.stream_blocks and self.dtype == "float32" and not self.nbits
+        uint16 = self.dtype == "uint16" and self.nodata is not None and np.isfinite(self.nodata)
+        return (self.stream_blocks and (self.dtype == "float32" or uint16) and not self.nbits
                 and self.count <= STREAM_MAX_BANDS
                 and not getattr(self.scene, "resampled", False) and overview_count(h, w) <= 9
                 and _zstd_works())
@@ -624,7 +627,7 @@ class COGSink:
         empty raster to find no block, 1-2 ns per pixel), once this GDAL's layout is known to fit."""
         levels = self._levels()
         bigtiff = _needs_bigtiff(levels, self.count, self.dtype)
-        if not _layout_fits(self.count, bigtiff, self.zstd_level):
+        if not _layout_fits(self.count, self.dtype, bigtiff, self.zstd_level):
             raise blocks.SkeletonMismatch("this GDAL lays out COGs otherwise")
         self._skeleton = temp_path(self.path, "cog")
         self._skeleton_job = ThreadPoolExecutor(1, thread_name_prefix="cog-skeleton")
@@ -709,11 +712,16 @@ class COGSink:
 
     def _level_means(self, strip: np.ndarray) -> Iterator[np.ndarray]:
         """The strip's 2x2 means, level after level, nodata ignored as GDAL's AVERAGE ignores it:
-        nodata where no pixel under a cell is valid (NaN, or the sink's nodata number)."""
+        nodata where no pixel under a cell is valid (NaN, or the sink's nodata number). Integer
+        results are rounded half up at every level, and each level is the mean of the one above as
+        stored, as GDAL computes them."""
         numeric = self.nodata is not None and not np.isnan(self.nodata)
+        integer = np.dtype(self.dtype).kind in "iu"
         means = np.where(strip == self.nodata, np.float32(np.nan), strip) if numeric else strip
         while True:
             means = average_down(means)
+            if integer:
+                np.floor(means + np.float32(0.5), out=means)
             yield np.where(np.isnan(means), np.float32(self.nodata), means) if numeric else means
 
     def _write_strip(self, strip: np.ndarray, window: Window) -> None:
