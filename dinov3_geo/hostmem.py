@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 import threading
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def keep_freed_memory() -> bool:
 def _apply() -> bool:
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -57,3 +56,11 @@ def _apply() -> bool:
         return False
     log.debug("glibc malloc thresholds: mmap %d, trim %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD, kept)
     return kept
+
+
+def _glibc() -> bool:
+    """Whether this process runs on glibc (whose ``mallopt`` parameters are the ones set here)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):      # no such name on this system
+        return False
