@@ -15,6 +15,14 @@ RGB = "rasterio_RGB.byte.tif"           # 791 x 718: odd sides
 SALT = "landsat7_saltlake_truecolor_utm12n.tif"
 
 
+def flat_scene(path, height, width):
+    """A uniform 3-band uint8 scene of ``height`` x ``width`` on a UTM grid: the grid results are written on."""
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
+        ds.write(np.full((3, height, width), 7, np.uint8))
+    return path
+
+
 def mean_model(x):
     return x.mean(0, keepdims=True)
 
@@ -136,10 +144,7 @@ def test_streamed_blocks_on_any_size_and_nodata(tmp_path, height, width, nodata)
     """The smallest scene, sub-block, whole-block and ragged sizes, NaN or a number as nodata: the same
     full-resolution file as GDAL's COG copy, rows written in uneven pieces; overviews that ignore
     nodata as GDAL's do (the same where the sides halve evenly)."""
-    src = tmp_path / "in.tif"
-    with rasterio.open(src, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
-        ds.write(np.full((3, height, width), 7, np.uint8))
+    src = flat_scene(tmp_path / "in.tif", height, width)
     rng = np.random.default_rng(height * 7 + width)
     values = rng.normal(10, 5, (1, height, width)).astype(np.float32)
     values[:, rng.random((height, width)) < 0.1] = nodata
@@ -178,9 +183,7 @@ def _same_small(mine, gdal):
 def test_overviews_ignore_a_numeric_nodata_as_gdal_average_does(tmp_path, streamed):
     height, width, nodata = 1024, 1536, -9999.0
     geo = dict(crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000))
-    src = tmp_path / "in.tif"
-    with rasterio.open(src, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", **geo) as ds:
-        ds.write(np.full((3, height, width), 7, np.uint8))
+    src = flat_scene(tmp_path / "in.tif", height, width)
     rng = np.random.default_rng(1)
     values = rng.normal(10, 5, (1, height, width)).astype(np.float32)
     values[:, rng.random((height, width)) < 0.3] = nodata
@@ -206,10 +209,7 @@ def test_streamed_uint16_blocks_equal_gdal_cog(tmp_path, height, width, bands):
     """uint16 results (the quantised heights of ``dtype="uint16"``: nodata 65535, a band scale):
     horizontal differencing and ZSTD as GDAL encodes them, full resolution bit for bit; overviews
     rounded half up, each level from the one above, equal to GDAL's AVERAGE where the sides halve."""
-    src = tmp_path / "in.tif"
-    with rasterio.open(src, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
-        ds.write(np.full((3, height, width), 7, np.uint8))
+    src = flat_scene(tmp_path / "in.tif", height, width)
     rng = np.random.default_rng(height + width + bands)
     values = rng.integers(0, 400, (bands, height, width)).astype(np.uint16)
     values[:, rng.random((height, width)) < 0.1] = 65535
@@ -219,3 +219,22 @@ def test_streamed_uint16_blocks_equal_gdal_cog(tmp_path, height, width, bands):
     with rasterio.open(tmp_path / "True.tif") as ds:
         assert ds.dtypes[0] == "uint16" and ds.nodata == 65535 and ds.scales == (0.1,) * bands
         np.testing.assert_array_equal(ds.read(), values)
+
+
+@pytest.mark.parametrize("height, width", [(80, 100), (1024, 1536), (1100, 1536)])
+def test_streamed_float16_blocks_equal_gdal_cog(tmp_path, height, width):
+    """float32 results stored as half floats (``nbits=16``, ``dtype="float16"``): the values GDAL
+    stores (truncated to float16, not rounded), the floating-point predictor on 2-byte words; the same
+    file as GDAL's COG copy, full resolution bit for bit, overviews where the sides halve."""
+    src = flat_scene(tmp_path / "in.tif", height, width)
+    rng = np.random.default_rng(height * 3 + width)
+    values = rng.normal(15, 10, (1, height, width)).astype(np.float32)
+    values[:, rng.random((height, width)) < 0.05] = np.nan
+    values[:, : height // 3, : width // 4] = np.nan
+    values[0, -1, :6] = [70000.0, 65519.0, 3e-6, -2e-8, 1.0 + 2 ** -12, -0.0]   # beyond float16, subnormal
+    written_both_ways(src, tmp_path, values, nbits=16)
+    with rasterio.open(tmp_path / "True.tif") as ds:
+        got = ds.read(1)
+        assert ds.dtypes[0] == "float32" and ds.tags(1, ns="IMAGE_STRUCTURE")["NBITS"] == "16"
+    assert np.all((np.abs(got) <= np.abs(values[0])) | np.isnan(values[0]) | np.isinf(got))  # truncated
+    assert np.isinf(got[-1, 0]) and got[-1, 1] == 65504.0

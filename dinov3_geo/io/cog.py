@@ -4,7 +4,8 @@ GDAL's COG driver only copies a finished raster: after the last chip it reads th
 and compresses every block again, which was the largest host cost per chip at GPU speeds. Here each
 512 x 512 block is encoded as soon as its rows are final, the way libtiff encodes it for GDAL
 (TIFF predictor, then a ZSTD frame), on worker threads that release the GIL, and appended to a
-hidden block file per resolution level. float32 results (floating-point predictor) and uint16 ones
+hidden block file per resolution level. float32 results (floating-point predictor), float32 ones
+stored as half floats (GeoTIFF NBITS=16, converted as GDAL converts them) and uint16 ones
 (horizontal differencing) are encoded here. The file's structure comes from GDAL: at the start its COG
 driver writes the complete file from an *empty* raster with the result's size, georeferencing and
 metadata (``SPARSE_OK``: every tag, every IFD, no block), so GeoTIFF keys, nodata, scales, colour
@@ -33,7 +34,8 @@ ZSTD = 50000            # TIFF compression code of ZSTD
 FLOAT_PREDICTOR = 3     # TIFF predictor of floating-point data
 HORIZONTAL_PREDICTOR = 2    # TIFF predictor of integers: differences of neighbouring samples
 #: The sample types whose blocks are encoded here, with the predictor GDAL gives them in a COG.
-PREDICTORS = {np.dtype("float32"): FLOAT_PREDICTOR, np.dtype("uint16"): HORIZONTAL_PREDICTOR}
+PREDICTORS = {np.dtype("float32"): FLOAT_PREDICTOR, np.dtype("float16"): FLOAT_PREDICTOR,
+              np.dtype("uint16"): HORIZONTAL_PREDICTOR}
 LEADER = struct.Struct("<I")
 #: What GDAL's ghost header must promise for the blocks appended here to match it.
 GHOST_PROMISES = ("LAYOUT=IFDS_BEFORE_DATA", "BLOCK_ORDER=ROW_MAJOR", "BLOCK_LEADER=SIZE_AS_UINT4",
@@ -47,28 +49,29 @@ class SkeletonMismatch(Exception):
 # -- encoding one block -------------------------------------------------------------------------
 
 def check_encodable(dtype: np.dtype) -> None:
-    """ValueError unless blocks of ``dtype`` are encoded here (float32, uint16)."""
+    """ValueError unless blocks of ``dtype`` are encoded here (float32, float16, uint16)."""
     if np.dtype(dtype).newbyteorder("=") not in PREDICTORS:
         raise ValueError(f"blocks of {np.dtype(dtype)} are left to GDAL")
 
 
 def predicted_rows(block: np.ndarray) -> np.ndarray:
-    """Rows of a pixel-interleaved float32 block ``[rows, cols, bands]`` (little-endian) after the TIFF
-    floating-point predictor, as libtiff applies it before compression: each row's words split
-    into byte planes, most significant first, then each byte differenced with the one ``bands``
-    bytes before it (Adobe Photoshop TIFF Technical Note 3). The result is a buffer of this
-    thread, valid until its next call."""
-    if block.dtype.newbyteorder("=") != np.float32:
-        raise ValueError(f"the floating-point predictor takes float32, not {block.dtype}")
+    """Rows of a pixel-interleaved float32 or float16 block ``[rows, cols, bands]`` (little-endian)
+    after the TIFF floating-point predictor, as libtiff applies it before compression: each row's
+    words split into byte planes, most significant first, then each byte differenced with the one
+    ``bands`` bytes before it (Adobe Photoshop TIFF Technical Note 3). The result is a buffer of
+    this thread, valid until its next call."""
+    if block.dtype.newbyteorder("=") not in (np.float32, np.float16):
+        raise ValueError(f"the floating-point predictor takes float32 or float16, not {block.dtype}")
     rows, cols, bands = block.shape
-    words = block.view("<u4").reshape(rows, cols * bands)
-    planes = scratch("planes", (rows, 4, cols * bands), np.uint8)
-    shifted = scratch("shifted", words.shape, np.uint32)
-    for k in range(4):      # each byte plane by a shift and a cast: faster than gathering bytes
-        np.right_shift(words, 8 * (3 - k), out=shifted)
+    size = block.dtype.itemsize
+    words = block.view(f"<u{size}").reshape(rows, cols * bands)
+    planes = scratch(f"planes{size}", (rows, size, cols * bands), np.uint8)
+    shifted = scratch(f"shifted{size}", words.shape, words.dtype.newbyteorder("="))
+    for k in range(size):       # each byte plane by a shift and a cast: faster than gathering bytes
+        np.right_shift(words, 8 * (size - 1 - k), out=shifted)
         planes[:, k] = shifted
-    planes = planes.reshape(rows, 4 * cols * bands)
-    out = scratch("predicted", planes.shape, np.uint8)
+    planes = planes.reshape(rows, size * cols * bands)
+    out = scratch(f"predicted{size}", planes.shape, np.uint8)
     out[:, :bands] = planes[:, :bands]
     np.subtract(planes[:, bands:], planes[:, :-bands], out=out[:, bands:])
     return out
@@ -88,6 +91,36 @@ def differenced_rows(block: np.ndarray) -> np.ndarray:
     return out
 
 
+def truncated_half(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` as float16 the way GDAL stores it for NBITS=16 (``CPLFloatToHalf``): the
+    mantissa truncated, not rounded (within one float16 step towards zero), 65536 and more as
+    infinity, NaN payloads kept where they fit. numpy's ``astype`` rounds instead, which would
+    make these files differ from GDAL's; it is exact on values already cut to float16's mantissa,
+    which is all of them but subnormal float16, NaN and infinity, redone alone."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    with np.errstate(over="ignore"):           # 65536 and more: infinity, as GDAL makes them
+        half = (bits & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float16)
+    exponent = bits & np.uint32(0x7F800000)
+    odd = np.flatnonzero(((exponent <= np.uint32(112 << 23)) | (exponent == np.uint32(0x7F800000))).reshape(-1))
+    if odd.size:
+        half.reshape(-1).view(np.uint16)[odd] = _special_halves(bits.reshape(-1)[odd])
+    return half
+
+
+def _special_halves(bits: np.ndarray) -> np.ndarray:
+    """float16 bits of float32 ``bits`` outside float16's normal range: subnormal or zero,
+    infinity (too large), NaN -- as ``CPLFloatToHalf`` makes them."""
+    sign = (bits >> 16) & 0x8000
+    exponent = ((bits >> 23) & 0xFF).astype(np.int64)
+    mantissa = bits & 0x7FFFFF
+    shift = 126 - exponent                  # subnormal: the implicit leading 1 shifted in
+    subnormal = np.where(shift >= 32, 0, (mantissa | 0x800000) >> np.clip(shift, 0, 31).astype(np.uint32))
+    nan = np.where(mantissa >> 13 != 0, 0x7C00 | (mantissa >> 13), 0x7E00)
+    special = np.where(mantissa == 0, 0x7C00, nan)
+    half = np.where(exponent == 255, special, np.where(exponent >= 143, 0x7C00, subnormal))
+    return (half.astype(np.uint32) | sign).astype(np.uint16)
+
+
 _per_thread = threading.local()
 
 
@@ -101,13 +134,16 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return buf
 
 
-def encode_block(block: np.ndarray, level: int) -> bytes:
+def encode_block(block: np.ndarray, level: int, stored: np.dtype | None = None) -> bytes:
     """One TIFF block: ``block`` ``[bands, 512, 512]`` (float32 or uint16) pixel-interleaved, through
-    its type's predictor, one ZSTD frame."""
+    its type's predictor, one ZSTD frame; ``stored`` float16: float32 values stored as GDAL stores
+    half floats (:func:`truncated_half`)."""
     cctx = getattr(_per_thread, f"zstd{level}", None)
     if cctx is None:        # a compressor is not thread-safe: one per thread and level
         cctx = zstandard.ZstdCompressor(level=level)
         setattr(_per_thread, f"zstd{level}", cctx)
+    if stored is not None and np.dtype(stored) == np.float16:
+        block = truncated_half(block).astype("<f2", copy=False)
     block = block.astype(block.dtype.newbyteorder("<"), copy=False)
     if block.shape[0] == 1:         # one band: its rows are the pixels, read in place
         pixels = block[0][:, :, None]
@@ -150,10 +186,11 @@ class LevelTiler:
     the caller can prepare the next level while these encode)."""
 
     def __init__(self, height: int, width: int, dtype: np.dtype, fill, blocks: BlockFile,
-                 pool: ThreadPoolExecutor, level: int):
+                 pool: ThreadPoolExecutor, level: int, stored: np.dtype | None = None):
         self.height, self.width, self.dtype, self.fill = height, width, np.dtype(dtype), fill
         self.blocks, self._pool, self._level = blocks, pool, level
-        check_encodable(self.dtype)
+        self.stored = np.dtype(stored or dtype)     # the file's samples (float16 from float32 rows)
+        check_encodable(self.stored)
         self._parts: list[np.ndarray] = []
         self._held = 0
         self._jobs: list = []
@@ -189,7 +226,7 @@ class LevelTiler:
         rest = strip[:, n:]
         self._parts, self._held = ([rest] if rest.shape[1] else []), rest.shape[1]
         strip = strip[:, :n].astype(self.dtype, copy=False)
-        self._jobs += [self._pool.submit(encode_block, self._block(strip, c), self._level)
+        self._jobs += [self._pool.submit(encode_block, self._block(strip, c), self._level, self.stored)
                        for c in range(0, self.width, BLOCK)]
         self.rows_done += n
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
+import tifffile
 from affine import Affine
 from pyogrio.errors import DataLayerError, DataSourceError
 from rasterio.enums import Resampling
@@ -389,12 +390,12 @@ def _create_gtiff(path: Path, profile: dict, **options):
 
 
 def empty_cog(path: Path, levels: Sequence[tuple[int, int]], profile: dict, describe, zstd_level: int,
-              bigtiff: bool, near: Path | None = None) -> None:
+              bigtiff: bool, near: Path | None = None, nbits: int | None = None) -> None:
     """GDAL's COG at ``path`` of an empty raster of ``profile`` (count, dtype, nodata, crs and
     transform or gcps) with empty overviews of ``levels`` (``SPARSE_OK``: all IFDs, no block);
     ``describe(ds)`` adds metadata. The source is a VRT whose bands have no sources, made from a
     never-written sparse GeoTIFF that carries the metadata; these are hidden files named after
-    ``near`` (default ``path``)."""
+    ``near`` (default ``path``). ``nbits`` 16 stores float32 as half floats (GeoTIFF NBITS)."""
     near = Path(near or path)
     carrier = temp_path(near, "empty")
     vrts = [temp_path(near, f"empty{k}", ".vrt") for k in range(len(levels))]
@@ -407,9 +408,22 @@ def empty_cog(path: Path, levels: Sequence[tuple[int, int]], profile: dict, desc
         opts = {**_cog_options(profile["dtype"], zstd_level), "overviews": "FORCE_USE_EXISTING",
                 "sparse_ok": True, "bigtiff": "YES" if bigtiff else "NO"}
         rasterio.shutil.copy(vrts[0], path, driver="COG", **opts)
+        if nbits:
+            _set_bits_per_sample(path, nbits)
     finally:
         for p in (carrier, *vrts):
             _remove(p)
+
+
+def _set_bits_per_sample(path: Path, nbits: int) -> None:
+    """Set every IFD's BitsPerSample of the empty COG at ``path`` to ``nbits`` in place. GDAL writes
+    half floats' blocks even when they hold only nodata, so the skeleton of an NBITS=16 result is
+    made as float32 and changed here: that tag is all that differs between GDAL's two COGs (checked
+    by the layout probe and the tests against GDAL's COG copy)."""
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        for page in tif.pages:
+            tag = page.tags["BitsPerSample"]
+            tag.overwrite((nbits,) * tag.count if tag.count > 1 else nbits)
 
 
 def _empty_levels(vrts: list[Path], levels: Sequence[tuple[int, int]]) -> None:
@@ -444,10 +458,11 @@ def _layout_fits(count: int, dtype: str, bigtiff: bool, zstd_level: int) -> bool
 def _probe_layout(probe: Path, count: int, dtype: str, bigtiff: bool, zstd_level: int) -> bool:
     levels = [(1100, 1030), (550, 515)]
     nodata = float("nan") if np.dtype(dtype).kind == "f" else float(np.iinfo(dtype).max)
-    profile = dict(count=count, dtype=dtype, nodata=nodata, crs="EPSG:32612",
+    half = dtype == "float16"           # float32 stored as half floats (NBITS=16)
+    profile = dict(count=count, dtype="float32" if half else dtype, nodata=nodata, crs="EPSG:32612",
                    transform=Affine(30, 0, 300000, 0, -30, 4500000))
     try:
-        empty_cog(probe, levels, profile, lambda ds: None, zstd_level, bigtiff)
+        empty_cog(probe, levels, profile, lambda ds: None, zstd_level, bigtiff, nbits=16 if half else None)
         blocks.skeleton_tables(probe, levels, count, np.dtype(dtype))
         return True
     except (blocks.SkeletonMismatch, RasterioError, OSError):
@@ -491,9 +506,9 @@ class COGSink:
     checks (folder, overwrite, input file) happen in ``__init__``, before any model work. Inside the
     ``with`` block GDAL's block cache is capped at ``gdal_cache_mb`` (process-wide, so it also bounds
     the reader threads' cache) so memory stays flat on large scenes. ``zstd_level`` is the final
-    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a float32 result,
-    or a uint16 one with a nodata number, on the scene's own grid is encoded block by block while it
-    streams (:mod:`dinov3_geo.io.cog`), so
+    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a float32 result
+    (``nbits`` None or 16), or a uint16 one with a nodata number, on the scene's own grid is encoded
+    block by block while it streams (:mod:`dinov3_geo.io.cog`), so
     nothing but appending bytes is left after the last row; other results, or ``stream_blocks=False``,
     go through GDAL's COG copy of a temporary GeoTIFF.
     """
@@ -572,14 +587,20 @@ class COGSink:
         """Whether this sink encodes the COG's blocks while streaming (decided by :meth:`open`)."""
         return self._skeleton is not None
 
+    @property
+    def _stored_dtype(self) -> str:
+        """The type of the file's samples: float16 for float32 rows with ``nbits=16``."""
+        return "float16" if self.dtype == "float32" and self.nbits == 16 else self.dtype
+
     def _can_stream_blocks(self) -> bool:
-        """float32 results (or uint16 with a nodata number) of up to ``STREAM_MAX_BANDS`` bands on the
-        scene's own grid, whose overviews are 2x2 means of 512-row strips (up to 9 levels: scenes
-        below 262144 px a side), with ZSTD in GDAL."""
+        """float32 results (stored as float32, or as float16 with ``nbits=16``) or uint16 ones with a
+        nodata number, of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
+        are 2x2 means of 512-row strips (up to 9 levels: scenes below 262144 px a side), with ZSTD
+        in GDAL."""
         h, w = self.scene.height, self.scene.width
         uint16 = self.dtype == "uint16" and self.nodata is not None and np.isfinite(self.nodata)
-        return (self.stream_blocks and (self.dtype == "float32" or uint16) and not self.nbits
-                and self.count <= STREAM_MAX_BANDS
+        floats = self.dtype == "float32" and self.nbits in (None, 16)
+        return (self.stream_blocks and (floats or uint16) and self.count <= STREAM_MAX_BANDS
                 and not getattr(self.scene, "resampled", False) and overview_count(h, w) <= 9
                 and _zstd_works())
 
@@ -626,20 +647,20 @@ class COGSink:
         of the result is made meanwhile on its own thread (GDAL releases the GIL; it reads the whole
         empty raster to find no block, 1-2 ns per pixel), once this GDAL's layout is known to fit."""
         levels = self._levels()
-        bigtiff = _needs_bigtiff(levels, self.count, self.dtype)
-        if not _layout_fits(self.count, self.dtype, bigtiff, self.zstd_level):
+        bigtiff = _needs_bigtiff(levels, self.count, self._stored_dtype)
+        if not _layout_fits(self.count, self._stored_dtype, bigtiff, self.zstd_level):
             raise blocks.SkeletonMismatch("this GDAL lays out COGs otherwise")
         self._skeleton = temp_path(self.path, "cog")
         self._skeleton_job = ThreadPoolExecutor(1, thread_name_prefix="cog-skeleton")
         self._skeleton_made = self._skeleton_job.submit(
             empty_cog, self._skeleton, levels, self._georeferenced_profile(), self._describe,
-            self.zstd_level, bigtiff, self.path)
+            self.zstd_level, bigtiff, self.path, self.nbits)
         self._encoders = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="cog-encode")
         fill = np.nan if self.nodata is None or np.isnan(self.nodata) else self.nodata
         for k, (h, w) in enumerate(levels):
             self._block_files.append(blocks.BlockFile(temp_path(self.path, f"partial{k}", ".bin")))
             self._tilers.append(blocks.LevelTiler(h, w, self.dtype, fill, self._block_files[-1],
-                                                  self._encoders, self.zstd_level))
+                                                  self._encoders, self.zstd_level, self._stored_dtype))
         self._strip_worker = _StripWorker("cog-strips")
 
     def _levels(self) -> list[tuple[int, int]]:
@@ -785,7 +806,7 @@ class COGSink:
         require_space(self.path, sum(f.nbytes for f in self._block_files))
         self._skeleton_made.result()
         try:
-            tables = blocks.skeleton_tables(self._skeleton, self._levels(), self.count, np.dtype(self.dtype))
+            tables = blocks.skeleton_tables(self._skeleton, self._levels(), self.count, np.dtype(self._stored_dtype))
             blocks.assemble(self._skeleton, tables, self._block_files)
         except blocks.SkeletonMismatch as exc:
             raise OutputError(self.path, f"blocks do not fit GDAL's COG layout ({exc})") from None
