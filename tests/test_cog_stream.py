@@ -238,3 +238,24 @@ def test_streamed_float16_blocks_equal_gdal_cog(tmp_path, height, width):
         assert ds.dtypes[0] == "float32" and ds.tags(1, ns="IMAGE_STRUCTURE")["NBITS"] == "16"
     assert np.all((np.abs(got) <= np.abs(values[0])) | np.isnan(values[0]) | np.isinf(got))  # truncated
     assert np.isinf(got[-1, 0]) and got[-1, 1] == 65504.0
+
+
+def test_half_floats_are_cut_as_gdal_stores_them(tmp_path):
+    """``truncated_half`` against the half floats GDAL stores for NBITS=16 (read back raw with
+    tifffile) on float32 patterns across every exponent: normal, subnormal, beyond range, NaN."""
+    import tifffile
+
+    from dinov3_geo.io.cog import truncated_half
+
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([np.arange(0, 2 ** 32, 8191, dtype=np.uint64).astype(np.uint32),
+                           rng.integers(0, 2 ** 32, 100_000, dtype=np.uint64).astype(np.uint32)])
+    values = np.resize(bits, (bits.size // 1024, 1024)).view(np.float32)
+    path = tmp_path / "half.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=1024, height=values.shape[0], count=1,
+                       dtype="float32", nbits=16, crs="EPSG:32633",
+                       transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
+        ds.write(values, 1)
+    gdal = tifffile.imread(path)
+    assert gdal.dtype == np.float16
+    np.testing.assert_array_equal(truncated_half(values).view(np.uint16), gdal.view(np.uint16))
