@@ -110,8 +110,9 @@ def test_streamed_blocks_keep_ground_control_points(tmp_path):
 
 
 @pytest.mark.parametrize("dtype, nodata, streamed", [("float32", float("nan"), True), ("uint16", 65535, True),
-                                                     ("uint8", 255, False), ("uint16", None, False)])
-def test_float32_and_uint16_results_on_the_scene_grid_stream_blocks(sample, tmp_path, dtype, nodata, streamed):
+                                                     ("uint8", 255, True), ("uint16", None, False),
+                                                     ("int16", -1, False)])
+def test_which_results_stream_blocks(sample, tmp_path, dtype, nodata, streamed):
     with open_scene(sample(RGB)) as scene:
         with COGSink(tmp_path / "o.tif", scene, dtype=dtype, nodata=nodata) as sink:
             assert sink.streams_blocks == streamed
@@ -259,3 +260,24 @@ def test_half_floats_are_cut_as_gdal_stores_them(tmp_path):
     gdal = tifffile.imread(path)
     assert gdal.dtype == np.float16
     np.testing.assert_array_equal(truncated_half(values).view(np.uint16), gdal.view(np.uint16))
+
+
+@pytest.mark.parametrize("height, width", [(80, 100), (1024, 1536), (1100, 1537)])
+def test_streamed_class_blocks_equal_gdal_cog(tmp_path, height, width):
+    """Classes (uint8, nodata 255, a colour table, class names): horizontal differencing and ZSTD,
+    overviews by GDAL's NEAREST (the top-left pixel of each 2x2 cell); the same file as GDAL's COG
+    copy, overviews too where the sides halve."""
+    src = flat_scene(tmp_path / "in.tif", height, width)
+    rng = np.random.default_rng(height + width)
+    classes = rng.integers(0, 6, (1, height, width)).astype(np.uint8)
+    classes[:, rng.random((height, width)) < 0.1] = 255
+    classes[:, : height // 3, : width // 4] = 255
+    colours = {k: (40 * k, 255 - 40 * k, 128, 255) for k in range(6)}
+    written_both_ways(src, tmp_path, classes, dtype="uint8", nodata=255, colormap=colours,
+                      tags={"CLASS_0": "water", "CLASS_1": "trees"})
+    with rasterio.open(tmp_path / "True.tif") as a, rasterio.open(tmp_path / "False.tif") as b:
+        assert a.colormap(1) == b.colormap(1) and a.colormap(1)[3] == colours[3]
+        np.testing.assert_array_equal(a.read(), classes)
+    if max(height, width) > 1024 and height % 4 == 0 and width % 4 == 0:      # two levels
+        with rasterio.open(tmp_path / "True.tif", overview_level=1) as o:
+            np.testing.assert_array_equal(o.read(), classes[:, ::4, ::4])

@@ -4,10 +4,10 @@ GDAL's COG driver only copies a finished raster: after the last chip it reads th
 and compresses every block again, which was the largest host cost per chip at GPU speeds. Here each
 512 x 512 block is encoded as soon as its rows are final, the way libtiff encodes it for GDAL
 (TIFF predictor, then a ZSTD frame), on worker threads that release the GIL, and appended to a
-hidden block file per resolution level. float32 results (floating-point predictor), float32 ones
-stored as half floats (GeoTIFF NBITS=16, converted as GDAL converts them) and uint16 ones
-(horizontal differencing) are encoded here. The file's structure comes from GDAL: at the start its COG
-driver writes the complete file from an *empty* raster with the result's size, georeferencing and
+hidden block file per resolution level. Encoded here: float32 results (floating-point predictor),
+float32 ones stored as half floats (GeoTIFF NBITS=16, converted as GDAL converts them), and uint16
+and uint8 (classes) ones (horizontal differencing). The file's structure comes from GDAL: at the
+start its COG driver writes the complete file from an *empty* raster with the result's size, georeferencing and
 metadata (``SPARSE_OK``: every tag, every IFD, no block), so GeoTIFF keys, nodata, scales, colour
 tables and the ghost header are GDAL's own. At the end the blocks are appended in COG order
 (smallest overview first, full resolution last) with GDAL's block leader and trailer, and their
@@ -35,7 +35,7 @@ FLOAT_PREDICTOR = 3     # TIFF predictor of floating-point data
 HORIZONTAL_PREDICTOR = 2    # TIFF predictor of integers: differences of neighbouring samples
 #: The sample types whose blocks are encoded here, with the predictor GDAL gives them in a COG.
 PREDICTORS = {np.dtype("float32"): FLOAT_PREDICTOR, np.dtype("float16"): FLOAT_PREDICTOR,
-              np.dtype("uint16"): HORIZONTAL_PREDICTOR}
+              np.dtype("uint16"): HORIZONTAL_PREDICTOR, np.dtype("uint8"): HORIZONTAL_PREDICTOR}
 LEADER = struct.Struct("<I")
 #: What GDAL's ghost header must promise for the blocks appended here to match it.
 GHOST_PROMISES = ("LAYOUT=IFDS_BEFORE_DATA", "BLOCK_ORDER=ROW_MAJOR", "BLOCK_LEADER=SIZE_AS_UINT4",
@@ -49,7 +49,7 @@ class SkeletonMismatch(Exception):
 # -- encoding one block -------------------------------------------------------------------------
 
 def check_encodable(dtype: np.dtype) -> None:
-    """ValueError unless blocks of ``dtype`` are encoded here (float32, float16, uint16)."""
+    """ValueError unless blocks of ``dtype`` are encoded here (float32, float16, uint16, uint8)."""
     if np.dtype(dtype).newbyteorder("=") not in PREDICTORS:
         raise ValueError(f"blocks of {np.dtype(dtype)} are left to GDAL")
 
@@ -78,14 +78,14 @@ def predicted_rows(block: np.ndarray) -> np.ndarray:
 
 
 def differenced_rows(block: np.ndarray) -> np.ndarray:
-    """Rows of a pixel-interleaved uint16 block ``[rows, cols, bands]`` (little-endian) after the TIFF
-    horizontal predictor, as libtiff applies it: each sample less the one ``bands`` samples before
-    it in its row (modulo 2**16). A buffer of this thread, valid until its next call."""
-    if block.dtype.newbyteorder("=") != np.uint16:
-        raise ValueError(f"horizontal differencing is encoded for uint16, not {block.dtype}")
+    """Rows of a pixel-interleaved uint8 or uint16 block ``[rows, cols, bands]`` (little-endian) after
+    the TIFF horizontal predictor, as libtiff applies it: each sample less the one ``bands`` samples
+    before it in its row (modulo 2**8 or 2**16). A buffer of this thread, valid until its next call."""
+    if block.dtype.newbyteorder("=") not in (np.uint8, np.uint16):
+        raise ValueError(f"horizontal differencing is encoded for uint8 and uint16, not {block.dtype}")
     rows, cols, bands = block.shape
     words = block.reshape(rows, cols * bands)
-    out = scratch("differenced", words.shape, np.dtype("<u2"))
+    out = scratch(f"differenced{block.dtype.itemsize}", words.shape, block.dtype.newbyteorder("<"))
     out[:, :bands] = words[:, :bands]
     np.subtract(words[:, bands:], words[:, :-bands], out=out[:, bands:])
     return out
@@ -135,7 +135,7 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 def encode_block(block: np.ndarray, level: int, stored: np.dtype | None = None) -> bytes:
-    """One TIFF block: ``block`` ``[bands, 512, 512]`` (float32 or uint16) pixel-interleaved, through
+    """One TIFF block: ``block`` ``[bands, 512, 512]`` (float32, uint16, uint8) pixel-interleaved, through
     its type's predictor, one ZSTD frame; ``stored`` float16: float32 values stored as GDAL stores
     half floats (:func:`truncated_half`)."""
     cctx = getattr(_per_thread, f"zstd{level}", None)

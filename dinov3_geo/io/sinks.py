@@ -243,13 +243,19 @@ def _cog_options(dtype: str, level: int | None = COG_ZSTD_LEVEL) -> dict:
         "predictor": "3" if dtype.startswith("float") else "2",
         "blocksize": BLOCK,
         "overviews": "AUTO",
-        "overview_resampling": "NEAREST" if dtype == "uint8" else "AVERAGE",
+        "overview_resampling": overview_resampling(dtype),
         "bigtiff": "IF_SAFER",
         "num_threads": "ALL_CPUS",
     }
     if zstd and level is not None:
         opts["level"] = int(level)
     return opts
+
+
+def overview_resampling(dtype: str) -> str:
+    """GDAL's overview resampling for results of ``dtype``: classes (uint8) keep a class, the top-left
+    pixel of each 2x2 cell (``NEAREST``); values are averaged."""
+    return "NEAREST" if dtype == "uint8" else "AVERAGE"
 
 
 def overview_count(height: int, width: int, block: int = BLOCK) -> int:
@@ -593,14 +599,14 @@ class COGSink:
         return "float16" if self.dtype == "float32" and self.nbits == 16 else self.dtype
 
     def _can_stream_blocks(self) -> bool:
-        """float32 results (stored as float32, or as float16 with ``nbits=16``) or uint16 ones with a
-        nodata number, of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
+        """float32 results (stored as float32, or as float16 with ``nbits=16``), uint16 ones with a
+        nodata number and uint8 ones (classes), of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
         are 2x2 means of 512-row strips (up to 9 levels: scenes below 262144 px a side), with ZSTD
         in GDAL."""
         h, w = self.scene.height, self.scene.width
         uint16 = self.dtype == "uint16" and self.nodata is not None and np.isfinite(self.nodata)
         floats = self.dtype == "float32" and self.nbits in (None, 16)
-        return (self.stream_blocks and (floats or uint16) and self.count <= STREAM_MAX_BANDS
+        return (self.stream_blocks and (floats or uint16 or self.dtype == "uint8") and self.count <= STREAM_MAX_BANDS
                 and not getattr(self.scene, "resampled", False) and overview_count(h, w) <= 9
                 and _zstd_works())
 
@@ -656,7 +662,8 @@ class COGSink:
             empty_cog, self._skeleton, levels, self._georeferenced_profile(), self._describe,
             self.zstd_level, bigtiff, self.path, self.nbits)
         self._encoders = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="cog-encode")
-        fill = np.nan if self.nodata is None or np.isnan(self.nodata) else self.nodata
+        fill = self.nodata if self.nodata is not None and np.isfinite(self.nodata) else \
+            (np.nan if np.dtype(self.dtype).kind == "f" else 0)
         for k, (h, w) in enumerate(levels):
             self._block_files.append(blocks.BlockFile(temp_path(self.path, f"partial{k}", ".bin")))
             self._tilers.append(blocks.LevelTiler(h, w, self.dtype, fill, self._block_files[-1],
@@ -726,10 +733,19 @@ class COGSink:
         """Full-resolution rows and their 2x2 means, level by level, into the block encoders (on the
         strip thread; strips arrive in order, whole 512-row blocks but the last)."""
         self._tilers[0].add(strip)
-        for tiler, means in zip(self._tilers[1:], self._level_means(strip)):   # while the level above encodes
-            tiler.add(means)
+        below = self._level_picks(strip) if overview_resampling(self.dtype) == "NEAREST" else self._level_means(strip)
+        for tiler, level in zip(self._tilers[1:], below):   # while the level above encodes
+            tiler.add(level)
         for tiler in self._tilers:
             tiler.collect()
+
+    @staticmethod
+    def _level_picks(strip: np.ndarray) -> Iterator[np.ndarray]:
+        """The strip's levels by GDAL's NEAREST (classes): the top-left pixel of each 2x2 cell, each
+        level from the one above (whole 512-row strips keep the cells aligned with the scene's)."""
+        while True:
+            strip = strip[..., ::2, ::2]
+            yield strip
 
     def _level_means(self, strip: np.ndarray) -> Iterator[np.ndarray]:
         """The strip's 2x2 means, level after level, nodata ignored as GDAL's AVERAGE ignores it:
