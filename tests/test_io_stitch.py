@@ -267,3 +267,20 @@ def test_stitcher_rejects_bad_chips():
         st_.skip(Window(5, 5, 64, 64))
     with pytest.raises(UsageError):
         StreamingStitcher(MemorySink(1, 10, 10), ChipPlan.build(10, 10, 64, 16), 1, kind="labels")
+
+
+@pytest.mark.parametrize("classes", [1, 2, 6, 40, 255])
+def test_first_argmax_is_numpys_argmax(classes):
+    """Ties (the first maximum wins), infinities and NaN (numpy's rule) as np.argmax over classes."""
+    from dinov3_geo.io.stitch import first_argmax
+
+    rng = np.random.default_rng(classes)
+    ties = rng.integers(0, 3, (classes, 64, 70)).astype(np.float32)
+    signed = rng.normal(size=(classes, 64, 70)).astype(np.float32)
+    signed[:, 1, 1], signed[:, 2, 2], signed[0, 3, 3] = np.inf, -np.inf, -np.inf
+    with_nan = signed.copy()
+    with_nan[-1, 4, 4] = np.nan
+    for scores in (ties, signed, with_nan):
+        got = first_argmax(scores)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, np.argmax(scores, axis=0))
