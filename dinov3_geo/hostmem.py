@@ -16,9 +16,9 @@ adaptive thresholds); a process keeps up to ``TRIM_THRESHOLD`` of freed memory p
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,12 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 ENV = "DINOV3GEO_KEEP_FREED_MEMORY"
 
-_lock = threading.Lock()
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's thresholds once per process (see the module); True when they are set. Does
-    nothing when ``DINOV3GEO_KEEP_FREED_MEMORY`` is ``0`` or the C library is not glibc."""
-    with _lock:
-        if "kept" not in _state:
-            _state["kept"] = _apply()
-        return _state["kept"]
-
-
-def _apply() -> bool:
+    nothing when ``DINOV3GEO_KEEP_FREED_MEMORY`` is ``0`` or the C library is not glibc. (Two
+    threads starting runs at once may both set them: the same values, harmless.)"""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if not _glibc():

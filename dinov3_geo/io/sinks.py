@@ -2,13 +2,15 @@
 
 Rows arrive with ``write(row_off, array)`` and are gathered into whole 512-row strips. Two ways on:
 
-* **blocks encoded while streaming** (float32 results of up to ``STREAM_MAX_BANDS`` bands on the
-  scene's own grid: canopy heights, most feature maps): each strip and its 2x2 means, level by
-  level, are cut into 512 blocks, encoded on worker threads and appended to hidden block files;
-  GDAL's COG of the empty result, made on its own thread meanwhile, gets the blocks appended at the
-  end (:mod:`dinov3_geo.io.cog`). After the last row only bytes are copied. Overviews are exact
-  2x2 means of the pixels they cover (NaN ignored), GDAL's AVERAGE where the sides halve evenly;
-* **GDAL's COG copy** (classes, integers, half floats, resampled scenes, many bands): the strips
+* **blocks encoded while streaming** (results of up to ``STREAM_MAX_BANDS`` bands on the scene's
+  own grid: float32, half floats, uint16 with a nodata number, classes): each strip and its
+  overview levels are cut into 512 blocks, encoded on worker threads and appended to hidden block
+  files; GDAL's COG of the empty result, made on its own thread meanwhile, gets the blocks
+  appended at the end (:mod:`dinov3_geo.io.cog`). After the last row only bytes are copied.
+  Overviews are exact 2x2 means of the pixels they cover (nodata ignored; integers rounded half
+  up) or, for classes, the top-left pixel of each cell: GDAL's AVERAGE and NEAREST where the
+  sides halve evenly;
+* **GDAL's COG copy** (resampled scenes, many bands, other types): the strips
   go into a hidden temporary tiled GeoTIFF beside the target (uncompressed when it fits comfortably
   on disk, ``TEMP_RAW_MAX_BYTES``); float results on the scene's own grid whose sides halve evenly
   get their overviews while streaming (one small GeoTIFF per level, read through a VRT with
@@ -512,11 +514,10 @@ class COGSink:
     checks (folder, overwrite, input file) happen in ``__init__``, before any model work. Inside the
     ``with`` block GDAL's block cache is capped at ``gdal_cache_mb`` (process-wide, so it also bounds
     the reader threads' cache) so memory stays flat on large scenes. ``zstd_level`` is the final
-    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a float32 result
-    (``nbits`` None or 16), or a uint16 one with a nodata number, on the scene's own grid is encoded
-    block by block while it streams (:mod:`dinov3_geo.io.cog`), so
-    nothing but appending bytes is left after the last row; other results, or ``stream_blocks=False``,
-    go through GDAL's COG copy of a temporary GeoTIFF.
+    file's ZSTD level (see ``COG_ZSTD_LEVEL``). With ``stream_blocks`` (the default) a result on the
+    scene's own grid that :meth:`_can_stream_blocks` accepts is encoded block by block while it
+    streams (:mod:`dinov3_geo.io.cog`), so nothing but appending bytes is left after the last row;
+    other results, or ``stream_blocks=False``, go through GDAL's COG copy of a temporary GeoTIFF.
     """
 
     def __init__(self, path, scene, count: int = 1, dtype: str = "float32", nodata: float = float("nan"),
@@ -600,15 +601,15 @@ class COGSink:
 
     def _can_stream_blocks(self) -> bool:
         """float32 results (stored as float32, or as float16 with ``nbits=16``), uint16 ones with a
-        nodata number and uint8 ones (classes), of up to ``STREAM_MAX_BANDS`` bands on the scene's own grid, whose overviews
-        are 2x2 means of 512-row strips (up to 9 levels: scenes below 262144 px a side), with ZSTD
-        in GDAL."""
+        nodata number and uint8 ones (classes), of up to ``STREAM_MAX_BANDS`` bands on the scene's
+        own grid, whose overview levels come from 512-row strips (up to 9 levels: scenes below
+        262144 px a side), with ZSTD in GDAL."""
         h, w = self.scene.height, self.scene.width
-        uint16 = self.dtype == "uint16" and self.nodata is not None and np.isfinite(self.nodata)
         floats = self.dtype == "float32" and self.nbits in (None, 16)
-        return (self.stream_blocks and (floats or uint16 or self.dtype == "uint8") and self.count <= STREAM_MAX_BANDS
-                and not getattr(self.scene, "resampled", False) and overview_count(h, w) <= 9
-                and _zstd_works())
+        uint16 = self.dtype == "uint16" and self.nodata is not None and np.isfinite(self.nodata)
+        return (self.stream_blocks and (floats or uint16 or self.dtype == "uint8")
+                and self.count <= STREAM_MAX_BANDS and not getattr(self.scene, "resampled", False)
+                and overview_count(h, w) <= 9 and _zstd_works())
 
     def open(self) -> None:
         """Start the output: GDAL's empty COG and the block files when the blocks can be encoded
@@ -733,7 +734,8 @@ class COGSink:
         """Full-resolution rows and their 2x2 means, level by level, into the block encoders (on the
         strip thread; strips arrive in order, whole 512-row blocks but the last)."""
         self._tilers[0].add(strip)
-        below = self._level_picks(strip) if overview_resampling(self.dtype) == "NEAREST" else self._level_means(strip)
+        nearest = overview_resampling(self.dtype) == "NEAREST"
+        below = self._level_picks(strip) if nearest else self._level_means(strip)
         for tiler, level in zip(self._tilers[1:], below):   # while the level above encodes
             tiler.add(level)
         for tiler in self._tilers:
@@ -822,7 +824,8 @@ class COGSink:
         require_space(self.path, sum(f.nbytes for f in self._block_files))
         self._skeleton_made.result()
         try:
-            tables = blocks.skeleton_tables(self._skeleton, self._levels(), self.count, np.dtype(self._stored_dtype))
+            tables = blocks.skeleton_tables(self._skeleton, self._levels(), self.count,
+                                            np.dtype(self._stored_dtype))
             blocks.assemble(self._skeleton, tables, self._block_files)
         except blocks.SkeletonMismatch as exc:
             raise OutputError(self.path, f"blocks do not fit GDAL's COG layout ({exc})") from None
