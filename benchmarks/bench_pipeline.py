@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ if str(REPO) not in sys.path:           # run from a checkout without installing
 DEFAULT_SOURCE = REPO / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
 PEER_SCRIPT = Path("/work/shared/bench/peer_terratorch.py")   # the reference; re-implemented below
 CANOPY_MODELS = ("small", "vitl")
+SLEEP_OUTPUTS = ("values", "classes", "patches")
 BACKBONE_MODELS = ("small-backbone", "vitl-backbone", "vit7b")
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
 
@@ -304,6 +306,106 @@ def model_only(dev, dtype, model, batch: int, tile: int, chips: int, iters: int 
 
 
 # ------------------------------------------------------------------------------------------------
+# (e) a simulated device: does the host keep a device of R chips/s busy?
+
+def sleep_benchmark(a, t_start: float) -> dict:
+    """``--model sleep:R``: the end-to-end path with :class:`~dinov3_geo.testing.sleep_device.SleepModel`
+    (R chips/s) on the CPU, ``--repeats`` times; the device's busy share of the wall time and the
+    host's CPU per chip, the figures of the run with the median busy share."""
+    from dinov3_geo.hostmem import usable_cores
+    from dinov3_geo.testing.sleep_device import SleepModel
+
+    model = SleepModel.parse(a.model, a.output, a.channels)
+    result: dict = {"model": a.model, "device": f"simulated, {model.rate:g} chips/s", "output": a.output,
+                    "channels": model.channels, "chip": a.tile, "batch": a.batch, "overlap": a.overlap,
+                    "cores": usable_cores(), "readers": a.readers, "vector": a.vector,
+                    "load_average_before": [round(v, 2) for v in os.getloadavg()],
+                    "torch": __import__("torch").__version__, "python": platform.python_version()}
+    with recorded(result, a.work, "bench-sleep-", t_start) as work:
+        scene = bench_scene(a, work, result)
+        runs = [sleep_run(a, model, scene, work) for _ in range(max(1, a.repeats))]
+        best = runs[median_index([r["busy_fraction"] for r in runs])]
+        result.update(best)
+        result["runs"] = len(runs)
+        if len(runs) > 1:
+            for key in ("busy_fraction", "busy_fraction_span", "chips_per_s", "host_cpu_ms_per_chip"):
+                result[f"{key}_runs"] = [r[key] for r in runs]
+        result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    return result
+
+
+def bench_scene(a, work: Path, result: dict) -> Path:
+    """The benchmark scene in ``work`` (made once): ``--source`` tiled to ``--repeat``/``--grid``;
+    its size goes into ``result``."""
+    import rasterio
+
+    with rasterio.open(a.source) as s:
+        src_hw = (s.height, s.width)
+    h, w = scene_size(src_hw, a.tile, a.overlap, a.repeat, a.grid)
+    scene = work / f"scene_{a.source.stem}_{h}x{w}.tif"
+    if not scene.exists():
+        t = time.perf_counter()
+        make_scene(a.source, scene, h, w)
+        log(f"scene {scene.name} written in {time.perf_counter() - t:.1f} s")
+    result.update(scene=f"{a.source.name} tiled to {h} x {w} px", scene_px=[h, w])
+    return scene
+
+
+def sleep_run(a, model, scene: Path, work: Path) -> dict:
+    """One run of the simulated device end to end (GeoTIFF to COG, or Zarr for patches; then the
+    GeoPackage with ``--vector``): wall seconds from the call to the finished file, the device's
+    busy seconds (chips / R), its first start and last end, the process's CPU seconds."""
+    from dinov3_geo import predict
+    from dinov3_geo.analysis import patch_map
+
+    model.timeline.reset()
+    out = work / (f"sleep_{a.output}.zarr" if a.output == "patches" else f"sleep_{a.output}.tif")
+    if out.is_dir():        # a Zarr store of an earlier run
+        shutil.rmtree(out)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if a.output == "patches":
+        res = patch_map(scene, out, model, channels=model.channels, tile=a.tile, overlap=a.overlap,
+                        batch_size=a.batch, device="cpu", overwrite=True, progress=False)
+        chips = res.chips_computed
+    else:
+        res = predict(scene, model, out, kind="classes" if a.output == "classes" else "continuous", tile=a.tile,
+                      overlap=a.overlap, batch_size=a.batch, device="cpu", overwrite=True, progress=False,
+                      readers=a.readers)
+        chips = res.stats.chips_computed
+    t_file, c_file = time.perf_counter(), time.process_time()
+    vector_s = None
+    if a.vector and a.output != "patches":
+        from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
+
+        gpkg = work / f"sleep_{a.output}.gpkg"
+        if a.output == "classes":
+            polygonize_classes(out, gpkg, [f"class {k}" for k in range(model.channels)], overwrite=True)
+        else:
+            polygonize_threshold(out, gpkg, 0.5, overwrite=True)
+        vector_s = time.perf_counter() - t_file
+    tl = model.timeline
+    wall = t_file - t0
+    run = dict(chips=chips, end_to_end_s=round(wall, 3), device_busy_s=round(tl.busy_s, 3),
+               # the device's busy share of the wall time, from the call to the finished file
+               busy_fraction=round(tl.busy_s / wall, 4) if wall > 0 else None,
+               # the same between its first batch's start and its last batch's end
+               busy_fraction_span=round(tl.busy_s / tl.span_s(), 4) if tl.span_s() > 0 else None,
+               start_s=round(tl.first_start - t0, 3) if tl.first_start else None,
+               tail_s=round(t_file - tl.last_end, 3) if tl.last_end else None,
+               chips_per_s=round(chips / wall, 2),
+               host_cpu_ms_per_chip=round(1000 * (c_file - c0) / max(1, chips), 3),
+               # what the simulated model spent making its outputs (a GPU's work, on the host here)
+               model_output_cpu_ms_per_chip=round(1000 * tl.output_cpu_s / max(1, chips), 3),
+               load_average=[round(v, 2) for v in os.getloadavg()])
+    if vector_s is not None:
+        run.update(vector_s=round(vector_s, 3), busy_fraction_with_vector=round(tl.busy_s / (wall + vector_s), 4))
+    log(f"sleep {model.rate:g} chips/s, {a.output}: {chips} chips in {wall:.2f} s, device busy "
+        f"{run['busy_fraction']:.3f} ({run['busy_fraction_span']} of its span), "
+        f"{run['host_cpu_ms_per_chip']} ms CPU per chip")
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
 # (c) the peer: TerraTorch tiled_inference, as /work/shared/bench/peer_terratorch.py
 
 from dinov3_geo.testing.peer import load_tiled_inference  # noqa: E402
@@ -366,7 +468,16 @@ def run_peer(a, dev, dtype, weights: Path, scene: Path, out: Path, reps: int) ->
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="small", choices=CANOPY_MODELS + BACKBONE_MODELS)
+    ap.add_argument("--model", default="small", type=model_name,
+                    help=f"{', '.join(CANOPY_MODELS + BACKBONE_MODELS)}, or sleep:R (a simulated device of R "
+                         "chips/s, or inf; see 'simulated device' below)")
+    ap.add_argument("--output", default="values", choices=SLEEP_OUTPUTS,
+                    help="sleep:R only: values (canopy-like floats), classes (--channels class scores, uint8 "
+                         "COG) or patches (embed --patch: --channels features per 16 px cell, Zarr)")
+    ap.add_argument("--channels", type=int, default=None, help="sleep:R only: classes (default 6) or features "
+                                                               "(default 384)")
+    ap.add_argument("--vector", action="store_true",
+                    help="sleep:R only: also the GeoPackage after the COG (values: pixels >= 0.5; classes)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp8")
     ap.add_argument("--tile", type=int, default=512)
@@ -417,6 +528,22 @@ def recorded(result: dict, work: Path | None, prefix: str, t_start: float | None
             result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
 
+def model_name(text: str) -> str:
+    """``--model``: one of the named models or ``sleep:R``."""
+    if text in CANOPY_MODELS + BACKBONE_MODELS:
+        return text
+    if text.startswith("sleep:"):
+        from dinov3_geo.testing.sleep_device import SleepModel
+
+        try:
+            SleepModel.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    raise argparse.ArgumentTypeError(f"unknown model {text!r} ({', '.join(CANOPY_MODELS + BACKBONE_MODELS)} "
+                                     "or sleep:R)")
+
+
 def median_index(values: list[float]) -> int:
     """Index of the median (the lower one for an even count)."""
     order = sorted(range(len(values)), key=values.__getitem__)
@@ -444,24 +571,15 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.model.startswith("sleep:"):
+        return sleep_benchmark(a, t_start)
     settings = RunSettings.resolve(a.device, a.precision, a.batch, a.compile, a.readers)
     dev, precision, dtype = settings.device, settings.precision, settings.dtype
     result: dict = {"device": device_name(dev), "model": a.model, "chip": a.tile, "batch": a.batch,
                     "overlap": a.overlap, "precision": precision, "compile": a.compile, "readers": settings.readers,
                     "torch": torch.__version__, "python": platform.python_version()}
     with recorded(result, a.work, "bench-pipeline-", t_start) as work:
-        # scene
-        import rasterio
-
-        with rasterio.open(a.source) as s:
-            src_hw = (s.height, s.width)
-        h, w = scene_size(src_hw, a.tile, a.overlap, a.repeat, a.grid)
-        scene = work / f"scene_{a.source.stem}_{h}x{w}.tif"
-        if not scene.exists():
-            t = time.perf_counter()
-            make_scene(a.source, scene, h, w)
-            log(f"scene {scene.name} written in {time.perf_counter() - t:.1f} s")
-        result.update(scene=f"{a.source.name} tiled to {h} x {w} px", scene_px=[h, w])
+        scene = bench_scene(a, work, result)
 
         # (b) end to end, the real path, alternating with (a) model only on the same model object
         # (and, with --compile, the same compiled forward)

@@ -26,7 +26,7 @@ import torch
 from rasterio.windows import Window
 
 from .errors import DeviceError, UsageError
-from .hostmem import keep_freed_memory
+from .hostmem import keep_freed_memory, usable_cores
 from .io.tiling import ChipPlan, pad_to_tile
 from .models.backbone import normalise_rgb
 
@@ -143,9 +143,10 @@ def _use_fp8(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def default_readers() -> int:
-    """Reader threads: half the cores, 2 to 8. More readers than that fight the model's own Python
-    thread for the GIL (measured on 2 cores: 2 readers gave a ratio of 0.89, 4 gave 0.85)."""
-    return min(8, max(2, (os.cpu_count() or 2) // 2))
+    """Reader threads: half the cores this process may use, 2 to 8. More readers than that fight
+    the model's own Python thread for the GIL (measured on 2 cores: 2 readers gave a ratio of 0.89,
+    4 gave 0.85)."""
+    return min(8, max(2, usable_cores() // 2))
 
 
 def validate_batch_size(batch_size: int) -> None:
@@ -206,6 +207,12 @@ class Engine:
         self._pinned = settings.device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}     # CPU batch buffers reused between batches
         self._tile: Optional[int] = None
+        self._warm_tiles: set[int] = set()
+        # a model that runs asynchronously off CUDA (a simulated device) gives an event per batch
+        self._record_event = getattr(model, "record_event", None) if not self._pinned else None
+        self._turn = 0
+        self.runs = 0               # scenes (or bands) run by this engine
+        self.warmups = 0            # warm-up batches run (at most one per tile size)
 
     @staticmethod
     def _compiled(model: torch.nn.Module):
@@ -221,10 +228,22 @@ class Engine:
         return model
 
     # -- public ---------------------------------------------------------------------------------
+    def prepare(self, tile: int) -> float:
+        """Warm up for chips of ``tile`` px when runs need it (compiling, or on a GPU: kernels,
+        cuBLAS), once per tile size for the engine's life; returns the seconds it took (0 when
+        nothing was left to do). An engine kept for many scenes compiles and warms up once."""
+        if not (self.compile or self.device.type == "cuda") or int(tile) in self._warm_tiles:
+            return 0.0
+        t = time.perf_counter()
+        self.warm_up(tile)
+        self._warm_tiles.add(int(tile))
+        return time.perf_counter() - t
+
     def run(self, scene, plan: ChipPlan, consumer: Consumer, progress: Optional[bool] = None) -> RunStats:
         """Read and infer every chip of ``plan`` over ``scene`` and hand the results to ``consumer``
-        (closed at the end)."""
+        (closed at the end). An engine runs any number of scenes, one at a time."""
         self._tile = plan.tile
+        self.runs += 1
         keep_freed_memory()     # freed arrays reused, not fresh pages zeroed by the kernel
         windows = plan.windows
         stats = RunStats(chips_total=len(windows), batch_size=self.batch_size, notes=list(self._early_notes))
@@ -271,6 +290,7 @@ class Engine:
         kernel loading and cuBLAS/cuDNN set-up happen here, not in the first chips. Out of memory
         halves the batch size here as in the run (the note appears in the run's notes)."""
         self._tile = int(tile)
+        self.warmups += 1
         while not self._warm_once():
             self._free_memory()
             self._lower_batch_size(self.batch_size // 2, self._early_notes)
@@ -329,10 +349,14 @@ class Engine:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _read_one(self, scene, window: Window) -> _Chip:
+        """One chip, padded to the tile; on the CPU also scaled to 0..1 here, by the reader threads
+        in parallel (on a GPU the device does that to the uint8 batch, a quarter of the bytes)."""
         data, valid = scene.read(window)
         if not valid.any():
             return _Chip(window, None, valid)
         padded, _ = pad_to_tile(data, self._tile)
+        if not self._pinned:
+            return _Chip(window, unit_float(padded), valid)
         return _Chip(window, np.ascontiguousarray(padded), valid)
 
     # -- model ----------------------------------------------------------------------------------
@@ -366,22 +390,22 @@ class Engine:
         self._pending = (batch, out)
 
     def _retire(self, writer: "_Writer") -> None:
-        """Wait for the batch in flight (its results were copied to pinned memory) and hand it on."""
+        """Wait for the batch in flight (on CUDA its results were copied to pinned memory) and hand
+        it on."""
         if self._pending is None:
             return
-        batch, out = self._pending
+        batch, (out, done) = self._pending
         self._pending = None
-        if isinstance(out, tuple):
-            host, done = out
+        if done is not None:
             done.synchronize()
-            out = host.numpy()
-        writer.put(("add", batch, out))
+        writer.put(("add", batch, out.numpy() if isinstance(out, torch.Tensor) else out))
 
     def _forward_batch(self, batch: list[_Chip]):
         """Launch one batch: stack into (pinned) host memory, copy, normalise and run on the device.
 
-        Returns float32 numpy results on the CPU, or on CUDA ``(pinned tensor, event)`` whose copy
-        completes asynchronously (see :meth:`_retire`).
+        Returns ``(results, event)``: float32 numpy results on the CPU (event None, or the model's
+        own for a model that runs asynchronously, see :meth:`_retire`), or on CUDA a pinned tensor
+        whose copy completes asynchronously and the CUDA event that marks its end.
         """
         n = self.batch_size if self.compile else len(batch)     # a short last batch would recompile
         first = batch[0].data
@@ -390,10 +414,10 @@ class Engine:
         np.stack([c.data for c in batch], out=host.numpy()[:len(batch)])
         if n > len(batch):
             host[len(batch):] = 0
-        if not self._pinned:
-            x = self._unit_float_on_cpu(host)
-            y = self._model_on_device(x)[:len(batch)].float()
-            return _not_sharing(y, (host, x)).numpy()
+        if not self._pinned:        # the chips are 0..1 float32 already (see _read_one)
+            y = self._model_on_device(host)[:len(batch)].float()
+            done = self._record_event() if self._record_event is not None else None
+            return _not_sharing(y, (host,)).numpy(), done
         x = host.to(self.device, non_blocking=True)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         y = self._model_on_device(x)[:len(batch)].float()
@@ -405,21 +429,14 @@ class Engine:
 
     def _host_batch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The host tensor a batch is stacked into: new pinned memory per batch on CUDA (the copy to
-        the device may still be reading the previous one), one reused buffer on the CPU."""
+        the device may still be reading the previous one), a reused buffer on the CPU (two in turn
+        for a model that runs asynchronously: one may be read while the next batch is stacked)."""
         if self._pinned:
             return torch.empty(shape, dtype=dtype, pin_memory=True)
-        return self._cpu_buffer("host", shape, dtype)
-
-    def _unit_float_on_cpu(self, host: torch.Tensor) -> torch.Tensor:
-        """``host`` as float32 0..1 on the CPU: uint8 divided by 255 into a reused float buffer
-        (no new 25 MB tensor and its page faults per batch) by numpy, in one pass on this thread:
-        torch's OpenMP workers would spin beside the reader and writer threads. The same float32
-        values as ``host.float().div_(255)`` (exact conversion, then IEEE division); float32 as is."""
-        if host.dtype != torch.uint8:
-            return host
-        buf = self._cpu_buffer("unit", host.shape, torch.float32)
-        np.divide(host.numpy(), np.float32(255.0), out=buf.numpy(), dtype=np.float32)
-        return buf
+        if self._record_event is None:
+            return self._cpu_buffer("host", shape, dtype)
+        self._turn = 1 - self._turn
+        return self._cpu_buffer(f"host{self._turn}", shape, dtype)
 
     def _cpu_buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor for ``role`` kept between batches (replaced when the shape or type changes,
@@ -447,6 +464,16 @@ class Engine:
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def unit_float(chip: np.ndarray) -> np.ndarray:
+    """A chip as float32 0..1: uint8 divided by 255 by numpy, on the calling thread (torch's OpenMP
+    workers would spin beside the other threads), the same float32 values as
+    ``torch.from_numpy(chip).float().div_(255)`` (exact conversion, then IEEE division); float32
+    chips (already scaled by the scene) as they are, contiguous."""
+    if chip.dtype != np.uint8:
+        return np.ascontiguousarray(chip, np.float32)
+    return np.divide(chip, np.float32(255.0), dtype=np.float32)
 
 
 def _to_device(model: torch.nn.Module, device: torch.device) -> None:
@@ -564,23 +591,32 @@ def _progress_bar(total: int, progress: Optional[bool]):
 
 def run_chips(scene, model: torch.nn.Module, consumer: Consumer, plan: ChipPlan, settings: RunSettings,
               progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
-              std: Optional[Sequence[float]] = None) -> RunStats:
+              std: Optional[Sequence[float]] = None, engine: Optional[Engine] = None) -> RunStats:
     """Run ``model`` over every chip of ``plan`` on ``scene`` (a :class:`~dinov3_geo.io.scene.Scene`)
     and hand each chip's float32 output to ``consumer`` (``add``/``skip``, then ``close``).
 
     Chips without a valid pixel are skipped; others are padded to the tile by reflection, scaled to
     0..1, normalised (``mean``/``std``, else the model's ``normalise``) and run in batches of
     ``settings.batch_size`` (halved on out-of-GPU-memory, with a note). A warm-up batch runs first
-    on a GPU or when compiling. Returns the run's :class:`RunStats`.
+    on a GPU or when compiling. ``engine``: an :class:`Engine` of ``model`` kept for many scenes
+    (its settings and statistics are the ones it was built with; it compiles and warms up once);
+    default a new one. Returns the run's :class:`RunStats`.
     """
     if (scene.height, scene.width) != (plan.height, plan.width):
         raise UsageError("plan", f"plan is for a {plan.width} x {plan.height} grid, the scene is "
                                  f"{scene.width} x {scene.height}")
-    engine = Engine(model, settings, mean=mean, std=std)
-    t = time.perf_counter()
-    if settings.compile or settings.device.type == "cuda":  # compile, kernels, cuBLAS: before the chips
-        engine.warm_up(plan.tile)
-    warm = time.perf_counter() - t
+    engine = engine_for(model, settings, engine, mean=mean, std=std)
+    warm = engine.prepare(plan.tile)      # compile, kernels, cuBLAS: before the chips
     stats = engine.run(scene, plan, consumer, progress=progress)
     stats.warmup_seconds = warm
     return stats
+
+
+def engine_for(model: torch.nn.Module, settings: RunSettings, engine: Optional[Engine] = None,
+               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Engine:
+    """``engine`` when given (a UsageError if it runs another model), else a new engine of ``model``."""
+    if engine is None:
+        return Engine(model, settings, mean=mean, std=std)
+    if engine.model is not model:
+        raise UsageError("engine", "the engine was built for another model")
+    return engine

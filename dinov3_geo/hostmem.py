@@ -56,3 +56,12 @@ def _glibc() -> bool:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError, AttributeError):      # no such name on this system
         return False
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: ``taskset``, a container's or a Dask
+    worker's CPU set), where thread pools are sized; ``os.cpu_count()`` counts the whole machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):        # no affinity on this system (macOS, Windows)
+        return max(1, os.cpu_count() or 1)

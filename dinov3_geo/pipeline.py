@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .engine import Engine, RunSettings, RunStats, run_chips
+from .engine import Engine, RunSettings, RunStats, engine_for, run_chips
 from .errors import UsageError
 from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
@@ -170,16 +170,18 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
 def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPlan, settings: RunSettings,
                 spec: DenseOutput, info: Optional[TaskInfo] = None, *, overwrite: bool = False,
                 progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
-                std: Optional[Sequence[float]] = None) -> tuple[RunStats, int]:
+                std: Optional[Sequence[float]] = None, engine: Optional[Engine] = None) -> tuple[RunStats, int]:
     """Stream ``model`` over ``plan`` on the open ``scene`` into the COG ``output``, blended as
-    ``spec`` says; returns the run's stats and the model's output channel count."""
+    ``spec`` says; returns the run's stats and the model's output channel count. ``engine``: one
+    kept for many scenes (see :func:`~dinov3_geo.engine.run_chips`)."""
     info = info or describe(model)
-    channels = info.channels or output_channels(model, plan.tile, settings, mean, std)
+    engine = engine_for(model, settings, engine, mean=mean, std=std)
+    channels = info.channels or output_channels(model, plan.tile, settings, engine=engine)
     if spec.kind == "classes" and channels > CLASS_NODATA:
         raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
     with spec.cog_sink(output, scene, channels, overwrite=overwrite) as sink:
         stitcher = StreamingStitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
-        stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, mean=mean, std=std)
+        stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, engine=engine)
         last_chip = time.perf_counter()
     stats.finalize_seconds = time.perf_counter() - last_chip
     return stats, channels
@@ -201,10 +203,11 @@ class _Quantised:
 
 
 def output_channels(model: torch.nn.Module, tile: int, settings: RunSettings,
-                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> int:
-    """K of a dense model that does not declare ``channels``: one chip of zeros through it, checked
-    to give ``[1, K, tile, tile]``."""
-    engine = Engine(model, settings, mean=mean, std=std)
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    engine: Optional[Engine] = None) -> int:
+    """K of a dense model that does not declare ``channels``: one chip of zeros through it (through
+    ``engine`` when given), checked to give ``[1, K, tile, tile]``."""
+    engine = engine_for(model, settings, engine, mean=mean, std=std)
     y = engine.forward_zeros(1, tile)
     if y.ndim != 4 or tuple(y.shape[-2:]) != (tile, tile):
         raise UsageError("model", f"a dense model must map [B,3,{tile},{tile}] to [B,K,{tile},{tile}], "

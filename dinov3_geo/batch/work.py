@@ -116,7 +116,7 @@ class Runtime:
         import torch
 
         from dinov3_geo.api import _load_task_model
-        from dinov3_geo.engine import RunSettings, resolve_device
+        from dinov3_geo.engine import Engine, RunSettings, resolve_device
         from dinov3_geo.tasks import describe
 
         if options.torch_threads:
@@ -132,6 +132,7 @@ class Runtime:
         else:
             self.model = load_backbone_model(options).to(self.settings.device)
         self.options = options
+        self.engine = Engine(self.model, self.settings)     # one warm-up (and compile) for every scene
         self.info = describe(self.model)
         kind = TASKS[options.task].output
         self.spec = DenseOutput(kind, "uint8" if kind == "classes" else options.dtype, self.info.band_names,
@@ -151,12 +152,13 @@ class Runtime:
             plan = self._plan(view)
             if self.options.task == "embed":
                 writer = chip_embedding_writer(output, view, plan, self.model, overwrite=True)
-                stats = run_chips(view, self.model, writer, plan, self.settings, progress=False)
+                stats = run_chips(view, self.model, writer, plan, self.settings, progress=False, engine=self.engine)
             elif self.spec is None:
-                stats, _ = write_chips(view, self.model, output, plan, self.settings, overwrite=True, progress=False)
+                stats, _ = write_chips(view, self.model, output, plan, self.settings, overwrite=True, progress=False,
+                                       engine=self.engine)
             else:
                 stats, _ = write_dense(view, self.model, output, plan, self.settings, self.spec, self.info,
-                                       overwrite=True, progress=False)
+                                       overwrite=True, progress=False, engine=self.engine)
         _write_vector(output, self.options, self.info.class_names)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes))
@@ -171,11 +173,11 @@ class Runtime:
         with open_scene(scene, **self.options.scene_kwargs()) as sc:
             view = SceneRows(sc, band.read_start, band.read_stop, _unit_reporter(report, unit_name(output, band)))
             plan = self._plan(view)
-            channels = self.info.channels or output_channels(self.model, plan.tile, self.settings)
+            channels = self.info.channels or output_channels(self.model, plan.tile, self.settings, engine=self.engine)
             with BandSink(band_path(output, band), sc, band, self.spec, channels) as sink:
                 stitcher = StreamingStitcher(_Shifted(self.spec.encoder(sink), band.read_start), plan, channels,
                                              kind=self.spec.kind)
-                stats = run_chips(view, self.model, stitcher, plan, self.settings, progress=False)
+                stats = run_chips(view, self.model, stitcher, plan, self.settings, progress=False, engine=self.engine)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=list(stats.notes), spec=self.spec, channels=channels)
 

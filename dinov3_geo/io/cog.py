@@ -20,8 +20,9 @@ import os
 import shutil
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,7 @@ class LevelTiler:
     """Rows of one resolution level in, whole rows of 512 x 512 blocks out: rows are kept until a
     block row is complete (or the level ends), cut into blocks padded with ``fill`` and encoded on
     ``pool``; :meth:`collect` appends the encoded blocks to ``blocks`` in row-major order (so that
-    the caller can prepare the next level while these encode)."""
+    the caller can prepare the next level, or the next strip, while these encode)."""
 
     def __init__(self, height: int, width: int, dtype: np.dtype, fill, blocks: BlockFile,
                  pool: ThreadPoolExecutor, level: int, stored: np.dtype | None = None):
@@ -193,7 +194,8 @@ class LevelTiler:
         check_encodable(self.stored)
         self._parts: list[np.ndarray] = []
         self._held = 0
-        self._jobs: list = []
+        self._jobs: deque[Future] = deque()     # encoding, in block order
+        self._recent = 0             # of which submitted since the last collect
         self.rows_done = 0           # rows handed to the encoders
 
     def add(self, rows: np.ndarray) -> None:
@@ -207,11 +209,15 @@ class LevelTiler:
         while self._held >= BLOCK:
             self._emit(BLOCK)
 
-    def collect(self) -> None:
-        """Wait for the blocks being encoded and append them in order."""
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:
-            self.blocks.append(job.result())
+    def collect(self, all_blocks: bool = True) -> None:
+        """Append encoded blocks in order: every one (waiting for them), or (``all_blocks`` False)
+        those submitted before the last collect (waiting for them) and the ones done since, so
+        that the encoders keep the latest rows' blocks while the caller prepares the next."""
+        wait = len(self._jobs) - (0 if all_blocks else self._recent)
+        while self._jobs and (wait > 0 or self._jobs[0].done()):
+            self.blocks.append(self._jobs.popleft().result())
+            wait -= 1
+        self._recent = len(self._jobs)
 
     def finish(self) -> None:
         """Encode the rows left (the last block row, padded) and collect every block."""
@@ -226,8 +232,10 @@ class LevelTiler:
         rest = strip[:, n:]
         self._parts, self._held = ([rest] if rest.shape[1] else []), rest.shape[1]
         strip = strip[:, :n].astype(self.dtype, copy=False)
-        self._jobs += [self._pool.submit(encode_block, self._block(strip, c), self._level, self.stored)
-                       for c in range(0, self.width, BLOCK)]
+        jobs = [self._pool.submit(encode_block, self._block(strip, c), self._level, self.stored)
+                for c in range(0, self.width, BLOCK)]
+        self._jobs.extend(jobs)
+        self._recent += len(jobs)
         self.rows_done += n
 
     def _block(self, strip: np.ndarray, col: int) -> np.ndarray:

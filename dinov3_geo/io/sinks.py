@@ -48,6 +48,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from dinov3_geo.errors import DinoGeoError, OutputError, short_message
+from dinov3_geo.hostmem import usable_cores
 from dinov3_geo.io import cog as blocks
 
 BLOCK = blocks.BLOCK        # 512: the COG's block size, either way it is written
@@ -477,6 +478,28 @@ def _probe_layout(probe: Path, count: int, dtype: str, bigtiff: bool, zstd_level
         return False
 
 
+def _first_rows(parts: list[np.ndarray], take: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The first ``take`` rows of consecutive row blocks ``parts`` (``[bands, rows, width]``) as
+    views, and the rows after them in the last block (None when none are left)."""
+    pieces, rest, left = [], None, take
+    for part in parts:
+        n = part.shape[1]
+        if left == 0:
+            raise ValueError(f"{take} rows asked of row blocks of {sum(p.shape[1] for p in parts)}")
+        if n > left:
+            pieces.append(part[:, :left])
+            rest = part[:, left:]
+            break
+        pieces.append(part)
+        left -= n
+    return pieces, rest
+
+
+def _joined(pieces: list[np.ndarray]) -> np.ndarray:
+    """Row blocks as one array (the block itself when there is one)."""
+    return np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+
+
 class _StripWorker:
     """One thread that runs jobs in order (writes to one GDAL dataset, which must not be shared
     between threads), with at most ``depth`` jobs waiting so that memory stays flat. A job's error
@@ -662,7 +685,7 @@ class COGSink:
         self._skeleton_made = self._skeleton_job.submit(
             empty_cog, self._skeleton, levels, self._georeferenced_profile(), self._describe,
             self.zstd_level, bigtiff, self.path, self.nbits)
-        self._encoders = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="cog-encode")
+        self._encoders = ThreadPoolExecutor(max(2, usable_cores()), thread_name_prefix="cog-encode")
         fill = self.nodata if self.nodata is not None and np.isfinite(self.nodata) else \
             (np.nan if np.dtype(self.dtype).kind == "f" else 0)
         for k, (h, w) in enumerate(levels):
@@ -711,35 +734,37 @@ class COGSink:
             have = rows - self._next_row
             if have == 0 or not (have >= BLOCK or final or rows >= self.scene.height):
                 return
-            strip = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
             take = have if (final or rows >= self.scene.height) else (have // BLOCK) * BLOCK
-            window = Window(0, self._next_row, self.scene.width, take)
-            require_space(self.path, strip[:, :take].nbytes)     # what it takes at most, uncompressed
-            if self._skeleton is not None:
-                self._strip_worker.submit(self._encode_strip, strip[:, :take])
+            pieces, rest = _first_rows(parts, take)
+            require_space(self.path, sum(p.nbytes for p in pieces))     # what it takes at most, uncompressed
+            if self._skeleton is not None:      # joined on the strip thread, not the caller's
+                self._strip_worker.submit(self._encode_strip, pieces)
             else:
-                self._strip_worker.submit(self._write_strip, strip[:, :take], window)
-            if self._ovr_worker is not None:
-                # strips arrive in order and are whole 512-row blocks except the last, so each
-                # level gets whole 2x2 cells
-                self._ovr_worker.submit(self._write_overviews, self._next_row, strip[:, :take])
+                strip = _joined(pieces)
+                self._strip_worker.submit(self._write_strip, strip, Window(0, self._next_row, self.scene.width, take))
+                if self._ovr_worker is not None:
+                    # strips arrive in order and are whole 512-row blocks except the last, so each
+                    # level gets whole 2x2 cells
+                    self._ovr_worker.submit(self._write_overviews, self._next_row, strip)
             for start in list(self._pending):
                 if self._next_row <= start < rows:
                     del self._pending[start]
-            if take < have:
-                self._pending[self._next_row + take] = strip[:, take:]
+            if rest is not None:
+                self._pending[self._next_row + take] = rest
             self._next_row += take
 
-    def _encode_strip(self, strip: np.ndarray) -> None:
-        """Full-resolution rows and their 2x2 means, level by level, into the block encoders (on the
-        strip thread; strips arrive in order, whole 512-row blocks but the last)."""
+    def _encode_strip(self, pieces: list[np.ndarray]) -> None:
+        """Full-resolution rows (``pieces`` of one strip, joined here) and their 2x2 means, level by
+        level, into the block encoders (on the strip thread; strips arrive in order, whole 512-row
+        blocks but the last)."""
+        strip = _joined(pieces)
         self._tilers[0].add(strip)
         nearest = overview_resampling(self.dtype) == "NEAREST"
         below = self._level_picks(strip) if nearest else self._level_means(strip)
         for tiler, level in zip(self._tilers[1:], below):   # while the level above encodes
             tiler.add(level)
-        for tiler in self._tilers:
-            tiler.collect()
+        for tiler in self._tilers:      # the last strip's blocks; this one's encode meanwhile
+            tiler.collect(all_blocks=False)
 
     @staticmethod
     def _level_picks(strip: np.ndarray) -> Iterator[np.ndarray]:

@@ -118,16 +118,17 @@ def load_classify_head(head: PathLike):
 
 
 def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, overwrite: bool = False,
-                progress: Optional[bool] = None):
+                progress: Optional[bool] = None, engine=None):
     """Classify the chips of ``plan`` over the open ``scene`` into the GeoPackage ``output`` (layer
-    ``chips``, written atomically); returns the run's stats and the chips' frame."""
+    ``chips``, written atomically); returns the run's stats and the chips' frame. ``engine``: one
+    kept for many scenes (see :func:`~dinov3_geo.engine.run_chips`)."""
     import pyogrio
 
     from ..io.sinks import atomic_output
     from ..pipeline import run_chips
 
     collector = ChipCollector()
-    stats = run_chips(scene, model, collector, plan, settings, progress=progress)
+    stats = run_chips(scene, model, collector, plan, settings, progress=progress, engine=engine)
     frame = chip_frame(collector, model.class_names, scene.transform, scene.crs)
     with atomic_output(output, overwrite, inputs=[scene.path]) as tmp:
         os.unlink(tmp)      # the GPKG driver creates the file itself

@@ -1,0 +1,155 @@
+"""The simulated device (``SleepModel``, ``bench_pipeline.py --model sleep:R``): what it guarantees
+(device time = chips / R, the engine launching the next batch before it waits for the last, the
+same outputs as a synchronous model), and the busy share it reports for a host faster and slower
+than the device. Bounds are those the simulation guarantees, so that load cannot break them: a
+host that must sleep ``h`` per chip cannot finish N chips in less than ``N h``."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from conftest import MemorySink
+from dinov3_geo import predict
+from dinov3_geo.io.scene import open_scene
+from dinov3_geo.io.stitch import StreamingStitcher
+from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.pipeline import RunSettings, run_chips
+from dinov3_geo.testing.sleep_device import SleepModel, class_scores
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
+
+
+class FirstChannel(torch.nn.Module):
+    """The synchronous pass-through the simulated device's ``values`` stand for."""
+
+    def forward(self, x):
+        return x[:, :1]
+
+
+class Scores(torch.nn.Module):
+    """The simulated device's class scores, computed synchronously."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        first = x[:, :1].numpy()
+        out = np.empty((x.shape[0], self.classes, *x.shape[2:]), np.float32)
+        return torch.from_numpy(class_scores(first, out))
+
+
+class SlowScene:
+    """A scene whose every chip read takes at least ``seconds`` (a host slower than the device)."""
+
+    def __init__(self, scene, seconds: float):
+        self.scene, self.seconds = scene, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.scene, name)
+
+    def read(self, window: Window):
+        time.sleep(self.seconds)
+        return self.scene.read(window)
+
+
+def read(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+@pytest.mark.parametrize("kind", ["continuous", "classes"])
+def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path, kind):
+    """Asynchronous batches (the output filled on the device's thread, the next batch stacked into
+    the other buffer meanwhile) give the same file, bit for bit, as the model it stands for."""
+    path = sample(SCENE)
+    fast = SleepModel(math.inf, "classes" if kind == "classes" else "values", channels=5)
+    plain = Scores(5) if kind == "classes" else FirstChannel()
+    kw = dict(kind=kind, tile=256, overlap=32, batch_size=3, device="cpu", progress=False)
+    predict(path, fast, tmp_path / "sim.tif", **kw)
+    predict(path, plain, tmp_path / "sync.tif", **kw)
+    got, expected = read(tmp_path / "sim.tif"), read(tmp_path / "sync.tif")
+    assert got.dtype == (np.uint8 if kind == "classes" else np.float32)
+    np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
+    assert fast.timeline.chips > 0 and fast.timeline.busy_s == 0.0
+
+
+def test_device_time_is_chips_over_rate_and_a_fast_host_keeps_it_busy(sample):
+    """A device of 20 chips/s (200 ms a batch of 4) and a host that needs a few ms a batch: the
+    device is busy exactly chips / R seconds, and between its first start and its last end it
+    never waits (the next batch is queued before the last one is collected). End to end, opening
+    the run and its last rows (tens of ms, more on a loaded machine) come on top."""
+    model = SleepModel(20.0)
+    with open_scene(sample(SCENE), bands=[1, 2, 3]) as scene:
+        plan = ChipPlan.build(scene.height, scene.width, 256, 32)
+        stitcher = StreamingStitcher(MemorySink(1, scene.height, scene.width), plan, 1)
+        t0 = time.perf_counter()
+        stats = run_chips(scene, model, stitcher, plan, RunSettings.resolve("cpu", batch_size=4), progress=False)
+        wall = time.perf_counter() - t0
+    tl = model.timeline
+    assert tl.chips == stats.chips_computed > 0
+    assert tl.busy_s == pytest.approx(stats.chips_computed / 20.0)
+    assert tl.busy_s / tl.span_s() > 0.95          # the queue never ran dry
+    assert 0.5 < tl.busy_s / wall <= 1
+
+
+def test_a_host_slower_than_the_device_keeps_it_busy_host_over_r(sample):
+    """One reader that needs 25 ms a chip (40 chips/s) feeding a device of 160 chips/s: the device
+    can be busy no more than 40/160 of the time (the reads alone take chips x 25 ms) and is close
+    to that."""
+    host_rate, device_rate = 40.0, 160.0
+    model = SleepModel(device_rate)
+    with open_scene(sample(SCENE), bands=[1, 2, 3]) as scene:
+        plan = ChipPlan.build(scene.height, scene.width, 256, 32)
+        stitcher = StreamingStitcher(MemorySink(1, scene.height, scene.width), plan, 1)
+        settings = RunSettings.resolve("cpu", batch_size=4, readers=1)
+        t0 = time.perf_counter()
+        run_chips(SlowScene(scene, 1 / host_rate), model, stitcher, plan, settings, progress=False)
+        wall = time.perf_counter() - t0
+    share = model.timeline.busy_s / wall
+    assert share <= host_rate / device_rate
+    assert share > 0.7 * host_rate / device_rate
+
+
+def _bench(tmp_path: Path, *args: str) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--work", str(tmp_path),
+                           "--tile", "128", "--overlap", "16", "--batch", "4", *args],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("output", ["values", "classes", "patches"])
+def test_bench_pipeline_sleep_reports_the_busy_share(tmp_path, output):
+    """``bench_pipeline.py --model sleep:R`` for floats, 6 classes (+ GeoPackage) and patch features:
+    the device time is chips / R, the busy share of the wall time lies in (0, 1], and the host's CPU
+    per chip is there; two runs, the median's figures."""
+    extra = ["--vector"] if output == "classes" else []
+    res = _bench(tmp_path, "--model", "sleep:200", "--output", output, "--grid", "3x4", "--repeats", "2", *extra)
+    assert "error" not in res and res["output"] == output and res["runs"] == 2
+    assert res["chips"] == 12 and res["device_busy_s"] == pytest.approx(12 / 200, abs=1e-3)
+    assert 0 < res["busy_fraction"] <= 1 and 0 < res["busy_fraction_span"] <= 1
+    assert res["host_cpu_ms_per_chip"] > 0 and res["end_to_end_s"] > 0
+    assert len(res["busy_fraction_runs"]) == 2 and res["busy_fraction"] in res["busy_fraction_runs"]
+    assert res["channels"] == {"values": 1, "classes": 6, "patches": 384}[output]
+    if output == "classes":
+        assert res["vector_s"] > 0 and res["busy_fraction_with_vector"] <= res["busy_fraction"]
+
+
+def test_bench_pipeline_rejects_a_bad_sleep_rate(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--model", "sleep:fast"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "sleep:R" in proc.stderr
