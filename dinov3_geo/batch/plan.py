@@ -141,28 +141,76 @@ class Band:
     read_stop: int
 
 
+#: Most chips a split scene computes beyond the unsplit run's, as a share of them.
+MAX_EXTRA_CHIPS = 0.10
+
+
 def band_count(height: int, width: int, tile: int, overlap: int, split_above: Optional[int]) -> int:
-    """How many row bands a ``height`` x ``width`` grid is cut into: enough that each owns at most
-    ``split_above`` pixels, at most one per chip row; 1 when not split."""
+    """How many row bands a ``height`` x ``width`` grid is cut into: enough that each owns about
+    ``split_above`` pixels, but no more than keep the chips computed within ``MAX_EXTRA_CHIPS``
+    of the unsplit run; 1 when not split.
+
+    Chips overlap, so every band boundary lies inside at least one chip row, which both bands
+    around it must compute (their rows next to the boundary blend it). Boundaries are placed where
+    exactly one chip row covers them (:func:`plan_bands`), so ``n`` bands compute ``n - 1`` chip
+    rows twice: with ``R`` chip rows, at most ``1 + R * MAX_EXTRA_CHIPS`` bands (a scene of fewer
+    than 10 chip rows is not split)."""
     if not split_above or height * width <= split_above:
         return 1
-    rows = len(axis_starts(height, tile, overlap))
-    return max(1, min(rows, math.ceil(height * width / split_above)))
+    starts = axis_starts(height, tile, overlap)
+    wanted = math.ceil(height * width / split_above)
+    return max(1, min(wanted, 1 + math.floor(MAX_EXTRA_CHIPS * len(starts) + 1e-9),
+                      len(_boundary_ranges(starts, min(tile, height), height)) + 1))
 
 
 def plan_bands(height: int, width: int, tile: int, overlap: int, count: int) -> list[Band]:
-    """``count`` row bands over a grid: band k owns rows ``[k*H//n, (k+1)*H//n)`` and reads every
+    """``count`` row bands over a grid, each owning about ``height / count`` rows and reading every
     chip row that touches them.
 
-    The chip rows a band reads start on the scene's chip grid and end on a chip's end, so the
-    band's own chip grid is exactly those chips of the scene's grid, and their blend weights over
-    the owned rows are the scene's: the owned rows come out equal to the unsplit run.
+    Each boundary between two bands lies in rows that one chip row alone covers (the nearest such
+    rows to an even split), so the two bands share that one chip row and no other: the bands
+    compute ``count - 1`` chip rows more than the unsplit run. The chip rows a band reads start on
+    the scene's chip grid and end on a chip's end, so the band's own chip grid is exactly those
+    chips of the scene's grid, and their blend weights over the owned rows are the scene's: the
+    owned rows come out equal to the unsplit run.
     """
     starts = axis_starts(height, tile, overlap)
     th = min(tile, height)
+    edges = [0, *_boundaries(starts, th, height, count), height]
     bands = []
-    for k in range(count):
-        own_start, own_stop = k * height // count, (k + 1) * height // count
+    for k, (own_start, own_stop) in enumerate(zip(edges, edges[1:])):
         touching = [r for r in starts if r < own_stop and r + th > own_start]
-        bands.append(Band(k, count, own_start, own_stop, touching[0], touching[-1] + th))
+        bands.append(Band(k, len(edges) - 1, own_start, own_stop, touching[0], touching[-1] + th))
     return bands
+
+
+def _boundary_ranges(starts: Sequence[int], th: int, height: int) -> list[tuple[int, int]]:
+    """Per chip row, the band boundaries ``b`` (a band ends before row ``b``, the next starts at
+    it) that only this chip row straddles (``r < b < r + th``), as inclusive ``(lo, hi)``; chip
+    rows where every boundary would be straddled by a neighbour too are left out."""
+    ranges = []
+    for k, r in enumerate(starts):
+        lo = max(r + 1, starts[k - 1] + th if k else 1)
+        hi = min(r + th - 1, starts[k + 1] if k + 1 < len(starts) else height - 1)
+        if lo <= hi:
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _boundaries(starts: Sequence[int], th: int, height: int, count: int) -> list[int]:
+    """Up to ``count - 1`` increasing band boundaries, each in another chip row's
+    :func:`_boundary_ranges`, each the nearest such row to its place in an even split."""
+    ranges = _boundary_ranges(starts, th, height)
+    chosen, next_range = [], 0
+    for j in range(1, count):
+        target = j * height // count
+        left = len(ranges) - next_range - (count - 1 - j)     # keep a range for each boundary after it
+        if left <= 0:
+            break
+        options = ranges[next_range:next_range + left]
+        dist = [0 if lo <= target <= hi else min(abs(target - lo), abs(target - hi)) for lo, hi in options]
+        pick = next_range + dist.index(min(dist))
+        lo, hi = ranges[pick]
+        chosen.append(min(max(target, lo), hi))
+        next_range = pick + 1
+    return chosen
