@@ -39,21 +39,58 @@ class _Coverage:
         self._row_at = {v: i for i, v in enumerate(self._rows)}
         self._col_at = {v: i for i, v in enumerate(self._cols)}
         self._seen = np.zeros((len(self._rows) - 1, len(self._cols) - 1), bool)
+        self._count = np.zeros(self._seen.shape, np.int32)     # planned chips covering each cell
+        for r, c, h, w in keys:
+            self._count[self._row_at[r]:self._row_at[r + h], self._col_at[c]:self._col_at[c + w]] += 1
+        self._shared_cols: dict[int, np.ndarray | None] = {}
+
+    def alone(self, r: int, c: int, h: int, w: int) -> tuple[slice, slice] | None:
+        """The rectangle (rows, cols relative to the chip ``[r, r+h) x [c, c+w)``) of the cells that
+        no other planned chip covers, or None when there is none (or they are not one rectangle)."""
+        i0, j0 = self._row_at[r], self._col_at[c]
+        block = self._count[i0:self._row_at[r + h], j0:self._col_at[c + w]] == 1
+        rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+        if rows.size == 0 or not block[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() or \
+                block.sum() != (rows[-1] + 1 - rows[0]) * (cols[-1] + 1 - cols[0]):
+            return None
+        return (slice(self._rows[i0 + rows[0]] - r, self._rows[i0 + rows[-1] + 1] - r),
+                slice(self._cols[j0 + cols[0]] - c, self._cols[j0 + cols[-1] + 1] - c))
+
+    def row_cells(self, start: int, stop: int) -> list[tuple[int, int, np.ndarray | None]]:
+        """The cell rows in scene rows ``[start, stop)`` (chip edges): (first row, last row + 1,
+        the scene columns where several planned chips cover them, or None for every column)."""
+        out = []
+        for i in range(self._row_at[start], self._row_at[stop]):
+            out.append((self._rows[i], self._rows[i + 1], self._shared_columns(i)))
+        return out
+
+    def _shared_columns(self, i: int) -> np.ndarray | None:
+        """Scene columns of cell row ``i`` where several planned chips overlap (None: all)."""
+        if i not in self._shared_cols:
+            shared = self._count[i] > 1
+            self._shared_cols[i] = None if shared.all() else np.concatenate(
+                [np.arange(self._cols[j], self._cols[j + 1]) for j in np.flatnonzero(shared)] or
+                [np.zeros(0, np.intp)])
+        return self._shared_cols[i]
 
     def claim(self, r: int, c: int, h: int, w: int) -> list[tuple[slice, slice, bool]]:
         """Split the chip ``[r, r+h) x [c, c+w)`` into rectangles each seen before or new, as
         (rows, cols) slices relative to the chip and ``seen``; then mark the chip's cells seen."""
+        parts = self.seen_parts(r, c, h, w)
+        self._seen[self._row_at[r]:self._row_at[r + h], self._col_at[c]:self._col_at[c + w]] = True
+        return parts
+
+    def seen_parts(self, r: int, c: int, h: int, w: int) -> list[tuple[slice, slice, bool]]:
+        """The rectangle ``[r, r+h) x [c, c+w)`` (on cell edges) split into rectangles each seen
+        before or new, as (rows, cols) slices relative to it and ``seen``."""
         i0, i1 = self._row_at[r], self._row_at[r + h]
         j0, j1 = self._col_at[c], self._col_at[c + w]
         block = self._seen[i0:i1, j0:j1]
         if block.all() or not block.any():
-            parts = [(slice(0, h), slice(0, w), bool(block[0, 0]))]
-        else:
-            parts = [(slice(self._rows[a] - r, self._rows[b] - r), slice(self._cols[x] - c, self._cols[y] - c), seen)
-                     for a, b, pattern in _runs(block.tolist(), i0)
-                     for x, y, seen in _runs(pattern, j0)]
-        block[...] = True
-        return parts
+            return [(slice(0, h), slice(0, w), bool(block[0, 0]))]
+        return [(slice(self._rows[a] - r, self._rows[b] - r), slice(self._cols[x] - c, self._cols[y] - c), seen)
+                for a, b, pattern in _runs(block.tolist(), i0)
+                for x, y, seen in _runs(pattern, j0)]
 
     def unseen(self, start: int, stop: int) -> list[tuple[slice, slice]]:
         """Scene rows and columns (slices) of the cells in rows ``[start, stop)`` (chip edges) that
@@ -110,6 +147,8 @@ class StreamingStitcher:
         self._acc = np.zeros((channels, capacity, width), np.float32)
         self._wsum = np.zeros((capacity, width), np.float32)
         self._valid = np.zeros((capacity, width), bool)
+        # classes: the class of each pixel that one planned chip alone covers, taken from that chip
+        self._direct = np.zeros((capacity, width), np.uint8) if kind == "classes" else None
         self._lock = threading.Lock()
         self._scratch = np.empty((channels, min(tile, height), min(tile, width)), np.float32)
         self._weight_scratch = np.empty(self._scratch.shape[1:], np.float32)
@@ -131,16 +170,53 @@ class StreamingStitcher:
             weights = self._chip_weights(window, valid, everywhere)
             self._take(window)
             self._ensure_rows(r + h)
-            lo = r - self._base
-            acc = self._acc[:, lo:lo + h, c:c + w]
-            scratch = self._scratch[:, :h, :w]  # one buffer for every chip: no per-chip temporaries
-            np.multiply(values, weights, out=scratch, casting="same_kind")
-            wsum = self._wsum[lo:lo + h, c:c + w]
-            seen_valid = self._valid[lo:lo + h, c:c + w]
-            for rows, cols, seen in self._coverage.claim(r, c, h, w):
-                _blend(acc[:, rows, cols], scratch[:, rows, cols], wsum[rows, cols], weights[rows, cols],
-                       seen_valid[rows, cols], True if everywhere else valid[rows, cols], seen)
+            if self.kind == "classes":
+                self._add_scores(r, c, h, w, values, weights, valid, everywhere)
+            else:
+                self._add_values(r, c, h, w, values, weights, valid, everywhere)
             self._done(r)
+
+    def _add_values(self, r: int, c: int, h: int, w: int, values: np.ndarray, weights: np.ndarray,
+                    valid: np.ndarray, everywhere: bool) -> None:
+        """Blend a chip's values and weights into the accumulators (under the lock)."""
+        lo = r - self._base
+        acc = self._acc[:, lo:lo + h, c:c + w]
+        scratch = self._scratch[:, :h, :w]  # one buffer for every chip: no per-chip temporaries
+        np.multiply(values, weights, out=scratch, casting="same_kind")
+        wsum = self._wsum[lo:lo + h, c:c + w]
+        seen_valid = self._valid[lo:lo + h, c:c + w]
+        for rows, cols, seen in self._coverage.claim(r, c, h, w):
+            _blend(acc[:, rows, cols], scratch[:, rows, cols], wsum[rows, cols], weights[rows, cols],
+                   seen_valid[rows, cols], True if everywhere else valid[rows, cols], seen)
+
+    def _add_scores(self, r: int, c: int, h: int, w: int, scores: np.ndarray, weights: np.ndarray,
+                    valid: np.ndarray, everywhere: bool) -> None:
+        """A chip's class scores (under the lock): where no other planned chip covers a pixel its
+        weight is 1, so the blend there would be the chip's own scores, and their argmax is kept
+        at once (no accumulation); elsewhere the weighted scores are blended as values are (the
+        classes need no weight sums: weights > 0 do not change an argmax)."""
+        lo = r - self._base
+        alone = self._coverage.alone(r, c, h, w)
+        if alone is None:
+            shared = [(slice(0, h), slice(0, w))]
+        else:
+            rows, cols = alone
+            self._direct[lo + rows.start:lo + rows.stop, c + cols.start:c + cols.stop] = first_argmax(scores[:, rows, cols])
+            self._valid[lo + rows.start:lo + rows.stop, c + cols.start:c + cols.stop] = \
+                True if everywhere else valid[rows, cols]
+            shared = _frame(h, w, rows, cols)
+        for part_rows, part_cols in shared:
+            top, left = part_rows.start, part_cols.start
+            parts = self._coverage.seen_parts(r + top, c + left, part_rows.stop - top, part_cols.stop - left)
+            for rows, cols, seen in parts:
+                rows = slice(rows.start + top, rows.stop + top)
+                cols = slice(cols.start + left, cols.stop + left)
+                product = self._scratch[:, :rows.stop - rows.start, :cols.stop - cols.start]
+                np.multiply(scores[:, rows, cols], weights[rows, cols], out=product, casting="same_kind")
+                _blend(self._acc[:, lo + rows.start:lo + rows.stop, c + cols.start:c + cols.stop], product, None,
+                       None, self._valid[lo + rows.start:lo + rows.stop, c + cols.start:c + cols.stop],
+                       True if everywhere else valid[rows, cols], seen)
+        self._coverage.claim(r, c, h, w)
 
     def skip(self, window: Window) -> None:
         """Count ``window`` as done without values (a chip with no valid pixel)."""
@@ -195,6 +271,8 @@ class StreamingStitcher:
         if need > self._wsum.shape[0]:
             capacity = max(need, 2 * self._wsum.shape[0])
             self._acc, self._wsum, self._valid = (_grown(b, capacity) for b in (self._acc, self._wsum, self._valid))
+            if self._direct is not None:
+                self._direct = _grown(self._direct, capacity)
         self._rows = need
 
     def _flush_to(self, limit: int) -> None:
@@ -205,14 +283,30 @@ class StreamingStitcher:
         self._ensure_rows(limit)
         self._clear_unseen(limit)
         # the sink may keep what it is given: hand it new arrays, never views of the accumulator
-        self.sink.write(self._base, self._finish(self._acc[:, :n], self._wsum[:n], self._valid[:n]))
+        self.sink.write(self._base, self._finish(n))
         self.rows_written += n
         self._base = limit
         keep = self._rows - n
         if keep:
-            for buf in (self._acc, self._wsum, self._valid):
-                buf[..., :keep, :] = buf[..., n:n + keep, :]     # numpy copes with the overlap
+            for buf in (self._acc, self._wsum, self._valid, self._direct):
+                if buf is not None:
+                    buf[..., :keep, :] = buf[..., n:n + keep, :]     # numpy copes with the overlap
         self._rows = keep
+
+    def _classes(self, n: int) -> np.ndarray:
+        """The class of the first ``n`` accumulator rows: the blended scores' argmax where several
+        planned chips overlap, the class kept from the one chip that covers a pixel elsewhere
+        (both the first maximum, numpy's own where a NaN is; weights > 0 do not change an argmax)."""
+        out = np.empty((n, self.width), np.uint8)
+        for top, bottom, shared in self._coverage.row_cells(self._base, self._base + n):
+            rows = slice(top - self._base, bottom - self._base)
+            if shared is None:
+                out[rows] = first_argmax(self._acc[:, rows])
+                continue
+            out[rows] = self._direct[rows]
+            if shared.size:
+                out[rows][:, shared] = first_argmax(self._acc[:, rows][:, :, shared])
+        return out
 
     def _clear_unseen(self, limit: int) -> None:
         """Zero the accumulators where no chip reached in scene rows ``[base, limit)`` (skipped or
@@ -223,12 +317,13 @@ class StreamingStitcher:
             self._wsum[rows, cols] = 0
             self._valid[rows, cols] = False
 
-    def _finish(self, acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of rows, as new
-        arrays. A pixel has a value where some chip was valid there (``valid``: such a chip added a
-        weight > 0, so ``wsum > 0`` there and need not be tested)."""
+    def _finish(self, n: int) -> np.ndarray:
+        """Weighted mean (continuous, NaN nodata) or argmax (classes, 255 nodata) of the first ``n``
+        rows, as new arrays. A pixel has a value where some chip was valid there (``valid``: such a
+        chip added a weight > 0, so ``wsum > 0`` there and need not be tested)."""
+        acc, wsum, valid = self._acc[:, :n], self._wsum[:n], self._valid[:n]
         if self.kind == "classes":
-            out = first_argmax(acc)         # weights > 0 do not change the argmax
+            out = self._classes(n)
             out[~valid] = CLASS_NODATA
             return out[None]
         out = np.empty(acc.shape, np.float32)
@@ -237,6 +332,14 @@ class StreamingStitcher:
         if not valid.all():
             np.copyto(out, np.float32(np.nan), where=~valid)
         return out
+
+
+def _frame(h: int, w: int, rows: slice, cols: slice) -> list[tuple[slice, slice]]:
+    """The rectangles of an ``h`` x ``w`` chip around its inner rectangle ``rows`` x ``cols``: the
+    rows above and below it (full width), then left and right of it (its rows); empty ones left out."""
+    parts = [(slice(0, rows.start), slice(0, w)), (slice(rows.stop, h), slice(0, w)),
+             (rows, slice(0, cols.start)), (rows, slice(cols.stop, w))]
+    return [(r, c) for r, c in parts if r.stop > r.start and c.stop > c.start]
 
 
 def first_argmax(scores: np.ndarray) -> np.ndarray:
@@ -264,16 +367,19 @@ def _grown(buf: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
-def _blend(acc: np.ndarray, product: np.ndarray, wsum: np.ndarray, weights: np.ndarray,
+def _blend(acc: np.ndarray, product: np.ndarray, wsum: np.ndarray | None, weights: np.ndarray | None,
            valid: np.ndarray, chip_valid, seen: bool) -> None:
-    """Add one chip's weighted values ``product``, its ``weights`` and validity into a rectangle of
-    the accumulators; where no chip was before (``seen`` false) store them instead of adding to
-    zeros, with the same result (``+ 0`` turns a -0 product into +0, as the sum with zero does)."""
+    """Add one chip's weighted values ``product``, its ``weights`` (unless ``wsum`` is None) and
+    validity into a rectangle of the accumulators; where no chip was before (``seen`` false) store
+    them instead of adding to zeros, with the same result (``+ 0`` turns a -0 product into +0, as
+    the sum with zero does)."""
     if seen:
         acc += product
-        wsum += weights
+        if wsum is not None:
+            wsum += weights
         valid |= chip_valid
     else:
         np.add(product, np.float32(0), out=acc)
-        wsum[...] = weights
+        if wsum is not None:
+            wsum[...] = weights
         valid[...] = chip_valid
