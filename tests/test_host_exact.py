@@ -166,6 +166,41 @@ def test_stitcher_is_bit_identical_to_whole_scene_accumulation(seed):
     np.testing.assert_array_equal(bits(sink.array), bits(expected))
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_class_stitching_is_the_argmax_of_whole_scene_blends(seed):
+    """Class scores (1 to 13 classes, ties, -0.0, NaN, infinities) in plan, reversed or shuffled
+    order, with skips and masks: the classes equal the argmax of whole-scene accumulated scores,
+    both where one chip alone covers a pixel (its own argmax) and where chips overlap."""
+    rng = np.random.default_rng(1000 + seed)
+    tile = int(rng.choice([16, 32, 48, 64]))
+    overlap = int(rng.integers(0, tile // 2))
+    height, width = int(rng.integers(5, 200)), int(rng.integers(5, 200))
+    classes = int(rng.choice([1, 2, 6, 13]))
+    plan = ChipPlan.build(height, width, tile, overlap)
+    order = list(plan.windows)
+    if seed % 3 == 1:
+        order.reverse()
+    elif seed % 3 == 2:
+        order = [order[i] for i in rng.permutation(len(order))]
+    values = rng.integers(0, 4, (classes, height, width)).astype(np.float32)     # many ties
+    special = np.array([-0.0, np.nan, np.inf, -np.inf], np.float32)
+    pick = rng.random(values.shape) < (0.02 if seed % 2 else 0)
+    values[pick] = rng.choice(special, int(pick.sum()))
+    valid = rng.random((height, width)) < rng.choice([0.5, 0.95, 1.0])
+    skipped = {w for w in order if rng.random() < 0.1}
+    sink = MemorySink(1, height, width, dtype="uint8", fill=0)
+    stitcher = StreamingStitcher(sink, plan, classes, kind="classes")
+    for win in order:
+        if win in skipped:
+            stitcher.skip(win)
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                stitcher.add(win, window_of(values, win), window_of(valid[None], win)[0])
+    stitcher.close()
+    expected = reference_blend(plan, order, lambda w: window_of(values, w), valid, skipped, "classes")
+    np.testing.assert_array_equal(sink.array, expected)
+
+
 # -- validity from nodata values ----------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"])
