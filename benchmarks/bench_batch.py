@@ -21,8 +21,6 @@ Prints progress on stderr and one JSON object as the last line of stdout (also `
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
@@ -180,11 +178,7 @@ def main(argv=None) -> dict:
             result.update(model="demo", workers=a.workers, large=a.large, large_px=a.large_px, compile=a.compile,
                           **batch(a, small, large, work))
         result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(result)
-    if a.json is not None:
-        a.json.write_text(text + "\n")
-    print(text, flush=True)
-    return result
+    return bp.emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -141,11 +140,7 @@ def main(argv=None) -> dict:
             speed = result[name].get("model_only_chips_per_s")
             if base and speed:
                 result[name]["speedup_over_bf16"] = round(speed / base, 3)
-    text = json.dumps(result)
-    if a.json is not None:
-        a.json.write_text(text + "\n")
-    print(text, flush=True)
-    return result
+    return bp.emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -544,6 +544,15 @@ def model_name(text: str) -> str:
                                      "or sleep:R)")
 
 
+def emit(result: dict, path: Path | None = None) -> dict:
+    """Print ``result`` as the JSON line the benchmarks end with (also into ``path``)."""
+    text = json.dumps(result)
+    if path is not None:
+        path.write_text(text + "\n")
+    print(text, flush=True)
+    return result
+
+
 def median_index(values: list[float]) -> int:
     """Index of the median (the lower one for an even count)."""
     order = sorted(range(len(values)), key=values.__getitem__)
@@ -683,9 +692,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     res = main()
     if res:
-        text = json.dumps(res)
-        json_path = parse_args().json
-        if json_path is not None:
-            json_path.write_text(text + "\n")
-        print(text, flush=True)
+        emit(res, parse_args().json)
         sys.exit(1 if "error" in res else 0)

@@ -11,7 +11,6 @@ The run settings (device, precision, batch size, compile, readers) are resolved 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rasterio.windows import Window
 
 from conftest import MemorySink
 from dinov3_geo.batch.plan import MAX_EXTRA_CHIPS, band_count, plan_bands

@@ -21,7 +21,6 @@ Making the output costs host CPU here that a GPU would spend itself; the model c
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
