@@ -46,6 +46,51 @@ def run_one(a, output: str, cores: str, rate: str, round_: int) -> dict:
     return res
 
 
+def _work(kind: str, seconds: float, core: int, queue) -> None:
+    """Pinned to ``core``: repeat one unit of ``kind`` work for ``seconds``; put units/s."""
+    import numpy as np
+    import zstandard
+
+    os.sched_setaffinity(0, {core})
+    rng = np.random.default_rng(core)
+    if kind == "compute":       # ZSTD level 1 on 256 KB of real-ish data: stays in the core's cache
+        data = (rng.normal(size=65536).astype(np.float32) * 10).round(2).tobytes()
+        cctx = zstandard.ZstdCompressor(level=1)
+        step = lambda: cctx.compress(data)      # noqa: E731
+    else:                       # copying 64 MB: the memory bus
+        a = np.ones(16 << 20, np.float32)
+        b = np.empty_like(a)
+        step = lambda: np.copyto(b, a)          # noqa: E731
+    step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    queue.put(n / (time.perf_counter() - t0))
+
+
+def machine_scaling(cores: list[int], seconds: float = 3.0) -> dict:
+    """How this machine scales from one core to ``cores``: in-cache compression (the cores) and
+    memory copies (the shared memory bus), one process per core, each alone and all at once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out = {}
+    for kind in ("compute", "memory"):
+        rates = {}
+        for group in ([cores[0]], cores):
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=_work, args=(kind, seconds, c, queue)) for c in group]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            rates[len(group)] = sum(queue.get() for _ in procs)
+        out[f"{kind}_scaling"] = round(rates[len(cores)] / rates[1], 3)
+    out["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    return out
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 4) if values else None
@@ -119,6 +164,8 @@ def main(argv=None) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     a.work = a.work or a.out.parent / "busy-work"
     a.work.mkdir(parents=True, exist_ok=True)
+    probe = machine_scaling(sorted({int(c) for cs in a.cores for c in cs.split(",")}))
+    print(f"[busy] machine: {probe}", file=sys.stderr, flush=True)
     runs = []
     t0 = time.perf_counter()
     for round_ in range(a.rounds):
@@ -129,6 +176,7 @@ def main(argv=None) -> dict:
                     runs.append(run_one(a, output, cores, rate, round_))
     summary = dict(machine=f"{os.cpu_count()} cores", grid=a.grid, tile=a.tile, overlap=a.overlap, batch=a.batch,
                    rounds=a.rounds, share=a.share, target=a.target, wall_s=round(time.perf_counter() - t0),
+                   machine_scaling=probe,
                    outputs=summarise(a, runs))
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(table(summary["outputs"], a))

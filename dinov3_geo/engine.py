@@ -348,14 +348,10 @@ class Engine:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _read_one(self, scene, window: Window) -> _Chip:
-        """One chip, padded to the tile; on the CPU also scaled to 0..1 here, by the reader threads
-        in parallel (on a GPU the device does that to the uint8 batch, a quarter of the bytes)."""
         data, valid = scene.read(window)
         if not valid.any():
             return _Chip(window, None, valid)
         padded, _ = pad_to_tile(data, self._tile)
-        if not self._pinned:
-            return _Chip(window, unit_float(padded), valid)
         return _Chip(window, np.ascontiguousarray(padded), valid)
 
     # -- model ----------------------------------------------------------------------------------
@@ -408,15 +404,17 @@ class Engine:
         """
         n = self.batch_size if self.compile else len(batch)     # a short last batch would recompile
         first = batch[0].data
-        dtype = torch.uint8 if first.dtype == np.uint8 else torch.float32
-        host = self._host_batch((n, *first.shape), dtype)
-        np.stack([c.data for c in batch], out=host.numpy()[:len(batch)])
-        if n > len(batch):
+        if not self._pinned:        # 0..1 float32 on the CPU: each chip scaled into its place
+            host = self._host_batch((n, *first.shape), torch.float32)
+            for chip, place in zip(batch, host.numpy()):
+                unit_float(chip.data, place)
             host[len(batch):] = 0
-        if not self._pinned:        # the chips are 0..1 float32 already (see _read_one)
             y = self._model_on_device(host)[:len(batch)].float()
             done = self._record_event() if self._record_event is not None else None
             return _not_sharing(y, (host,)).numpy(), done
+        host = self._host_batch((n, *first.shape), torch.uint8 if first.dtype == np.uint8 else torch.float32)
+        np.stack([c.data for c in batch], out=host.numpy()[:len(batch)])
+        host[len(batch):] = 0
         x = host.to(self.device, non_blocking=True)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         y = self._model_on_device(x)[:len(batch)].float()
@@ -465,14 +463,15 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def unit_float(chip: np.ndarray) -> np.ndarray:
-    """A chip as float32 0..1: uint8 divided by 255 by numpy, on the calling thread (torch's OpenMP
-    workers would spin beside the other threads), the same float32 values as
-    ``torch.from_numpy(chip).float().div_(255)`` (exact conversion, then IEEE division); float32
-    chips (already scaled by the scene) as they are, contiguous."""
+def unit_float(chip: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """A chip as float32 0..1 into ``out``: uint8 divided by 255 by numpy in one pass on the calling
+    thread (torch's OpenMP workers would spin beside the other threads), the same float32 values
+    as ``torch.from_numpy(chip).float().div_(255)`` (exact conversion, then IEEE division); float32
+    chips (already scaled by the scene) copied."""
     if chip.dtype != np.uint8:
-        return np.ascontiguousarray(chip, np.float32)
-    return np.divide(chip, np.float32(255.0), dtype=np.float32)
+        np.copyto(out, chip)
+        return out
+    return np.divide(chip, np.float32(255.0), out=out, dtype=np.float32)
 
 
 def _to_device(model: torch.nn.Module, device: torch.device) -> None:
