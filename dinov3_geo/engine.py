@@ -279,7 +279,6 @@ class Engine:
             raise
         finally:
             bar.close()
-            self._buffers.clear()
         consumer.close()
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -436,8 +435,9 @@ class Engine:
         return self._cpu_buffer(f"host{self._turn}", shape, dtype)
 
     def _cpu_buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A CPU tensor for ``role`` kept between batches (replaced when the shape or type changes,
-        dropped at the end of a run). Its contents are only valid until the next batch."""
+        """A CPU tensor for ``role`` kept between batches, and between the runs of a kept engine
+        (replaced when the shape or type changes: fresh pages of tens of MB cost the kernel's
+        zeroing again). Its contents are only valid until the next batch."""
         buf = self._buffers.get(role)
         if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
             buf = torch.empty(shape, dtype=dtype)
