@@ -88,6 +88,8 @@ class Consumer(Protocol):
     def close(self) -> None:
         """Every chip was added or skipped."""
 
+    # optional: ``abort()``, called when a run fails, to stop the consumer's own threads
+
 
 @dataclass
 class _Chip:
@@ -568,7 +570,8 @@ class _Writer:
             raise self.error
 
     def abort(self) -> None:
-        """Stop the thread, dropping what is queued (the sink removes its temporary file)."""
+        """Stop the thread, dropping what is queued, and the consumer's own threads if it has
+        any (``abort()``), before the sink removes its temporary file."""
         self.error = self.error or RuntimeError("aborted")
         while True:
             try:
@@ -577,6 +580,9 @@ class _Writer:
                 break
         self.queue.put(None)
         self.thread.join(timeout=30)
+        stop = getattr(self.consumer, "abort", None)
+        if stop is not None:
+            stop()
 
 
 def _progress_bar(total: int, progress: Optional[bool]):

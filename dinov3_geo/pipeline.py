@@ -20,7 +20,8 @@ from .engine import Engine, RunSettings, RunStats, engine_for, run_chips
 from .errors import UsageError
 from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
-from .io.stitch import CLASS_NODATA, StreamingStitcher
+from .io.shards import make_stitcher
+from .io.stitch import CLASS_NODATA
 from .io.tiling import ChipPlan, validate_tiling
 from .tasks import TaskInfo, describe
 
@@ -180,7 +181,7 @@ def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPl
     if spec.kind == "classes" and channels > CLASS_NODATA:
         raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
     with spec.cog_sink(output, scene, channels, overwrite=overwrite) as sink:
-        stitcher = StreamingStitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
+        stitcher = make_stitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
         stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, engine=engine)
         last_chip = time.perf_counter()
     stats.finalize_seconds = time.perf_counter() - last_chip

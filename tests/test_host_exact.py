@@ -87,6 +87,28 @@ def window_of(array: np.ndarray, win: Window) -> np.ndarray:
     return array[:, r:r + h, c:c + w]
 
 
+def arrival_order(plan: ChipPlan, seed: int, rng) -> list:
+    """The plan's windows in plan order, reversed or shuffled (by ``seed`` modulo 3)."""
+    order = list(plan.windows)
+    if seed % 3 == 1:
+        order.reverse()
+    elif seed % 3 == 2:
+        order = [order[i] for i in rng.permutation(len(order))]
+    return order
+
+
+def feed(stitcher, order, values: np.ndarray, valid: np.ndarray, skipped) -> None:
+    """Every chip of ``order`` (windows) into ``stitcher``: its part of the whole-scene ``values``
+    and ``valid``, or a skip; then close."""
+    for win in order:
+        if win in skipped:
+            stitcher.skip(win)
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                stitcher.add(win, window_of(values, win), window_of(valid[None], win)[0])
+    stitcher.close()
+
+
 # -- the whole path: Scene.read -> engine (CPU) -> stitcher ------------------------------------
 
 @pytest.mark.parametrize("name", SCENES)
@@ -135,11 +157,7 @@ def test_stitcher_is_bit_identical_to_whole_scene_accumulation(seed):
     channels = int(rng.choice([1, 3]))
     kind = "classes" if seed % 4 == 3 else "continuous"
     plan = ChipPlan.build(height, width, tile, overlap)
-    order = list(plan.windows)
-    if seed % 3 == 1:
-        order.reverse()
-    elif seed % 3 == 2:
-        order = [order[i] for i in rng.permutation(len(order))]
+    order = arrival_order(plan, seed, rng)
     special = np.array([-0.0, 0.0, -1e-45, 1e-45, -1e-38, np.nan, np.inf, -np.inf, -5.0], np.float32)
     values = rng.standard_normal((channels, height, width)).astype(np.float32)
     pick = rng.random(values.shape) < 0.05
@@ -177,11 +195,7 @@ def test_class_stitching_is_the_argmax_of_whole_scene_blends(seed):
     height, width = int(rng.integers(5, 200)), int(rng.integers(5, 200))
     classes = int(rng.choice([1, 2, 6, 13]))
     plan = ChipPlan.build(height, width, tile, overlap)
-    order = list(plan.windows)
-    if seed % 3 == 1:
-        order.reverse()
-    elif seed % 3 == 2:
-        order = [order[i] for i in rng.permutation(len(order))]
+    order = arrival_order(plan, seed, rng)
     values = rng.integers(0, 4, (classes, height, width)).astype(np.float32)     # many ties
     special = np.array([-0.0, np.nan, np.inf, -np.inf], np.float32)
     pick = rng.random(values.shape) < (0.02 if seed % 2 else 0)
@@ -189,14 +203,7 @@ def test_class_stitching_is_the_argmax_of_whole_scene_blends(seed):
     valid = rng.random((height, width)) < rng.choice([0.5, 0.95, 1.0])
     skipped = {w for w in order if rng.random() < 0.1}
     sink = MemorySink(1, height, width, dtype="uint8", fill=0)
-    stitcher = StreamingStitcher(sink, plan, classes, kind="classes")
-    for win in order:
-        if win in skipped:
-            stitcher.skip(win)
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                stitcher.add(win, window_of(values, win), window_of(valid[None], win)[0])
-    stitcher.close()
+    feed(StreamingStitcher(sink, plan, classes, kind="classes"), order, values, valid, skipped)
     expected = reference_blend(plan, order, lambda w: window_of(values, w), valid, skipped, "classes")
     np.testing.assert_array_equal(sink.array, expected)
 

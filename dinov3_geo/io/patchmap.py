@@ -147,10 +147,10 @@ class PatchStitcher:
     """
 
     def __init__(self, sink, plan, channels: int):
-        from dinov3_geo.io.stitch import StreamingStitcher
+        from dinov3_geo.io.shards import make_stitcher
 
         self.plan = CellPlan(plan)
-        self.blender = StreamingStitcher(sink, self.plan, channels)
+        self.blender = make_stitcher(sink, self.plan, channels)     # many channels: over several threads
 
     def add(self, window: Window, tokens: np.ndarray, valid: np.ndarray) -> None:
         cw = cell_window(window)
@@ -162,6 +162,11 @@ class PatchStitcher:
 
     def close(self) -> None:
         self.blender.close()
+
+    def abort(self) -> None:
+        stop = getattr(self.blender, "abort", None)
+        if stop is not None:
+            stop()
 
 
 class ZarrFeatureSink:
