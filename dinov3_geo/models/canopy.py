@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import WeightsError, WeightsNotFoundError
 from .backbone import normalise_rgb
 from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
 from .registry import CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, even_layers
@@ -38,7 +38,7 @@ class CanopyModel(nn.Module):
     (:mod:`dinov3_geo.tasks`): one band of blended values, ``canopy_height_m``.
     """
 
-    output = "values"
+    output = "continuous"
     channels = 1
     band_names = ("canopy_height_m",)
 
@@ -89,6 +89,33 @@ def get_chmv2_help(target: Optional[PathLike] = None) -> str:
             f"{registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}) "
             f"and put the downloaded folder at {target} (or in $DINOV3GEO_WEIGHTS); to try the tool without "
             "them, use `weights` demo (a random model: meaningless heights)")
+
+
+def find_chmv2() -> Path:
+    """The CHMv2 weights in the search folders: the HF folder, or Meta's head file; a
+    WeightsNotFoundError saying where to get them otherwise."""
+    from . import registry
+    from .weights import search_dirs
+
+    names = (registry.CHMV2_HF_REPO.split("/")[1], registry.CHMV2_HEAD_FILENAME)
+    for folder in search_dirs():
+        for name in names:
+            if (folder / name).exists():
+                return folder / name
+    raise WeightsNotFoundError("canopy weights", f"not found (`weights`): {get_chmv2_help()}")
+
+
+def find_backbone_beside(head: Path) -> Optional[Path]:
+    """Meta's head file needs the SAT ViT-L backbone: the official file if it lies beside it or in
+    a search folder."""
+    from . import registry
+    from .weights import search_dirs
+
+    info = registry.BACKBONES["dinov3-vitl16-sat493m"]
+    for folder in [Path(head).parent, *search_dirs()]:
+        if (folder / info.filename).exists():
+            return folder / info.filename
+    return None
 
 
 def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = None,

@@ -18,15 +18,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ...errors import InputError, WeightsError, short_message
+from ...errors import WeightsError, short_message
 from .dpt import DPTHeadConfig
 from .linear import DPTSegHead, LinearProbe, LinearSegHead
+from .meta import FORMAT, META_KEY, VERSION, HeadMeta, read_head_meta
 
 PathLike = Union[str, os.PathLike]
-FORMAT = "dinov3-geo-head"
-VERSION = 1
-META_KEY = "dinov3_geo_head"
-HEADS = {"classify": ("probe",), "segment": ("linear", "dpt")}
 
 
 @dataclass
@@ -36,6 +33,11 @@ class HeadFile:
     meta: dict[str, Any]
     state: dict[str, torch.Tensor]
     source: str = "<memory>"
+
+    @property
+    def info(self) -> HeadMeta:
+        """The metadata as a checked, typed value."""
+        return HeadMeta.from_dict(self.meta, self.source)
 
     @property
     def task(self) -> str:
@@ -102,34 +104,18 @@ def save_head(path: PathLike, head: nn.Module, meta: dict, overwrite: bool = Fal
 
 
 def load_head(path: PathLike) -> HeadFile:
-    """Read a head file; anything else (a missing file, another safetensors file, a checkpoint) is
-    one :class:`WeightsError` naming the file."""
+    """Read a head file: its metadata checked (:func:`~.meta.read_head_meta`), then its tensors;
+    anything else (a missing file, another safetensors file, a checkpoint) is one error naming the
+    file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "head file not found")
+    info = read_head_meta(path)
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(path, f"not a dinov3-geo head file (not safetensors: {short_message(exc)})") from None
-    if raw is None:
-        raise WeightsError(path, "not a dinov3-geo head file (safetensors without head metadata; "
-                                 "make one with 'dinov3geo train')")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise WeightsError(path, "damaged head metadata (not JSON)") from None
-    if meta.get("format") != FORMAT or meta.get("task") not in HEADS or meta.get("head") not in HEADS[meta["task"]]:
-        raise WeightsError(path, "not a dinov3-geo head file (unknown format, task or head kind)")
-    if int(meta.get("version", 0)) > VERSION:
-        raise WeightsError(path, f"head file version {meta['version']} is newer than this dinov3-geo reads ({VERSION})")
-    return HeadFile(meta, state, str(path))
+        raise WeightsError(path, f"damaged head file: its tensors cannot be read ({short_message(exc)})") from None
+    return HeadFile(info.raw, state, str(path))
 
 
 def check_backbone(head: HeadFile, identity: dict, task: Optional[str] = None) -> None:
