@@ -105,8 +105,10 @@ def check_bands(bands: Sequence[int]) -> list[int]:
         picked = [int(b) for b in bands]
     except (TypeError, ValueError):
         raise UsageError("bands", f"band numbers must be whole numbers, got {bands!r}") from None
-    if any(isinstance(orig, bool) or b < 1 or b != float(orig) for b, orig in zip(picked, bands)):
-        raise UsageError("bands", f"band numbers start at 1, got {list(bands)!r}")
+    bad = [orig for b, orig in zip(picked, bands) if isinstance(orig, bool) or b < 1 or b != float(orig)]
+    if bad:
+        raise UsageError("bands", f"band {bad[0]} does not exist: bands are whole numbers from 1, got "
+                                  f"{','.join(str(b) for b in bands)}")
     if len(picked) not in (1, 3):
         raise UsageError("bands", f"give 1 or 3 bands, got {len(picked)}")
     return picked

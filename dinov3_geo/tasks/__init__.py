@@ -13,14 +13,15 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 from dinov3_geo.errors import UsageError
+from dinov3_geo.io.stitch import KINDS as STITCH_KINDS
 
 #: What a task model gives per chip, and where it goes (the one vocabulary of outputs):
 #: ``continuous`` [K,T,T] -> blended float COG; ``classes`` [K,T,T] scores -> blended, argmax -> uint8
 #: COG; ``vector`` [K] -> one row a chip (GeoPackage); ``tokens`` [D, 1 + (T/16)²] -> one row a chip
 #: (GeoParquet: CLS and mean patch); ``patches`` [D,T/16,T/16] -> a map at 16 px cells.
 OUTPUTS = ("continuous", "classes", "vector", "tokens", "patches")
-#: The outputs blended into a raster on the scene's grid.
-DENSE_OUTPUTS = ("continuous", "classes")
+#: The outputs blended into a raster on the scene's grid (the stitcher's two ways of blending).
+DENSE_OUTPUTS = STITCH_KINDS
 
 
 @runtime_checkable
