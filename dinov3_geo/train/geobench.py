@@ -1,9 +1,9 @@
 """The GEO-Bench protocol on a frozen backbone, reported beside the DINOv3 model card's figures.
 
 Classification: logistic-regression probe on the CLS token, C swept on ``valid``, refitted on
-train + valid, accuracy on ``test``. Segmentation: DPT head on four blocks, learning rate swept over
+train + valid, accuracy on ``test`` (m-bigearthnet, multi-label: one-vs-rest probes, micro-F1). Segmentation: DPT head on four blocks, learning rate swept over
 {3e-5, 1e-4, 3e-4, 1e-3} on ``valid``, mIoU on ``test`` (m-cashew-plantation without class 0).
-Chips are normalised with each dataset's band statistics; RGB bands only.
+Chips are normalised with each dataset's band statistics, as GEO-Bench's loader does; RGB bands only.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..errors import InputError, UsageError
 from .geobench_data import geobench_task
 from .model_card import MODEL_CARD
 from ..engine import resolve_device
-from .run import fit_classifier, fit_segmentation, resolve_backbone
+from .run import check_options, fit_classifier, fit_segmentation, resolve_backbone
 
 PathLike = Union[str, os.PathLike]
 
@@ -111,8 +111,7 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
     ``segmentation_v1.0/<task>``); returns the report (test metrics in %)."""
     from .fit import C_GRID, LR_GRID
 
-    if epochs < 1:
-        raise UsageError("epochs", f"need at least one epoch, got {epochs}")
+    check_options(epochs=epochs, batch_size=batch_size, c_grid=c_grid, lrs=lrs)
     picked = find_tasks(Path(root), tasks)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
@@ -128,7 +127,8 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
         if kind == "classify":
             _, _, metrics, choice = fit_classifier(data, bb, Cs=c_grid or C_GRID, seed=seed, device=device,
                                                    batch_size=batch_size, cache=cache, progress=progress)
-            ours, metric = metrics["test"]["accuracy"], "accuracy"
+            ours, metric = ((metrics["test"]["micro_f1"], "micro-F1") if data.multilabel else
+                            (metrics["test"]["accuracy"], "accuracy"))
         else:
             _, _, metrics, choice = fit_segmentation(data, bb, head="dpt", lrs=lrs or LR_GRID, epochs=epochs, seed=seed,
                                                      device=device, batch_size=batch_size, cache=cache, progress=progress)

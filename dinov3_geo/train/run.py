@@ -268,8 +268,10 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
     check_output(output, overwrite)
     data = classification_data(chips=chips, geobench=geobench, torchgeo=torchgeo, root=root, chip=chip,
                                seed=seed, bands=bands, scale=scale)
-    if not data.multilabel:
-        check_classes(data, progress)
+    if data.multilabel:
+        raise UsageError("geobench", f"{data.source} is multi-label: its one-vs-rest probe is evaluated with "
+                                     "'eval geobench'; 'train classify' writes single-label probes")
+    check_classes(data, progress)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation,
