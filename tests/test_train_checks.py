@@ -287,3 +287,32 @@ def test_heads_with_nan_weights_are_neither_written_nor_loaded(tmp_path, capsys)
     save_file(state, str(out), metadata={"dinov3_geo_head": json.dumps(meta_json)})
     with pytest.raises(WeightsError, match=r"linear.weight hold NaN or infinite values"):
         load_head(out)
+
+
+# -- the README's runnable heads example ------------------------------------------------------------------
+
+def readme_heads_commands() -> list[list[str]]:
+    """The ``dinov3geo`` commands of the README's runnable Heads block (continuation lines joined)."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Runnable as is.*?```bash\n(.*?)```", text, re.S).group(1)
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in joined.splitlines() if line.startswith("dinov3geo ")]
+
+
+def test_readme_heads_example_runs_and_maps_more_than_one_class(tmp_path, capsys, monkeypatch):
+    """The README's example as written: it trains, and the held-out image's class map holds
+    several classes (a head that learned nothing maps a whole scene as one class)."""
+    (tmp_path / "data_samples").symlink_to(SAMPLES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DINOV3GEO_CACHE", str(tmp_path / "cache"))
+    commands = readme_heads_commands()
+    assert [c[:2] for c in commands] == [["train", "segment"], ["segment", "data_samples/chesapeake/id_000051_image.tif"]]
+    for args in commands:
+        code, err = cli(args, capsys)
+        assert code == 0, err
+    with rasterio.open(tmp_path / "landcover.tif") as ds:
+        classes = np.bincount(ds.read(1).ravel(), minlength=256)
+    assert (classes[:7] > 0.05 * classes.sum()).sum() >= 2

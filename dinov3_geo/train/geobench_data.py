@@ -27,7 +27,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import InputError, UsageError, short_message
-from .datasets import ChipDataset, check_classes_have_examples, resize_chips, resize_labels, validate_chip
+from .datasets import ChipDataset, resize_chips, resize_labels, validate_chip
 
 PathLike = Union[str, os.PathLike]
 #: Modules whose class references a GEO-Bench pickle may hold (rebuilt as records, never imported).
@@ -228,8 +228,6 @@ def geobench_task(folder: PathLike, chip: Optional[int] = None, partition: str =
     labels, class_names, multilabel = _labels(read, segment, specs, folder, size)
     index = {n: i for i, n in enumerate(unique)}
     splits = {k: np.array([index[n] for n in v], np.int64) for k, v in names.items() if v}
-    if not segment and not multilabel:
-        check_classes_have_examples(labels[splits["train"]], class_names, str(folder))
     return ChipDataset("segment" if segment else "classify", images, labels, class_names, splits,
                        f"GEO-Bench {folder.name}", mean=mean, std=std, bands=rgb, scale=scale,
                        ignore_classes=tuple(ignore_classes), multilabel=multilabel)
