@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError
 from .geobench_data import geobench_task
 from .model_card import MODEL_CARD
 from ..engine import resolve_device
