@@ -146,7 +146,7 @@ def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str)
             "backbone": backbone_identity(backbone),
             "normalisation": {"mean": list(mean), "std": list(std), "source": norm_source},
             "bands": ds.bands, "scale": ds.scale, "chip_size": ds.chip_size, "training": ds.summary(),
-            "ignore_classes": list(ds.ignore_classes),
+            "ignore_classes": list(ds.ignore_classes), "class_counts_per_split": ds.counts,
             **({"class_codes": list(ds.codes)} if ds.codes is not None else {})}
 
 
