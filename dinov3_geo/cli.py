@@ -160,6 +160,12 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",")]
 
 
+def _geobench_tasks() -> list[str]:
+    from .train.model_card import MODEL_CARD
+
+    return list(MODEL_CARD)
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """Options every ``train`` command shares."""
     p.add_argument("-o", "--output", required=True, help="head file to write (.safetensors)")
@@ -178,7 +184,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     """The backbone and where its features are computed and cached (training and evaluation)."""
     p.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone: dinov3-vitl16-sat493m (default), "
-                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors)")
+                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors); 'standin': a "
+                   "stand-in built in memory whose features are colour and texture statistics (not DINOv3), "
+                   "'demo': random features")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
     p.add_argument("--cache", help="feature cache folder (default: the dinov3-geo cache)")
@@ -206,7 +214,8 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
                      help="label raster per --image, or one GeoPackage of polygons/points with --label-column")
     seg.add_argument("--label-column", help="attribute of the GeoPackage features holding the class")
     seg.add_argument("--classes", type=_names, dest="class_names",
-                     help="names of label values 0,1,2,... (default class_0, class_1, ...)")
+                     help="class names of the label codes 0,1,2,... in order, or CODE:NAME pairs (raster labels "
+                     "and numeric --label-column alike; a text column: the class order); default class_<code>")
     seg.add_argument("--geobench", help="GEO-Bench segmentation task folder")
     seg.add_argument("--torchgeo", help="torchgeo segmentation dataset class name")
     seg.add_argument("--root", help="root folder of the torchgeo dataset")
@@ -238,7 +247,8 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     esub.required = True
     gb = esub.add_parser("geobench", help="GEO-Bench protocol beside the DINOv3 model card's figures")
     gb.add_argument("--root", required=True, help="GEO-Bench root (classification_v1.0/, segmentation_v1.0/)")
-    gb.add_argument("--tasks", type=_names, help="task names (default: every task of the model card found)")
+    gb.add_argument("--tasks", type=_names, help="task names, comma-separated (default: every task of the model card "
+                    "found): " + ", ".join(_geobench_tasks()))
     gb.add_argument("--epochs", type=int, default=20, help="segmentation epochs per learning rate (20)")
     gb.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_backbone_options(gb)

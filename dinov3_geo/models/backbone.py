@@ -235,13 +235,18 @@ def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.dev
 
     Official file names keep their hash prefix (``-eadcf0ff``) and are checked against the file's
     SHA-256 unless ``verify`` is False. Returns the module in eval mode on ``device``. The reserved
-    name ``demo`` gives a small random backbone built in memory (for trying the API; no weights).
+    name ``demo`` gives a small random backbone built in memory (for trying the API; no weights);
+    ``standin`` a stand-in whose features are colour and texture statistics (:mod:`.standin`).
     """
     from .demo import demo_backbone, is_demo
+    from .standin import STANDIN_NOTE, is_standin, standin_backbone
 
     if is_demo(weights):
         warnings.warn(DEMO_BACKBONE_NOTE, DinoGeoWarning, stacklevel=2)
         return demo_backbone(device, dtype)
+    if is_standin(weights):
+        warnings.warn(STANDIN_NOTE, DinoGeoWarning, stacklevel=2)
+        return standin_backbone(device, dtype)
     path = resolve_weights(weights, allow_download)
     if verify:
         verify_official_hash(path)
