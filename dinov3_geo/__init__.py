@@ -24,7 +24,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_backbone": "dinov3_geo.models.backbone",
+    "load_backbone": "dinov3_geo.models.load",
     "save_backbone": "dinov3_geo.models.backbone",
     "Backbone": "dinov3_geo.models.backbone",
     "resolve_weights": "dinov3_geo.models.weights",

@@ -24,7 +24,7 @@ from sklearn.metrics import accuracy_score, jaccard_score
 
 from dinov3_geo.cli import main
 from dinov3_geo.errors import InputError, WeightsError
-from dinov3_geo.models.backbone import load_backbone
+from dinov3_geo.models.load import load_backbone
 from dinov3_geo.models.heads.io import check_backbone, load_head
 from dinov3_geo.testing.random_backbone import write_random_backbone
 from dinov3_geo.train.features import backbone_identity, extract_features

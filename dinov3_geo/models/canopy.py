@@ -141,7 +141,8 @@ def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = 
 def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[PathLike],
                        device: Union[str, torch.device], dtype: torch.dtype, verify: bool = True) -> nn.Module:
     """The backbone given explicitly, else the one inside the HF folder."""
-    from .backbone import backbone_from_state_dict, load_backbone
+    from .backbone import backbone_from_state_dict
+    from .load import load_backbone
 
     if backbone_weights is not None:
         return load_backbone(backbone_weights, device=device, dtype=dtype, verify=verify).eval()

@@ -458,15 +458,15 @@ def resolve_weights(name_or_path: os.PathLike | str, allow_download: Optional[bo
 
 
 def width_without_loading(backbone) -> Optional[int]:
-    """The embedding width of a backbone told without reading its weights: a loaded one, ``demo``,
+    """The embedding width of a backbone told without reading its weights: a loaded one, an in-memory one,
     a registry name or official file name, a Hugging Face folder (``config.json``) or a safetensors
     file (its header); ``None`` when only loading would tell (a ``.pth``)."""
-    from .demo import DEMO_ARCH, is_demo
+    from .builtin import builtin_backbone
 
     if hasattr(backbone, "embed_dim"):
         return int(backbone.embed_dim)
-    if is_demo(backbone):
-        return int(DEMO_ARCH["embed_dim"])
+    if builtin_backbone(backbone) is not None:
+        return builtin_backbone(backbone).width
     if backbone is None:
         return None
     path = Path(str(backbone)).expanduser()

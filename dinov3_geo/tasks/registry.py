@@ -221,14 +221,14 @@ def absolute(path: Optional[PathLike]) -> Optional[str]:
 
 
 def resolve_backbone_source(backbone: Any) -> Any:
-    """A backbone as the model loaders take it: a loaded one, a reserved in-memory name (``demo``),
+    """A backbone as the model loaders take it: a loaded one, an in-memory name (``demo``, ``standin``),
     a path made absolute, or a registry name found locally; anything else fails here (a missing
     file, an unknown name, gated weights not downloaded), before any work."""
     from dinov3_geo.models.backbone import Backbone
-    from dinov3_geo.models.demo import is_demo
+    from dinov3_geo.models.builtin import builtin_backbone
     from dinov3_geo.models.weights import resolve_weights
 
-    if isinstance(backbone, Backbone) or is_demo(backbone):
+    if isinstance(backbone, Backbone) or builtin_backbone(backbone) is not None:
         return backbone
     name = DEFAULT_BACKBONE if backbone is None else backbone
     if Path(str(name)).expanduser().exists():
@@ -239,7 +239,8 @@ def resolve_backbone_source(backbone: Any) -> Any:
 
 def load_backbone_for(request: "Request", settings: RunSettings):
     """The request's backbone, loaded (kept on the CPU in fp32: the engine places the task model)."""
-    from dinov3_geo.models.backbone import Backbone, load_backbone
+    from dinov3_geo.models.backbone import Backbone
+    from dinov3_geo.models.load import load_backbone
 
     backbone = request.source.backbone
     if isinstance(backbone, Backbone):

@@ -18,7 +18,8 @@ from ..engine import resolve_device
 from ..errors import InputError, UsageError
 from ..io.sinks import check_output
 from ..models import registry
-from ..models.backbone import Backbone, load_backbone
+from ..models.backbone import Backbone
+from ..models.load import load_backbone
 from ..models.heads.io import default_colors, save_head
 from . import datasets as ds_mod
 from .datasets import ChipDataset
