@@ -136,6 +136,54 @@ def check_classes_have_examples(labels: np.ndarray, class_names: Sequence[str], 
                                 f"at least {least} per class (one to fit, one to validate)")
 
 
+# -- reading training images through the pixel contract ---------------------------------------------
+
+#: Values per band kept from each image's decimated sample when pooling the dataset's stretch.
+POOL_PER_IMAGE = 65536
+
+
+def dataset_scaling(images: Sequence[PathLike], bands=None, scale=None, seed: int = 0) -> tuple[Optional[list], list[str]]:
+    """How every training image is read, by the pixel contract's rules over the whole set (never
+    image by image): ``scale`` when given; ``None`` (bytes divided by 255) when every image is
+    uint8; else the 2-98 % stretch of the valid values of all images' decimated samples pooled per
+    band. Returns the per-band ``[[low, high], ...]`` (what the head file records and inference
+    applies) and the band-choice warnings, one line per kind of warning."""
+    from ..io.pixels import check_scale, stretch
+    from ..io.scene import stats_sample
+
+    rng = np.random.default_rng(seed)
+    pooled: list[list[np.ndarray]] = []
+    warnings: dict[str, list[str]] = {}
+    all_bytes = True
+    for path in images:
+        with open_scene(path, bands=bands, scale=scale if scale is not None else (0.0, 1.0)) as sc:
+            for text in sc.warnings:
+                warnings.setdefault(text.replace(str(path), "{}"), []).append(str(path))
+            all_bytes &= sc.dtype == "uint8"
+            if scale is None:
+                with rasterio.open(path) as src:
+                    sample = stats_sample(src, sc.bands, where=str(path))
+                pooled.append([_thin(v, rng) for v in sample])
+    notes = [_grouped(text, paths) for text, paths in warnings.items()]
+    if scale is not None:
+        pairs = check_scale(scale)
+        return [list(p) for p in (pairs * 3 if len(pairs) == 1 else pairs)], notes
+    if all_bytes:
+        return None, notes
+    per_band = [np.concatenate([image[b] for image in pooled]) for b in range(len(pooled[0]))]
+    return [list(p) for p in stretch(per_band)], notes
+
+
+def _thin(values: np.ndarray, rng) -> np.ndarray:
+    return values if values.size <= POOL_PER_IMAGE else rng.choice(values, POOL_PER_IMAGE, replace=False)
+
+
+def _grouped(text: str, paths: list[str]) -> str:
+    """One warning for every image it concerns: the first one named, how many more alike."""
+    more = f" (and {len(paths) - 1} more image{'s' * (len(paths) > 2)} alike)" if len(paths) > 1 else ""
+    return text.replace("{}", paths[0]) + more
+
+
 # -- a folder of chips per class -------------------------------------------------------------------
 
 def chips_from_folder(root: PathLike, chip: int = 224, val_fraction: float = 0.2, seed: int = 0,
@@ -163,10 +211,11 @@ def chips_from_folder(root: PathLike, chip: int = 224, val_fraction: float = 0.2
                                f"suffixes {', '.join(IMAGE_SUFFIXES)})")
     labels = np.array([y for _, y in samples], np.int64)
     check_classes_have_examples(labels, classes, str(root))
-    images = np.stack([read_whole_image(path, chip, bands, scale) for path, _ in samples])
+    scaling, notes = dataset_scaling([path for path, _ in samples], bands, scale, seed)
+    images = np.stack([read_whole_image(path, chip, bands, scaling) for path, _ in samples])
     return ChipDataset("classify", images, labels, classes, random_split(len(labels), val_fraction, seed, labels),
-                       f"chips folder {root}", bands=None if bands is None else list(bands),
-                       scale=None if scale is None else list(scale))
+                       f"chips folder {root}", bands=None if bands is None else list(bands), scale=scaling,
+                       notes=notes)
 
 
 def read_whole_image(path: PathLike, chip: int, bands=None, scale=None) -> np.ndarray:
@@ -195,8 +244,9 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
     given = parse_class_names(class_names)
     if len(images) != len(labels) or not images:
         raise UsageError("labels", f"give one label raster per image ({len(images)} images, {len(labels)} labels)")
-    pairs = [read_pair(img, lab, bands, scale) for img, lab in zip(images, labels)]
-    notes = [n for lab in labels if (n := label_nodata_note(lab)) is not None]
+    scaling, notes = dataset_scaling(images, bands, scale, seed)
+    pairs = [read_pair(img, lab, bands, scaling) for img, lab in zip(images, labels)]
+    notes += [n for lab in labels if (n := label_nodata_note(lab)) is not None]
     for _, lab, where in pairs:         # a code nobody named is refused, naming its file
         classes_for_codes(np.unique(lab[lab != IGNORE]), given, where)
     present = np.unique(np.concatenate([np.unique(lab[lab != IGNORE]) for _, lab, _ in pairs]))
@@ -208,8 +258,7 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
     y = np.stack([c[1] for c in chips])
     return ChipDataset("segment", x, y, names, random_split(len(x), val_fraction, seed),
                        f"{len(images)} image/label pair(s): " + ", ".join(Path(p).name for p in images),
-                       bands=None if bands is None else list(bands), scale=None if scale is None else list(scale),
-                       notes=notes)
+                       bands=None if bands is None else list(bands), scale=scaling, notes=notes)
 
 
 def label_nodata_note(path: PathLike) -> Optional[str]:
@@ -315,7 +364,8 @@ def vector_labels(vector: PathLike, column: str, image: PathLike, chip: int = 25
     validate_chip(chip)
     frame = read_labelled_vector(vector, column, layer)
     names, codes = column_classes(frame[column], class_names, vector)
-    with open_scene(image, bands=bands, scale=scale) as sc:
+    scaling, notes = dataset_scaling([image], bands, scale, seed)
+    with open_scene(image, bands=bands, scale=scaling) as sc:
         data, valid = sc.read(Window(0, 0, sc.width, sc.height))
         grid = dict(crs=sc.crs, transform=sc.transform, width=sc.width, height=sc.height)
     y = rasterise_labels(frame, column, codes, grid, vector, image)
@@ -329,8 +379,7 @@ def vector_labels(vector: PathLike, column: str, image: PathLike, chip: int = 25
     class_codes = list(codes) if numeric and list(codes) != [float(i) for i in range(len(names))] else None
     return ChipDataset("segment", xs, ys, names, random_split(len(xs), val_fraction, seed),
                        f"{Path(vector).name} column '{column}' over {Path(image).name}",
-                       bands=None if bands is None else list(bands), scale=None if scale is None else list(scale),
-                       codes=class_codes)
+                       bands=None if bands is None else list(bands), scale=scaling, codes=class_codes, notes=notes)
 
 
 def column_classes(values, class_names, where: PathLike) -> tuple[list[str], Optional[list]]:
