@@ -9,6 +9,8 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 - ``ChipPlan``, ``RunSettings``, ``run_chips``: the pipeline's parts, for other consumers of chips.
 - ``embed``, ``similar``, ``cluster``, ``change``, ``patch_map``: land analysis with frozen features
   (:mod:`dinov3_geo.analysis`).
+- ``explore(scene, *outputs)``: the scene and its results as one self-contained interactive web page
+  (:mod:`dinov3_geo.explore`), with similarity search on click.
 - ``da.dinov3`` on xarray DataArrays (:mod:`dinov3_geo.xarray`): registered as soon as xarray is
   imported, before or after ``dinov3_geo``, without importing xarray here.
 """
@@ -45,6 +47,7 @@ _EXPORTS = {
     "cluster": "dinov3_geo.analysis",
     "change": "dinov3_geo.analysis",
     "patch_map": "dinov3_geo.analysis",
+    "explore": "dinov3_geo.explore",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

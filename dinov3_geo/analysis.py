@@ -316,8 +316,6 @@ def _check_features_file(feats, path, run: _Run, grid: CellGrid) -> None:
     made_by, ours = feats.attrs.get("backbone"), backbone_id(run.backbone)
     if made_by != ours:
         raise InputError(path, f"features made with backbone {made_by}, not {ours}: recompute them with this backbone")
-    if "pca" in feats.attrs:
-        raise InputError(path, "features reduced by PCA: use full patch features")
     if feats.shape[1:] != (grid.height, grid.width) or not feats.rio.transform().almost_equals(grid.transform):
         raise InputError(path, "features are not on this scene's grid of 16-px cells")
 
@@ -353,7 +351,8 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
     mean feature of a reference: the cell under the point ``at=(x, y)`` (scene CRS), or the cells
     covered by the polygons of the vector file ``like`` (reprojected to the scene's CRS). Written on
     the scene's grid. ``features``: a Zarr store from ``embed(patch=True)`` of this scene and
-    backbone, used instead of running the model.
+    backbone, used instead of running the model; one reduced by PCA (``pca=K``, or an explorer
+    page's ``write_features``) gives the similarity over the K reduced features.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -368,7 +367,8 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
             ref = _unit(reference[:, None])[:, 0]
             blocks = ((r0, np.einsum("d,dhw->hw", ref, _unit(block))) for r0, block in _row_blocks(feats))
             _write_on_scene(output, reader, blocks, "float32", float("nan"), overwrite, "cosine_similarity")
-    return _result(output, run, t0)
+            reduced = feats.attrs.get("pca")
+    return _result(output, run, t0, extra={"similarity over": f"{reduced} PCA components"} if reduced else {})
 
 
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:

@@ -1,0 +1,147 @@
+"""Vector files as page layers: every layer of a GeoPackage (or a GeoParquet, GeoJSON, ... file) as
+GeoJSON on the page's CRS, with its attributes for pop-ups.
+
+Geometries are simplified to half a display pixel (shapely, topology kept) and their coordinates
+rounded to a tenth of one, so a layer costs what the screen can show; a layer of more than
+``MAX_FEATURES`` features keeps the largest (the page says so). Only plain attributes travel
+(numbers, text, booleans, dates as text); lists such as ``embed``'s embeddings stay in the file.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dinov3_geo.errors import InputError, short_message
+from dinov3_geo.explore import render
+from dinov3_geo.explore.grid import WGS84, DisplayGrid, Placement
+from dinov3_geo.explore.layers import Layer
+
+#: Features per layer the page holds (the largest first).
+MAX_FEATURES = 20_000
+#: Outline colours of vector layers, in turn.
+OUTLINES = ("#00e5ff", "#ff4081", "#ffd740", "#69f0ae", "#e040fb", "#ff6e40")
+
+
+def read_layers(path: Path) -> list[tuple[Optional[str], object]]:
+    """``(layer name, GeoDataFrame)`` of every layer of a vector file (one ``None`` for GeoParquet)."""
+    import geopandas as gpd
+    import pyogrio
+
+    if not path.exists():
+        raise InputError(path, "file not found")
+    try:
+        if path.suffix.lower() in (".parquet", ".geoparquet"):
+            return [(None, gpd.read_parquet(path))]
+        names = [str(n) for n in pyogrio.list_layers(path)[:, 0]]
+        return [(n, gpd.read_file(path, layer=n)) for n in names]
+    except Exception as exc:  # pyogrio's DataSourceError, pyarrow's errors...
+        raise InputError(path, f"not a readable vector file ({short_message(exc)})") from None
+
+
+def vector_layers(path: Path, grid: DisplayGrid, scene: Placement, name: str, first_colour: int = 0) -> list[Layer]:
+    """One page layer per layer of the vector file ``path``."""
+    found = read_layers(path)
+    layers = []
+    for i, (layer, frame) in enumerate(found):
+        title = f"{name}: {layer}" if layer is not None and len(found) > 1 else name
+        colour = OUTLINES[(first_colour + i) % len(OUTLINES)]
+        layers.append(_layer(frame, path, grid, scene, title, colour))
+    return layers
+
+
+def _layer(frame, path: Path, grid: DisplayGrid, scene: Placement, name: str, colour: str) -> Layer:
+    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    notes: list[str] = []
+    frame, flipped = _on_page_crs(frame, path, grid, scene)
+    if flipped:
+        notes.append(f"{name}: pixel coordinates with y = row, drawn with y = -row as the scene is")
+    total = len(frame)
+    if total > MAX_FEATURES:
+        order = np.argsort(-frame.geometry.area.to_numpy(), kind="stable") if frame.geom_type.str.contains(
+            "Polygon").any() else np.arange(total)
+        frame = frame.iloc[np.sort(order[:MAX_FEATURES])]
+        notes.append(f"{name}: {MAX_FEATURES} of its {total} features shown (the largest); the file has them all")
+    geometry = _simplified(frame.geometry, grid)
+    if grid.basemap:
+        geometry = geometry.to_crs(WGS84)
+    decimals = 7 if grid.basemap else _decimals(grid)
+    properties = _plain_columns(frame)
+    features = [{"type": "Feature", "geometry": _rounded(g, decimals), "properties": p}
+                for g, p in zip(geometry, properties)]
+    style, legend = _style(frame, colour, name, total)
+    page = {"name": name, "type": "vector", "geojson": {"type": "FeatureCollection", "features": features},
+            "style": style, "legend": legend}
+    return Layer(name, page, notes)
+
+
+def _on_page_crs(frame, path: Path, grid: DisplayGrid, scene: Placement):
+    """``frame`` on the display grid's CRS; without CRS (the scene has none either) in pixel
+    coordinates, y mirrored when they run downwards (y = row) while the scene is drawn y = -row."""
+    if frame.crs is None and grid.crs is not None:
+        raise InputError(path, "no CRS: cannot be placed over a georeferenced scene")
+    if frame.crs is not None and grid.crs is None:
+        raise InputError(path, "has a CRS, but the scene has no georeference: cannot be placed over it")
+    if frame.crs is None:
+        bounds = frame.total_bounds
+        downwards = len(frame) and bounds[1] >= 0 and bounds[3] > 0 and scene.transform.e < 0
+        if downwards:
+            frame = frame.copy()
+            frame.geometry = frame.geometry.scale(1.0, -1.0, origin=(0, 0))
+        return frame, bool(downwards)
+    return frame.to_crs(grid.crs), False
+
+
+def _simplified(geometry, grid: DisplayGrid):
+    """Simplified to half a display pixel (topology kept)."""
+    tolerance = 0.5 * min(grid.resolution)
+    return geometry.simplify(tolerance, preserve_topology=True)
+
+
+def _decimals(grid: DisplayGrid) -> int:
+    """Decimals that keep a tenth of a display pixel."""
+    return max(0, int(math.ceil(-math.log10(min(grid.resolution) / 10))))
+
+
+def _rounded(geom, decimals: int) -> dict:
+    import shapely
+
+    return shapely.geometry.mapping(shapely.transform(geom, lambda xy: np.round(xy, decimals)))
+
+
+def _plain_columns(frame) -> list[dict]:
+    """Each feature's plain attributes (JSON values) for its pop-up."""
+    import pandas as pd
+
+    columns = [c for c in frame.columns if c != frame.geometry.name]
+    rows = [dict() for _ in range(len(frame))]
+    for column in columns:
+        series = frame[column]
+        if pd.api.types.is_datetime64_any_dtype(series):
+            values = series.astype(str).tolist()
+        elif series.dtype.kind in "biuf":
+            values = [None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+                      for v in series.astype(object).tolist()]
+        elif series.dtype == object and series.map(lambda v: v is None or isinstance(v, (str, bool, int, float))).all():
+            values = series.tolist()
+        else:
+            continue            # lists, arrays, bytes: not for a pop-up
+        for row, value in zip(rows, values):
+            row[str(column)] = value.item() if isinstance(value, np.generic) else value
+    return rows
+
+
+def _style(frame, colour: str, name: str, total: int) -> tuple[dict, dict]:
+    """Outline colour, or colours by class where the layer has an integer ``class`` column."""
+    if "class" in frame.columns and frame["class"].dtype.kind in "iu" and len(frame):
+        values = sorted(int(v) for v in frame["class"].unique())
+        names = dict(zip(frame["class"].astype(int), frame.get("class_name", frame["class"]).astype(str)))
+        palette = render.ramp_colours("tab20", 20) if len(values) > 10 else render.ramp_colours("tab10", 10)
+        colours = {str(v): render.hex_colour(palette[v % len(palette)]) for v in values}
+        legend = render.classes_legend(f"{total} polygons by class", [(names[v], colours[str(v)]) for v in values])
+        return {"colour": colour, "by": "class", "colours": colours}, legend
+    kinds = sorted(set(frame.geom_type.str.replace("Multi", "").str.lower() + "s")) or ["features"]
+    return {"colour": colour, "by": None}, {"kind": "vector", "label": f"{total} {', '.join(kinds)}",
+                                            "colour": colour}
