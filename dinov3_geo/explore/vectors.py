@@ -112,25 +112,35 @@ def _rounded(geom, decimals: int) -> dict:
 
 
 def _plain_columns(frame) -> list[dict]:
-    """Each feature's plain attributes (JSON values) for its pop-up."""
+    """Each feature's plain attributes (JSON values: numbers, text, booleans; dates as text; NaN
+    as null) for its pop-up; lists, arrays and bytes stay in the file."""
     import pandas as pd
 
-    columns = [c for c in frame.columns if c != frame.geometry.name]
-    rows = [dict() for _ in range(len(frame))]
-    for column in columns:
+    rows: list[dict] = [dict() for _ in range(len(frame))]
+    for column in (c for c in frame.columns if c != frame.geometry.name):
         series = frame[column]
         if pd.api.types.is_datetime64_any_dtype(series):
-            values = series.astype(str).tolist()
-        elif series.dtype.kind in "biuf":
-            values = [None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-                      for v in series.astype(object).tolist()]
-        elif series.dtype == object and series.map(lambda v: v is None or isinstance(v, (str, bool, int, float))).all():
-            values = series.tolist()
-        else:
-            continue            # lists, arrays, bytes: not for a pop-up
+            series = series.astype(str)
+        values = [_plain(v) for v in series.tolist()]
+        if any(v is _NOT_PLAIN for v in values):
+            continue
         for row, value in zip(rows, values):
-            row[str(column)] = value.item() if isinstance(value, np.generic) else value
+            row[str(column)] = value
     return rows
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value):
+    """``value`` as a JSON value, ``None`` for missing ones, ``_NOT_PLAIN`` for lists and such."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return _NOT_PLAIN
 
 
 def _style(frame, colour: str, name: str, total: int) -> tuple[dict, dict]:
