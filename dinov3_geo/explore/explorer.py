@@ -86,12 +86,13 @@ def explore(scene: PathLike, *outputs: PathLike, basemap: bool = False, componen
             title: Optional[str] = None, output: Optional[PathLike] = None, overwrite: bool = False) -> Explorer:
     """An interactive map of ``scene`` and its ``outputs`` as one self-contained HTML page (no
     server; no network unless ``basemap``): the scene in colour (bands and scaling as every command
-    chooses them, or ``bands``/``scale``), each output as a layer with its legend (canopy heights,
-    classes and land units with their names and colours, similarity, change, vector layers with
-    their attributes), a layer switcher, opacity, a scale bar and the coordinates under the cursor.
-    A patch feature map (``embed --patch``) becomes a similarity layer computed in the page on
-    click, over its PCA reduction to ``components`` values per cell. Rasters are read decimated to
-    at most ``max_side`` pixels a side. With ``output`` the page is also written there.
+    chooses them, or ``bands``/``scale``, which other images with those bands take too), each
+    output as a layer with its legend (canopy heights, classes and land units with their names and
+    colours, similarity, change, vector layers with their attributes), a layer switcher, opacity,
+    a scale bar and the coordinates under the cursor. A patch feature map (``embed --patch``)
+    becomes a similarity layer computed in the page on click, over its PCA reduction to
+    ``components`` values per cell. Rasters are read decimated to at most ``max_side`` pixels a
+    side. With ``output`` the page is also written there.
     """
     t0 = time.perf_counter()
     scene, paths = Path(scene), [Path(p) for p in outputs]
@@ -116,7 +117,7 @@ def explore(scene: PathLike, *outputs: PathLike, basemap: bool = False, componen
                     features = reduce_features(open_on_scene(path, sc), components)
                     similarity = similarity_page(features, placement, grid, f"similarity to a click ({name})")
                 else:
-                    layers.append(raster_layer(path, grid, name))
+                    layers.append(raster_layer(path, grid, name, bands, scale))
     _set_visibility(layers)
     notes = _page_notes(names[0], placement, grid, basemap, layers, features)
     title = title or f"{names[0]}: dinov3-geo explorer"

@@ -88,13 +88,16 @@ def colour_layer(scene, grid: DisplayGrid, name: str) -> Layer:
     return Layer(name, page, [f"{name}: {text}"] + list(scene.warnings))
 
 
-def raster_layer(path: Path, grid: DisplayGrid, name: str) -> Layer:
+def raster_layer(path: Path, grid: DisplayGrid, name: str, bands: Optional[Sequence[int]] = None,
+                 scale=None) -> Layer:
     """A result raster: classes in their colours, or the first band's values on a colour ramp;
-    three or more bands: a colour picture."""
+    three or more bands (another date): a colour picture, with the scene's ``bands`` and ``scale``
+    when given and it has those bands."""
     with open_raster(path) as ds:
         if ds.count < 3:
             return _classes_layer(ds, grid, name, path) if _is_classes(ds) else _values_layer(ds, grid, name, path)
-    with open_scene(path) as scene:
+        same = bands is not None and max(bands) <= ds.count
+    with open_scene(path, bands=bands if same else None, scale=scale if same else None) as scene:
         return colour_layer(scene, grid, name)
 
 
