@@ -407,6 +407,35 @@ def _image_sizes(page_html: str) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
+def test_a_vector_layer_over_the_cap_keeps_its_largest_features(tmp_path):
+    """25 000 squares over the scene: the page keeps the 20 000 largest and says so."""
+    import geopandas as gpd
+    import shapely
+
+    from dinov3_geo.explore.vectors import MAX_FEATURES
+
+    rng = np.random.default_rng(0)
+    n = MAX_FEATURES + 5000
+    x, y = rng.uniform(486000, 490000, n), rng.uniform(5206000, 5209000, n)
+    sides = rng.permutation(np.linspace(5.0, 60.0, n))
+    squares = gpd.GeoDataFrame({"side": sides}, geometry=shapely.box(x, y, x + sides, y + sides), crs="EPSG:26914")
+    squares.to_file(tmp_path / "squares.gpkg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = dinov3_geo.explore(SCENE, tmp_path / "squares.gpkg", bands=[1, 2, 3])
+    assert f"squares.gpkg: {MAX_FEATURES} of its {n} features shown (the largest" in " ".join(page.notes)
+    kept = [f["properties"]["side"] for f in _page_data(page)["layers"][1]["geojson"]["features"]]
+    assert len(kept) == MAX_FEATURES and min(kept) == pytest.approx(np.sort(sides)[-MAX_FEATURES])
+
+
+def _page_data(page) -> dict:
+    import json
+
+    return json.loads(re.search(r'<script type="application/json" id="explore-data">(.*?)</script>', page.html,
+                                re.S).group(1))
+
+
+@pytest.mark.slow
 def test_features_over_the_size_cap_get_fewer_components_then_pooled_cells(results):
     feats = open_features(results / "feats.zarr")
     cells = feats.shape[1] * feats.shape[2]

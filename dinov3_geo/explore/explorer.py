@@ -39,11 +39,11 @@ class Explorer:
     behind its similarity layer (``features``, or ``None``). Shows itself in Jupyter; ``save``
     writes it."""
 
-    html: str
+    html: str = field(repr=False)
     layers: list[str]
     notes: list[str]
     headline: str
-    features: Optional[PageFeatures] = None
+    features: Optional[PageFeatures] = field(default=None, repr=False)
     seconds: float = 0.0
     output: Optional[Path] = field(default=None)
 

@@ -25,7 +25,7 @@ from rasterio.errors import RasterioError
 
 from dinov3_geo.errors import DinoGeoWarning, InputError, short_message
 from dinov3_geo.explore import render
-from dinov3_geo.explore.grid import DisplayGrid, Placement, read_onto
+from dinov3_geo.explore.grid import DisplayGrid, read_onto
 from dinov3_geo.io.scene import open_scene, scale_to_unit
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".kml", ".gml", ".gpx"}
@@ -165,8 +165,3 @@ def unique_names(paths: Sequence[Path]) -> list[str]:
     """Layer names from file names, made unique with the parent folder where two clash."""
     names = [p.name for p in paths]
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
-
-
-def placement_of(path: Path) -> Placement:
-    with open_raster(path) as ds:
-        return Placement.of(ds)

@@ -21,7 +21,7 @@ import base64
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 from affine import Affine

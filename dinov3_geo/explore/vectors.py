@@ -3,7 +3,7 @@ GeoJSON on the page's CRS, with its attributes for pop-ups.
 
 Geometries are simplified to half a display pixel (shapely, topology kept) and their coordinates
 rounded to a tenth of one, so a layer costs what the screen can show; a layer of more than
-``MAX_FEATURES`` features keeps the largest (the page says so). Only plain attributes travel
+``MAX_FEATURES`` features or ``MAX_VERTICES`` vertices keeps the largest (the page says so). Only plain attributes travel
 (numbers, text, booleans, dates as text); lists such as ``embed``'s embeddings stay in the file.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from dinov3_geo.explore import render
 from dinov3_geo.explore.grid import WGS84, DisplayGrid, Placement
 from dinov3_geo.explore.layers import Layer
 
-#: Features per layer the page holds (the largest first).
+#: Features and vertices per layer the page holds (the largest features first).
 MAX_FEATURES = 20_000
+MAX_VERTICES = 100_000
 #: Outline colours of vector layers, in turn.
 OUTLINES = ("#00e5ff", "#ff4081", "#ffd740", "#69f0ae", "#e040fb", "#ff6e40")
 
@@ -59,18 +60,18 @@ def _layer(frame, path: Path, grid: DisplayGrid, scene: Placement, name: str, co
     if flipped:
         notes.append(f"{name}: pixel coordinates with y = row, drawn with y = -row as the scene is")
     total = len(frame)
-    if total > MAX_FEATURES:
-        order = np.argsort(-frame.geometry.area.to_numpy(), kind="stable") if frame.geom_type.str.contains(
-            "Polygon").any() else np.arange(total)
-        frame = frame.iloc[np.sort(order[:MAX_FEATURES])]
-        notes.append(f"{name}: {MAX_FEATURES} of its {total} features shown (the largest); the file has them all")
-    geometry = _simplified(frame.geometry, grid)
+    frame = frame.assign(**{frame.geometry.name: _simplified(frame.geometry, grid)})
+    frame = _largest(frame)
+    if len(frame) < total:
+        notes.append(f"{name}: {len(frame)} of its {total} features shown (the largest: at most {MAX_FEATURES} "
+                     f"features and {MAX_VERTICES} vertices a layer); the file has them all")
+    geometry = frame.geometry
     if grid.basemap:
         geometry = geometry.to_crs(WGS84)
     decimals = 7 if grid.basemap else _decimals(grid)
     properties = _plain_columns(frame)
-    features = [{"type": "Feature", "geometry": _rounded(g, decimals), "properties": p}
-                for g, p in zip(geometry, properties)]
+    features = [{"type": "Feature", "geometry": g, "properties": p}
+                for g, p in zip(_geojson(geometry.to_numpy(), decimals), properties)]
     style, legend = _style(frame, colour, name, total)
     page = {"name": name, "type": "vector", "geojson": {"type": "FeatureCollection", "features": features},
             "style": style, "legend": legend}
@@ -94,6 +95,18 @@ def _on_page_crs(frame, path: Path, grid: DisplayGrid, scene: Placement):
     return frame.to_crs(grid.crs), False
 
 
+def _largest(frame):
+    """The largest features (by area, else in file order) within ``MAX_FEATURES`` and
+    ``MAX_VERTICES``, in file order."""
+    import shapely
+
+    polygons = frame.geom_type.str.contains("Polygon").any()
+    order = np.argsort(-frame.geometry.area.to_numpy(), kind="stable") if polygons else np.arange(len(frame))
+    vertices = np.cumsum(shapely.get_num_coordinates(frame.geometry.to_numpy()[order]))
+    keep = order[:min(MAX_FEATURES, int(np.searchsorted(vertices, MAX_VERTICES, side="right")))]
+    return frame if len(keep) == len(frame) else frame.iloc[np.sort(keep)]
+
+
 def _simplified(geometry, grid: DisplayGrid):
     """Simplified to half a display pixel (topology kept)."""
     tolerance = 0.5 * min(grid.resolution)
@@ -105,10 +118,14 @@ def _decimals(grid: DisplayGrid) -> int:
     return max(0, int(math.ceil(-math.log10(min(grid.resolution) / 10))))
 
 
-def _rounded(geom, decimals: int) -> dict:
+def _geojson(geoms: np.ndarray, decimals: int) -> list[dict]:
+    """GeoJSON geometries with coordinates rounded to ``decimals`` (shapely, all at once)."""
+    import json
+
     import shapely
 
-    return shapely.geometry.mapping(shapely.transform(geom, lambda xy: np.round(xy, decimals)))
+    rounded = shapely.transform(geoms, lambda xy: np.round(xy, decimals))
+    return [json.loads(text) for text in shapely.to_geojson(rounded)]
 
 
 def _plain_columns(frame) -> list[dict]:

@@ -54,7 +54,7 @@
 
   var digits = D.scene.geographic ? 6 : 2;
   var lonlat = null;             // scene CRS -> longitude, latitude (proj4js)
-  if (D.scene.proj4) lonlat = proj4(D.scene.proj4, "WGS84");
+  try { if (D.scene.proj4) lonlat = proj4(D.scene.proj4, "WGS84"); } catch (e) { lonlat = null; }  // no lon/lat then
 
   /* (scene x, y, lon, lat) of a display-CRS point */
   function places(p) {
@@ -341,5 +341,6 @@
   });
   new Notes().addTo(map);
 
+  api.loadedMs = performance.now();       // since the page's navigation began
   api.ready = true;
 })();
