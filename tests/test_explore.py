@@ -28,6 +28,7 @@ from dinov3_geo.cli import main
 from dinov3_geo.explore.render import ramp_colours, ramp_index
 from dinov3_geo.explore.similarity import reduce_features
 from dinov3_geo.io.patchmap import open_features
+from dinov3_geo.testing.tiled_scene import tiled_vrt
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 SCENE = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
@@ -368,7 +369,8 @@ def test_rotated_and_gcp_scenes_are_warped_north_up(how, tmp_path, open_page, ba
 # -- the page without a browser ---------------------------------------------------------------------
 def test_large_scene_is_downsampled_and_says_so(tmp_path):
     """A 3 x 3 mosaic of the NAIP sample (a VRT, 2802 x 2169 px) shown at most 512 px a side."""
-    mosaic = _tiled_vrt(SCENE, 3, 3, tmp_path / "mosaic.vrt")
+    with rasterio.open(SCENE) as ds:
+        mosaic = tiled_vrt(SCENE, 3 * ds.width, 3 * ds.height, tmp_path / "mosaic.vrt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small = dinov3_geo.explore(mosaic, max_side=512)
@@ -378,23 +380,6 @@ def test_large_scene_is_downsampled_and_says_so(tmp_path):
     widths = _image_sizes(small.html)
     assert max(max(s) for s in widths) == 512
     assert small.size < full.size
-
-
-def _tiled_vrt(src: Path, cols: int, rows: int, path: Path) -> Path:
-    """A VRT of ``src`` repeated ``cols`` x ``rows`` times side by side (real pixels, larger scene)."""
-    with rasterio.open(src) as ds:
-        w, h, t, count, crs = ds.width, ds.height, ds.transform, ds.count, ds.crs
-    bands = []
-    for b in range(1, count + 1):
-        sources = "".join(
-            f'<SimpleSource><SourceFilename relativeToVRT="0">{src}</SourceFilename><SourceBand>{b}</SourceBand>'
-            f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/><DstRect xOff="{c * w}" yOff="{r * h}" '
-            f'xSize="{w}" ySize="{h}"/></SimpleSource>' for r in range(rows) for c in range(cols))
-        bands.append(f'<VRTRasterBand dataType="Byte" band="{b}"><NoDataValue>0</NoDataValue>{sources}</VRTRasterBand>')
-    geo = ", ".join(repr(v) for v in t.to_gdal())
-    path.write_text(f'<VRTDataset rasterXSize="{w * cols}" rasterYSize="{h * rows}"><SRS>{html.escape(crs.to_wkt())}'
-                    f'</SRS><GeoTransform>{geo}</GeoTransform>{"".join(bands)}</VRTDataset>')
-    return path
 
 
 def _image_sizes(page_html: str) -> list[tuple[int, int]]:
@@ -408,24 +393,32 @@ def _image_sizes(page_html: str) -> list[tuple[int, int]]:
 
 @pytest.mark.slow
 def test_a_vector_layer_over_the_cap_keeps_its_largest_features(tmp_path):
-    """25 000 squares over the scene: the page keeps the 20 000 largest and says so."""
+    """Squares of many sizes over the scene: the page keeps the largest within the vertex cap;
+    points: the first ones within the feature cap; and says so."""
     import geopandas as gpd
     import shapely
 
-    from dinov3_geo.explore.vectors import MAX_FEATURES
+    from dinov3_geo.explore.vectors import MAX_FEATURES, MAX_VERTICES
 
     rng = np.random.default_rng(0)
-    n = MAX_FEATURES + 5000
+    n = MAX_VERTICES // 5 + 2000                      # a square has 5 vertices
     x, y = rng.uniform(486000, 490000, n), rng.uniform(5206000, 5209000, n)
     sides = rng.permutation(np.linspace(5.0, 60.0, n))
-    squares = gpd.GeoDataFrame({"side": sides}, geometry=shapely.box(x, y, x + sides, y + sides), crs="EPSG:26914")
-    squares.to_file(tmp_path / "squares.gpkg")
+    gpd.GeoDataFrame({"side": sides}, geometry=shapely.box(x, y, x + sides, y + sides), crs="EPSG:26914").to_file(
+        tmp_path / "squares.gpkg")
+    m = MAX_FEATURES + 100
+    gpd.GeoDataFrame({"i": np.arange(m)}, geometry=shapely.points(rng.uniform(486000, 490000, (m, 2))),
+                     crs="EPSG:26914").to_file(tmp_path / "points.gpkg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        page = dinov3_geo.explore(SCENE, tmp_path / "squares.gpkg", bands=[1, 2, 3])
-    assert f"squares.gpkg: {MAX_FEATURES} of its {n} features shown (the largest" in " ".join(page.notes)
-    kept = [f["properties"]["side"] for f in _page_data(page)["layers"][1]["geojson"]["features"]]
-    assert len(kept) == MAX_FEATURES and min(kept) == pytest.approx(np.sort(sides)[-MAX_FEATURES])
+        page = dinov3_geo.explore(SCENE, tmp_path / "squares.gpkg", tmp_path / "points.gpkg", bands=[1, 2, 3])
+    notes = " ".join(page.notes)
+    assert f"squares.gpkg: {MAX_VERTICES // 5} of its {n} features shown (the largest" in notes
+    assert f"points.gpkg: {MAX_FEATURES} of its {m} features shown" in notes
+    squares, points = (layer["geojson"]["features"] for layer in _page_data(page)["layers"][1:])
+    kept = [f["properties"]["side"] for f in squares]
+    assert len(kept) == MAX_VERTICES // 5 and min(kept) == pytest.approx(np.sort(sides)[-(MAX_VERTICES // 5)])
+    assert [f["properties"]["i"] for f in points] == list(range(MAX_FEATURES))
 
 
 def _page_data(page) -> dict:

@@ -29,13 +29,15 @@ from dinov3_geo.explore.grid import DisplayGrid, read_onto
 from dinov3_geo.io.scene import open_scene, scale_to_unit
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".kml", ".gml", ".gpx"}
-#: What the product's band descriptions mean: label, units, colour map, the values' domain.
+#: What the product's band descriptions mean: label, units, colour map, the values' domain, and
+#: how to decimate (the 16-px cell results of similar and change: nearest, each display pixel one
+#: cell's value, and a palette PNG of a third of the size).
 KNOWN_BANDS = {
-    "canopy_height_m": ("canopy height", "m", "YlGn", (0.0, None)),
-    "cosine_similarity": ("cosine similarity", "", "magma", (-1.0, 1.0)),
-    "cosine_distance": ("change (cosine distance)", "", "inferno", (0.0, 2.0)),
+    "canopy_height_m": ("canopy height", "m", "YlGn", (0.0, None), Resampling.average),
+    "cosine_similarity": ("cosine similarity", "", "magma", (-1.0, 1.0), Resampling.nearest),
+    "cosine_distance": ("change (cosine distance)", "", "inferno", (0.0, 2.0), Resampling.nearest),
 }
-OTHER_BANDS = ("values", "", "viridis", (None, None))
+OTHER_BANDS = ("values", "", "viridis", (None, None), Resampling.average)
 RASTER_OPACITY = 0.8
 
 
@@ -135,11 +137,11 @@ def _classes_layer(ds, grid: DisplayGrid, name: str, path: Path) -> Layer:
 
 def _values_layer(ds, grid: DisplayGrid, name: str, path: Path) -> Layer:
     description = (ds.descriptions[0] or "").strip()
-    label, units, cmap, domain = KNOWN_BANDS.get(description.lower(), OTHER_BANDS)
+    label, units, cmap, domain, resampling = KNOWN_BANDS.get(description.lower(), OTHER_BANDS)
     if description and description.lower() not in KNOWN_BANDS:
         label = description
     units = units or (ds.units[0] or "")
-    values = read_onto(ds, [1], grid, Resampling.average, where=path)[0]
+    values = read_onto(ds, [1], grid, resampling, where=path)[0]
     lo, hi = render.stretch(values, domain)
     legend = render.ramp_legend(label, units, cmap, lo, hi)
     notes = [f"{name}: band 1 of {ds.count}"] if ds.count > 1 else []

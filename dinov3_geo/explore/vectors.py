@@ -21,7 +21,7 @@ from dinov3_geo.explore.layers import Layer
 
 #: Features and vertices per layer the page holds (the largest features first).
 MAX_FEATURES = 20_000
-MAX_VERTICES = 100_000
+MAX_VERTICES = 50_000
 #: Outline colours of vector layers, in turn.
 OUTLINES = ("#00e5ff", "#ff4081", "#ffd740", "#69f0ae", "#e040fb", "#ff6e40")
 
