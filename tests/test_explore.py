@@ -115,13 +115,13 @@ def browser():
 
 
 @pytest.fixture
-def open_page(browser):
-    """``open_page(path, tiles=False)``: the page in a fresh context with the network off (every
-    request not to the page's own file is aborted; with ``tiles`` the tile server's are answered
-    here with a blank tile)."""
+def open_browser_file(browser):
+    """``open_browser_file(path, tiles=False)``: ``(tab, requests, console errors)`` of ``path`` in
+    a fresh context with the network off (every request but the file's own is aborted; with
+    ``tiles`` the tile server's are answered here with a blank tile)."""
     contexts = []
 
-    def open_(path: Path, tiles: bool = False) -> Opened:
+    def open_(path: Path, tiles: bool = False):
         context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=not tiles)
         contexts.append(context)
         requests, errors = [], []
@@ -141,12 +141,22 @@ def open_page(browser):
         tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         tab.on("pageerror", lambda e: errors.append(str(e)))
         tab.goto(Path(path).resolve().as_uri())
-        tab.wait_for_function("window.dinov3geo && window.dinov3geo.ready", timeout=30_000)
-        return Opened(tab, requests, errors)
+        return tab, requests, errors
 
     yield open_
     for context in contexts:
         context.close()
+
+
+@pytest.fixture
+def open_page(open_browser_file):
+    """``open_page(path, tiles=False)``: the explorer's page open and drawn (:class:`Opened`)."""
+    def open_(path: Path, tiles: bool = False) -> Opened:
+        tab, requests, errors = open_browser_file(path, tiles)
+        tab.wait_for_function("window.dinov3geo && window.dinov3geo.ready", timeout=30_000)
+        return Opened(tab, requests, errors)
+
+    return open_
 
 
 def python_similarity(page, results: Path, at, points, backbone, scene=SCENE, name="reference") -> list[float]:
@@ -451,12 +461,40 @@ def scene_page():
         return dinov3_geo.explore(SCENE)
 
 
+def test_reduced_values_beyond_half_floats_are_scaled_and_keep_their_cosines():
+    """Features whose principal components exceed 65504 are scaled by a power of two (the cosines,
+    what the page computes, are unchanged), and the page says so."""
+    from dinov3_geo.io.patchmap import CellGrid, features_dataarray
+
+    rng = np.random.default_rng(1)
+    data = (rng.normal(size=(12, 20, 30)) * 1e6).astype(np.float32)
+    feats = features_dataarray(data, CellGrid("EPSG:32633", Affine(160, 0, 500000, 0, -160, 4000000), 20, 30))
+    reduced = reduce_features(feats, 12)            # as wide as the map: no PCA, the values as they are
+    shift = reduced.reduction["scaled"]
+    assert reduced.reduction["method"] == "none" and f"scaled by 2^-{shift}" in reduced.describe()
+    np.testing.assert_allclose(reduced.values.astype(np.float64) * 2.0**shift, data, rtol=1e-3)
+    assert np.isfinite(reduced.values).all()
+
+
 def test_notebook_display_is_the_page_in_an_iframe(scene_page):
     page = scene_page
     shown = page._repr_html_()
     assert shown.startswith("<iframe srcdoc=")
     srcdoc = re.search(r'srcdoc="([^"]*)"', shown).group(1)
     assert html.unescape(srcdoc) == page.html
+
+
+@needs_browser
+def test_notebook_display_runs_in_its_sandboxed_iframe(scene_page, open_browser_file, tmp_path):
+    """What Jupyter shows (the page in a sandboxed srcdoc iframe) draws the map, offline."""
+    notebook = tmp_path / "notebook.html"
+    notebook.write_text(f"<!DOCTYPE html><html><body>{scene_page._repr_html_()}</body></html>")
+    tab, requests, errors = open_browser_file(notebook)
+    frame = next(f for f in tab.frames if f != tab.main_frame)
+    frame.wait_for_function("window.dinov3geo && window.dinov3geo.ready", timeout=30_000)
+    assert frame.locator(".leaflet-control-layers-overlays label").all_inner_texts()[0].strip() == SCENE.name
+    assert frame.evaluate("document.querySelector('img.leaflet-image-layer').naturalWidth") > 0
+    assert requests == [notebook.resolve().as_uri()] and errors == []
 
 
 def test_the_page_holds_its_libraries_and_their_licences(scene_page):

@@ -100,7 +100,7 @@ def open_on_scene(path: Path, scene) -> object:
     """The feature map at ``path`` as a lazy DataArray, checked to lie on ``scene``'s 16-px cells."""
     feats = open_features(path)
     grid = CellGrid.of(scene)
-    if feats.ndim != 3 or feats.shape[1:] != (grid.height, grid.width) \
+    if feats.ndim != 3 or feats.shape[1:] != (grid.height, grid.width) or feats.rio.crs != grid.crs \
             or not feats.rio.transform().almost_equals(grid.transform):
         raise InputError(path, "a feature map not on this scene's grid of 16-px cells (embed --patch of another "
                                "scene?)")
