@@ -107,17 +107,9 @@ def explore(scene: PathLike, *outputs: PathLike, basemap: bool = False, componen
         warnings.simplefilter("ignore", NotGeoreferencedWarning)     # the page says it, once
         with open_scene(scene, bands=bands, scale=scale) as sc:
             layers = [colour_layer(sc, grid, names[0])]
-            features, similarity = None, None
-            for path, name in zip(paths, names[1:]):
-                if kind_of(path) == "vector":
-                    layers += vector_layers(path, grid, placement, name, first_colour=len(layers))
-                elif kind_of(path) == "features" or is_feature_raster(path, CellGrid.of(sc)):
-                    if features is not None:
-                        raise UsageError("outputs", f"one feature map per page: {path} is a second one")
-                    features = reduce_features(open_on_scene(path, sc), components)
-                    similarity = similarity_page(features, placement, grid, f"similarity to a click ({name})")
-                else:
-                    layers.append(raster_layer(path, grid, name, bands, scale))
+            features, source = _gather(layers, sc, placement, grid, zip(paths, names[1:]), components, bands, scale)
+    similarity = None if features is None else similarity_page(features, placement, grid,
+                                                               f"similarity to a click ({source})")
     _set_visibility(layers)
     notes = _page_notes(names[0], placement, grid, basemap, layers, features)
     title = title or f"{names[0]}: dinov3-geo explorer"
@@ -130,6 +122,23 @@ def explore(scene: PathLike, *outputs: PathLike, basemap: bool = False, componen
     if output is not None:
         page.save(output, overwrite)
     return page
+
+
+def _gather(layers: list[Layer], scene, placement: Placement, grid: DisplayGrid, named, components: int, bands,
+            scale) -> tuple[Optional[PageFeatures], Optional[str]]:
+    """Append the layers of each ``(path, name)`` to ``layers``; return the feature map reduced for
+    the page (at most one) and its name."""
+    features, source = None, None
+    for path, name in named:
+        if kind_of(path) == "vector":
+            layers += vector_layers(path, grid, placement, name, first_colour=len(layers))
+        elif kind_of(path) == "features" or is_feature_raster(path, CellGrid.of(scene)):
+            if features is not None:
+                raise UsageError("outputs", f"one feature map per page: {path} is a second one")
+            features, source = reduce_features(open_on_scene(path, scene), components), name
+        else:
+            layers.append(raster_layer(path, grid, name, bands, scale))
+    return features, source
 
 
 def _set_visibility(layers: list[Layer]) -> None:
