@@ -63,7 +63,7 @@ class Explorer:
         """The page's reduced feature map as a Zarr store: ``dinov3_geo.similar(scene, out,
         at=..., features=path)`` computes what the page draws for a click there."""
         if self.features is None:
-            raise UsageError("features", "this page has no feature map (give an `embed --patch` output)")
+            raise UsageError("features", "this page has no feature map (give it the patch features of the scene)")
         return self.features.write_store(path, overwrite)
 
     def summary(self) -> str:

@@ -102,8 +102,8 @@ def open_on_scene(path: Path, scene) -> object:
     grid = CellGrid.of(scene)
     if feats.ndim != 3 or feats.shape[1:] != (grid.height, grid.width) or feats.rio.crs != grid.crs \
             or not feats.rio.transform().almost_equals(grid.transform):
-        raise InputError(path, "a feature map not on this scene's grid of 16-px cells (embed --patch of another "
-                               "scene?)")
+        raise InputError(path, "a feature map not on this scene's grid of 16-px cells (the patch features of "
+                               "another scene?)")
     return feats
 
 
