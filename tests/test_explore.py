@@ -332,7 +332,7 @@ def _regridded(tmp_path: Path, how: str) -> Path:
         data, profile, t = ds.read(), ds.profile, ds.transform
     path = tmp_path / f"{how}.tif"
     if how == "rotated":
-        profile["transform"] = t * Affine.rotation(20)
+        profile["transform"] = t @ Affine.rotation(20)
         with rasterio.open(path, "w", **profile) as out:
             out.write(data)
         return path

@@ -26,7 +26,8 @@ from rasterio.errors import RasterioError
 from dinov3_geo.errors import DinoGeoWarning, InputError, short_message
 from dinov3_geo.explore import render
 from dinov3_geo.explore.grid import DisplayGrid, read_onto
-from dinov3_geo.io.scene import open_scene, scale_to_unit
+from dinov3_geo.io.pixels import to_unit
+from dinov3_geo.io.scene import open_scene
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".kml", ".gml", ".gpx"}
 #: What the product's band descriptions mean: label, units, colour map, the values' domain, and
@@ -79,7 +80,7 @@ def colour_layer(scene, grid: DisplayGrid, name: str) -> Layer:
     with open_raster(Path(scene.path)) as ds:
         data = read_onto(ds, scene.bands, grid, Resampling.average, where=scene.path)
     valid = np.isfinite(data).any(axis=0)
-    rgb = data / 255.0 if scene.scaling is None else scale_to_unit(data, scene.scaling)
+    rgb = data / 255.0 if scene.scaling is None else to_unit(data, scene.scaling)
     rgb = np.nan_to_num(rgb, nan=0.0)
     if rgb.shape[0] == 1:
         rgb = np.repeat(rgb, 3, axis=0)
