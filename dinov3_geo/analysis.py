@@ -189,11 +189,10 @@ def _cell_features(request: Optional[Request], store, reader, near: Path, progre
 
 
 def _open_given_store(features: PathLike, backbone) -> "object":
-    """The store ``features`` (never the backbone): a PCA-reduced store, or one made by another
-    backbone than one explicitly given, is an InputError naming the store."""
+    """The store ``features`` (never the backbone): one made by another backbone than one explicitly
+    given is an InputError naming the store (a PCA-reduced store is taken: the results are then over
+    its components)."""
     store = open_store(features)
-    if store.pca is not None:
-        raise InputError(features, f"features reduced by PCA (pca={store.pca}): use full patch features")
     if backbone is not None and store.backbone_name() not in _names_of(backbone):
         raise InputError(features, f"features made with backbone {store.backbone}, not {_label(backbone)}: "
                                    "recompute them with this backbone, or leave `backbone` out")
@@ -284,7 +283,8 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
     mean feature of a reference: the cell under the point ``at=(x, y)`` (scene CRS), or the cells
     covered by the polygons of the vector file ``like`` (reprojected to the scene's CRS). Written on
     the scene's grid. ``features``: a store from ``embed(patch=True)`` of this scene, used instead
-    of running the model (the backbone is then neither built nor loaded).
+    of running the model (the backbone is then neither built nor loaded); one reduced by PCA
+    (``pca=K``, or an explorer page's ``write_features``) gives the similarity over its K components.
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -303,7 +303,8 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
             blocks = ((r0, np.einsum("d,dhw->hw", ref, _unit(block)))
                       for r0, block in row_blocks(feats, where=features))
             _write_on_scene(output, reader, blocks, "float32", float("nan"), overwrite, "cosine_similarity")
-    return _result(output, made_by, t0, stats, warnings=list(reader.warnings))
+    reduced = {"similarity over": f"{store.pca} PCA components"} if store is not None and store.pca else {}
+    return _result(output, made_by, t0, stats, warnings=list(reader.warnings), extra=reduced)
 
 
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:

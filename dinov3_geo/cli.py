@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--config", help="YAML file of option values (see configs/); options given on the "
                      "command line win")
     add_batch_options(seg)
-    for p in (parser, seg, *_add_land_parsers(sub), *add_head_commands(sub)):
+    for p in (parser, seg, *_add_land_parsers(sub), *add_head_commands(sub), _add_view_parser(sub)):
         p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -147,6 +147,30 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
         _add_run_options(p)
     add_batch_options(emb, split=False)
     return [emb, sim, clu, chg]
+
+
+def _add_view_parser(sub) -> argparse.ArgumentParser:
+    """``view``: the scene and its results as one self-contained web page."""
+    view = sub.add_parser("view", help="one self-contained web page of a scene and its results (interactive map, "
+                          "similarity on click; no server, no network)",
+                          description="An interactive map of a scene and its results in one HTML file: layers "
+                          "with legends, opacity, scale bar, coordinates, similarity search on click from a "
+                          "feature map (embed --patch). Nothing is loaded from the internet unless --basemap.")
+    view.add_argument("scene", help="the scene (drawn in colour under the results)")
+    view.add_argument("outputs", nargs="*", help="results: COGs (canopy, classes, units, similarity, change, another "
+                      "date), one feature map (embed --patch: .zarr or .tif) and vector files (GeoPackage layers, ...)")
+    view.add_argument("-o", "--output", required=True, help="the page to write (.html)")
+    view.add_argument("--basemap", action="store_true", help="add OpenStreetMap under the layers (the page then "
+                      "loads its tiles from the internet)")
+    view.add_argument("--components", type=int, default=8, help="PCA components per cell the feature map is "
+                      "reduced to for similarity in the page (8)")
+    view.add_argument("--max-side", type=int, default=2048, help="longest side of the rasters in the page, pixels "
+                      "(2048); larger scenes are shown downsampled")
+    view.add_argument("--title", help="title of the page (default: the scene's file name)")
+    view.add_argument("--bands", type=_int_list, help="three 1-based bands of the scene as R,G,B, e.g. 3,2,1")
+    view.add_argument("--scale", type=_scale, help="MIN,MAX of the scene's values mapped to dark..bright")
+    view.add_argument("--overwrite", action="store_true", help="replace an existing page")
+    return view
 
 
 def _floats(text: str) -> list[float]:
@@ -513,6 +537,15 @@ def run_change(args: argparse.Namespace) -> int:
 
 
 
+def run_view(args: argparse.Namespace) -> int:
+    from .explore import explore
+
+    print(explore(args.scene, *args.outputs, basemap=args.basemap, components=args.components,
+                  max_side=args.max_side, bands=args.bands, scale=args.scale, title=args.title, output=args.output,
+                  overwrite=args.overwrite).summary(), file=sys.stderr)
+    return 0
+
+
 def _training_kwargs(args: argparse.Namespace) -> dict:
     from .train.run import print_progress
 
@@ -560,7 +593,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"segment": run_segment, "train": run_train, "classify": run_classify, "eval": run_eval,
-            "embed": run_embed, "similar": run_similar, "cluster": run_cluster, "change": run_change}
+            "embed": run_embed, "similar": run_similar, "cluster": run_cluster, "change": run_change,
+            "view": run_view}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
