@@ -2,7 +2,7 @@
 ``bench_pipeline.py --model sleep:R``, one process per run, pinned with ``taskset``.
 
 For each round (``--rounds``, alternating: every output, core set and rate once per round), each
-output (``values``: canopy-like floats; ``classes``: 6 class scores to a uint8 COG; ``patches``:
+output (``continuous``: canopy-like floats; ``classes``: 6 class scores to a uint8 COG; ``patches``:
 ``embed --patch``, 384 features per 16 px cell to Zarr) and each core set (``--cores``, e.g. ``0``
 and ``0,1``): the host's capacity (``sleep:inf``: chips/s end to end with an infinitely fast
 device) and every rate of ``--rates``. Each run's JSON goes to ``OUT/<output>_c<cores>_r<R>_<round>.json``;
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="folder for the scene (default OUT/../busy-work)")
     ap.add_argument("--rates", default="25,50,100,150,200,300,400")
     ap.add_argument("--cores", default="0;0,1", help="core sets for taskset, ';'-separated")
-    ap.add_argument("--outputs", default="values,classes,patches")
+    ap.add_argument("--outputs", default="continuous,classes,patches")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--grid", default="24x24")
     ap.add_argument("--tile", type=int, default=512)

@@ -62,7 +62,7 @@ if str(REPO) not in sys.path:           # run from a checkout without installing
 DEFAULT_SOURCE = REPO / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
 PEER_SCRIPT = Path("/work/shared/bench/peer_terratorch.py")   # the reference; re-implemented below
 CANOPY_MODELS = ("small", "vitl")
-SLEEP_OUTPUTS = ("values", "classes", "patches")
+SLEEP_OUTPUTS = ("continuous", "classes", "patches")
 BACKBONE_MODELS = ("small-backbone", "vitl-backbone", "vit7b")
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
 
@@ -471,8 +471,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="small", type=model_name,
                     help=f"{', '.join(CANOPY_MODELS + BACKBONE_MODELS)}, or sleep:R (a simulated device of R "
                          "chips/s, or inf; see 'simulated device' below)")
-    ap.add_argument("--output", default="values", choices=SLEEP_OUTPUTS,
-                    help="sleep:R only: values (canopy-like floats), classes (--channels class scores, uint8 "
+    ap.add_argument("--output", default="continuous", choices=SLEEP_OUTPUTS,
+                    help="sleep:R only: continuous (canopy-like floats), classes (--channels class scores, uint8 "
                          "COG) or patches (embed --patch: --channels features per 16 px cell, Zarr)")
     ap.add_argument("--channels", type=int, default=None, help="sleep:R only: classes (default 6) or features "
                                                                "(default 384)")

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -165,6 +166,7 @@ class RunSettings:
     batch_size: int = 8
     compile: bool = False
     readers: int = 2
+    requested: tuple[str, str] = ("auto", "auto")   # the device and precision as asked (another machine re-resolves them)
 
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 8,
@@ -178,7 +180,12 @@ class RunSettings:
                                     or readers < 1):
             raise UsageError("readers", f"reader threads must be a whole number of at least 1, got {readers!r}")
         return cls(dev, resolved, dtype_for(resolved), int(batch_size), bool(compile),
-                   default_readers() if readers is None else int(readers))
+                   default_readers() if readers is None else int(readers), (str(device), str(precision)))
+
+    def on_this_machine(self) -> "RunSettings":
+        """These settings resolved again from what was asked, on the machine this runs on (a Dask
+        worker's device: ``auto`` may be a GPU there)."""
+        return RunSettings.resolve(self.requested[0], self.requested[1], self.batch_size, self.compile, self.readers)
 
 
 class Engine:
@@ -616,10 +623,28 @@ def run_chips(scene, model: torch.nn.Module, consumer: Consumer, plan: ChipPlan,
     return stats
 
 
+#: Engines kept for their models (:func:`keep_engine`), while the model lives.
+_KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, Engine]" = weakref.WeakKeyDictionary()
+
+
+def keep_engine(model: torch.nn.Module, settings: RunSettings) -> Engine:
+    """An engine of ``model`` that every later run of it with these ``settings`` (and the model's
+    own statistics) uses when given none: a batch worker keeps one, so that the model is moved,
+    compiled and warmed up once for all its scenes whatever writes them."""
+    engine = Engine(model, settings)
+    _KEPT[model] = engine
+    return engine
+
+
 def engine_for(model: torch.nn.Module, settings: RunSettings, engine: Optional[Engine] = None,
                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Engine:
-    """``engine`` when given (a UsageError if it runs another model), else a new engine of ``model``."""
+    """``engine`` when given (a UsageError if it runs another model), else the one kept for
+    ``model`` (:func:`keep_engine`) when it has these settings and no other statistics are asked
+    for, else a new engine of ``model``."""
     if engine is None:
+        kept = _KEPT.get(model)
+        if kept is not None and kept.settings == settings and mean is None and std is None:
+            return kept
         return Engine(model, settings, mean=mean, std=std)
     if engine.model is not model:
         raise UsageError("engine", "the engine was built for another model")

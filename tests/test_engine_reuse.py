@@ -9,11 +9,12 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from dinov3_geo.batch.work import JobOptions, Runtime
+from dinov3_geo.batch.work import BatchJob, Runtime
 from dinov3_geo.engine import Engine
 from dinov3_geo.errors import UsageError
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.pipeline import ChipPlan, DenseOutput, RunSettings, run_chips, write_dense
+from dinov3_geo.tasks.registry import ModelSource, request_for
 from test_batch import crop
 
 SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
@@ -38,17 +39,15 @@ def three_scenes(tmp_path_factory):
 
 
 def test_a_worker_runs_every_scene_with_one_engine(three_scenes, tmp_path):
-    """The in-process batch's (and each Dask worker's) runtime: one engine, three scenes run by it,
-    each output equal to the single-scene pipeline's."""
-    runtime = Runtime(JobOptions("canopy", "demo", device="cpu", tile=128, overlap=32))
-    engine = runtime.engine
+    """The in-process batch's (and each Dask worker's) runtime: the task's writer runs three scenes
+    with the engine the runtime keeps, each output equal to a runtime's that ran only that scene."""
+    job = BatchJob(request_for("canopy", ModelSource(weights="demo"), tile=128, overlap=32, device="cpu"))
+    runtime = Runtime(job)
     for k, scene in enumerate(three_scenes):
         assert runtime.scene(scene, tmp_path / f"out{k}.tif").ok
-    assert runtime.engine is engine and engine.runs == 3
-    settings = RunSettings.resolve("cpu")
-    with open_scene(three_scenes[2]) as sc:
-        plan = ChipPlan.build(sc.height, sc.width, 128, 32)
-        write_dense(sc, runtime.model, tmp_path / "alone.tif", plan, settings, runtime.spec, runtime.info)
+    assert runtime.engine.runs == 3 and runtime.engine.model is runtime.model
+    alone = Runtime(job)
+    assert alone.scene(three_scenes[2], tmp_path / "alone.tif").ok and alone.engine.runs == 1
     np.testing.assert_array_equal(read(tmp_path / "out2.tif"), read(tmp_path / "alone.tif"))
 
 

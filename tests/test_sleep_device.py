@@ -75,7 +75,7 @@ def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path,
     """Asynchronous batches (the output filled on the device's thread, the next batch stacked into
     the other buffer meanwhile) give the same file, bit for bit, as the model it stands for."""
     path = sample(SCENE)
-    fast = SleepModel(math.inf, "classes" if kind == "classes" else "values", channels=5)
+    fast = SleepModel(math.inf, "classes" if kind == "classes" else "continuous", channels=5)
     plain = Scores(5) if kind == "classes" else FirstChannel()
     kw = dict(kind=kind, tile=256, overlap=32, batch_size=3, device="cpu", progress=False)
     predict(path, fast, tmp_path / "sim.tif", **kw)
@@ -132,7 +132,7 @@ def _bench(tmp_path: Path, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("output", ["values", "classes", "patches"])
+@pytest.mark.parametrize("output", ["continuous", "classes", "patches"])
 def test_bench_pipeline_sleep_reports_the_busy_share(tmp_path, output):
     """``bench_pipeline.py --model sleep:R`` for floats, 6 classes (+ GeoPackage) and patch features:
     the device time is chips / R, the busy share of the wall time lies in (0, 1], and the host's CPU
@@ -144,7 +144,7 @@ def test_bench_pipeline_sleep_reports_the_busy_share(tmp_path, output):
     assert 0 < res["busy_fraction"] <= 1 and 0 < res["busy_fraction_span"] <= 1
     assert res["host_cpu_ms_per_chip"] > 0 and res["end_to_end_s"] > 0
     assert len(res["busy_fraction_runs"]) == 2 and res["busy_fraction"] in res["busy_fraction_runs"]
-    assert res["channels"] == {"values": 1, "classes": 6, "patches": 384}[output]
+    assert res["channels"] == {"continuous": 1, "classes": 6, "patches": 384}[output]
     if output == "classes":
         assert res["vector_s"] > 0 and res["busy_fraction_with_vector"] <= res["busy_fraction"]
 

@@ -211,7 +211,9 @@ class ZarrFeatureSink:
         ds.attrs.update(self.attrs)
         # Zarr v2 with consolidated metadata: what GDAL, QGIS and older xarray read too
         ds.to_zarr(self._tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT)
-        self._array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
+        array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
+        # every chunk stored, all-nodata ones too: a missing chunk then means a damaged store
+        self._array = array.with_config({"write_empty_chunks": True})
 
     def write(self, row_off: int, array: np.ndarray) -> None:
         """Take cell rows ``[channels, rows, width]`` starting at ``row_off`` (in order)."""

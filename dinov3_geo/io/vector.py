@@ -9,7 +9,6 @@ written once no later strip can reach it. Memory is one strip plus the open comp
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,7 +27,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
 
-from dinov3_geo.errors import InputError, UsageError, short_message
+from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -198,18 +197,6 @@ def georeference(ds) -> tuple:
     if ds.crs is None and gcps and gcp_crs is not None:
         return gcp_crs, from_gcps(gcps)
     return ds.crs, ds.transform
-
-
-def check_threshold(value: float, name: str = "threshold") -> float:
-    """``value`` as a float if it is a finite height above 0 m, else a :class:`UsageError` naming
-    the parameter ``name`` (NaN would select nothing, a negative or zero height everything)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(name, f"expected a height in metres, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise UsageError(name, f"must be a finite height above 0 m, got {value!r}")
-    return number
 
 
 def _in_units(ds, values: np.ndarray) -> np.ndarray:

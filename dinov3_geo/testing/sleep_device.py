@@ -10,7 +10,7 @@ The output is made meanwhile on the device's own thread (its stream), not on the
 
 Outputs, made from the input so that what follows (stitching, encoding) sees real data:
 
-- ``values``: the first channel of the normalised chip (a canopy-like float map);
+- ``continuous``: the first channel of the normalised chip (a canopy-like float map);
 - ``classes``: ``channels`` class scores whose argmax is the first channel quantised into
   ``channels`` levels (a land-cover-like class map);
 - ``patches``: ``channels`` features per 16 px cell (``embed --patch``), the cell means of the
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-OUTPUTS = ("values", "classes", "patches")
+OUTPUTS = ("continuous", "classes", "patches")
 PATCH = 16
 
 
@@ -92,7 +92,7 @@ class DeviceEvent:
 
 
 class SleepModel(torch.nn.Module):
-    """A model on a simulated device of ``rate`` chips/s (see the module): ``output`` ``values``
+    """A model on a simulated device of ``rate`` chips/s (see the module): ``output`` ``continuous``
     (1 channel), ``classes`` (``channels`` scores) or ``patches`` (``channels`` features per
     16 px cell). ``timeline`` records what the device did.
 
@@ -101,7 +101,7 @@ class SleepModel(torch.nn.Module):
     input must stay unchanged until then (the engine gives an asynchronous model a new batch
     buffer while the last one is in flight)."""
 
-    def __init__(self, rate: float, output: str = "values", channels: int | None = None):
+    def __init__(self, rate: float, output: str = "continuous", channels: int | None = None):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -110,13 +110,13 @@ class SleepModel(torch.nn.Module):
             raise ValueError(f"rate must be a positive number of chips per second, got {rate!r}")
         self.rate = rate
         self.output = output
-        self.channels = 1 if output == "values" else int(channels or (6 if output == "classes" else 384))
+        self.channels = 1 if output == "continuous" else int(channels or (6 if output == "classes" else 384))
         self.timeline = DeviceTimeline()
         self._last: DeviceEvent = DeviceEvent(0.0)
         self._stream: ThreadPoolExecutor | None = None
 
     @classmethod
-    def parse(cls, spec: str, output: str = "values", channels: int | None = None) -> "SleepModel":
+    def parse(cls, spec: str, output: str = "continuous", channels: int | None = None) -> "SleepModel":
         """``sleep:R`` (R chips/s, or ``inf``) as a model."""
         name, _, rate = spec.partition(":")
         try:
@@ -145,7 +145,7 @@ class SleepModel(torch.nn.Module):
         """The output of ``x`` into ``out``, by numpy on the device thread (its CPU time counted)."""
         t = time.thread_time()
         first, dest = x[:, :1].numpy(), out.numpy()
-        if self.output == "values":
+        if self.output == "continuous":
             np.copyto(dest, first)
         elif self.output == "classes":
             class_scores(first, dest)
