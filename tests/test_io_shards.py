@@ -65,7 +65,8 @@ def test_patch_features_over_shards_equal_one_thread(tmp_path):
 def test_shard_count_follows_the_channels_and_cores():
     assert shard_count(1, 10, cores=16) == 1            # a float map: one thread is enough
     assert shard_count(6, 10, cores=16) == 4
-    assert shard_count(6, 10, cores=2) == 2
+    assert shard_count(6, 10, cores=6) == 3
+    assert shard_count(6, 10, cores=2) == 1             # 2 cores: the other threads have the rest
     assert shard_count(6, 1, cores=8) == 1              # one chip column: nothing to share
     assert shard_count(384, 3, cores=1) == 1
 

@@ -27,12 +27,14 @@ SHARD_BACKLOG = 64
 
 
 def shard_count(channels: int, chip_columns: int, cores: Optional[int] = None) -> int:
-    """Shards worth having: one per usable core (at most ``MAX_SHARDS`` and one per chip column)
-    when a chip carries several channels to blend; a single channel is blended on one thread."""
+    """Shards worth having: one per two usable cores (at most ``MAX_SHARDS`` and one per chip
+    column) when a chip carries several channels to blend; a single channel is blended on one
+    thread. On 2 cores every thread of the pipeline already has work (6 classes at capacity: the
+    same chips/s with 2 shards as with one, within the noise of a shared machine), so one."""
     cores = usable_cores() if cores is None else cores
     if channels < 2:
         return 1
-    return max(1, min(cores, MAX_SHARDS, chip_columns))
+    return max(1, min(cores // 2, MAX_SHARDS, chip_columns))
 
 
 def make_stitcher(sink, plan, channels: int, kind: str = "continuous", shards: Optional[int] = None):
