@@ -538,7 +538,7 @@ def run_change(args: argparse.Namespace) -> int:
 
 
 def run_view(args: argparse.Namespace) -> int:
-    from .explore import explore
+    from .explorer import explore
 
     print(explore(args.scene, *args.outputs, basemap=args.basemap, components=args.components,
                   max_side=args.max_side, bands=args.bands, scale=args.scale, title=args.title, output=args.output,

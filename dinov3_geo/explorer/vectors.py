@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 
 from dinov3_geo.errors import InputError, short_message
-from dinov3_geo.explore import render
-from dinov3_geo.explore.grid import WGS84, DisplayGrid, Placement
-from dinov3_geo.explore.layers import Layer
+from dinov3_geo.explorer import render
+from dinov3_geo.explorer.grid import WGS84, DisplayGrid, Placement
+from dinov3_geo.explorer.layers import Layer
 
 #: Features and vertices per layer the page holds (the largest features first).
 MAX_FEATURES = 20_000
