@@ -31,7 +31,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from dinov3_geo.errors import InputError, UsageError
-from dinov3_geo.io.features import PATCH, ChipEmbeddingWriter
+from dinov3_geo.io.features import CHIP_FORMATS, PATCH, ChipEmbeddingWriter
 from dinov3_geo.io.patchmap import (ZARR_CHUNK_ROWS, CellGrid, CellPaddedScene, PatchStitcher, ZarrFeatureSink,
                                     check_patch_overlap, open_features)
 from dinov3_geo.io.scene import scene_reader
@@ -151,7 +151,7 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
             _embed_patches(run, reader, output, pca, overwrite)
         else:
             _embed_chips(run, reader, output, overwrite)
-    return _result(output, run, t0)
+    return _result(output, run, t0, _scene_path(scene))
 
 
 def patch_map(scene, output: PathLike, model, *, channels: int, tile: int = 512, overlap: int = 64,
@@ -170,21 +170,24 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: int = 512,
         attrs = dict(tile=tile, overlap=overlap, patch_size=PATCH)
         with _feature_sink(output, CellGrid.of(reader), channels, attrs, overwrite, reader) as sink:
             run.patch_features(reader, sink, model, channels)
-    return _result(output, run, t0)
+    return _result(output, run, t0, _scene_path(scene))
 
 
 def _check_embed_options(output: Path, patch: bool, pca: Optional[int]) -> None:
     if pca is not None and (not patch or int(pca) < 1):
         raise UsageError("pca", "pca needs patch features and a number of components >= 1")
-    if not patch and output.suffix.lower() != ".parquet":
-        raise UsageError("output", f"chip embeddings go to a GeoParquet file (.parquet), not {output.name}")
+    if not patch and output.suffix.lower() not in CHIP_FORMATS:
+        raise UsageError("output", f"chip embeddings go to GeoParquet (.parquet), GeoPackage (.gpkg) or "
+                                   f"FlatGeobuf (.fgb), not {output.name}")
     if patch and output.suffix.lower() not in (".zarr", ".tif", ".tiff"):
         raise UsageError("output", f"patch features go to a Zarr store (.zarr) or a GeoTIFF (.tif), not {output.name}")
 
 
-def _result(output: Path, run: _Run, t0: float, **kw) -> AnalysisResult:
+def _result(output: Path, run: _Run, t0: float, source=None, **kw) -> AnalysisResult:
+    from dinov3_geo.io.stac import describe_output
     from dinov3_geo.tasks.embed import backbone_id
 
+    describe_output(output, source, run.backbone, kw.get("vector"))     # QGIS style, STAC Items
     name = backbone_id(run.backbone) if run.backbone is not None else "none"
     return AnalysisResult(output, name, time.perf_counter() - t0, run.chips_computed,
                           run.chips_skipped, **kw)
@@ -323,11 +326,12 @@ def _check_features_file(feats, path, run: _Run, grid: CellGrid) -> None:
 
 
 def _write_on_scene(output: Path, reader, blocks: Iterator[tuple[int, np.ndarray]], dtype: str, nodata,
-                    overwrite: bool, description: str, colormap=None) -> None:
+                    overwrite: bool, description: str, colormap=None, class_names=None) -> None:
     """Write cell values ``(cell row, [rows, width])`` on the scene's own grid: each cell fills its
     16 x 16 pixels, and pixels the scene has no valid data for are ``nodata`` (as in every output)."""
+    tags = {f"CLASS_{i}": name for i, name in enumerate(class_names or [])}
     with COGSink(output, reader, count=1, dtype=dtype, nodata=nodata, overwrite=overwrite, colormap=colormap,
-                 band_descriptions=[description]) as sink:
+                 band_descriptions=[description], tags=tags) as sink:
         for r0, values in blocks:
             pixels = np.repeat(np.repeat(values, PATCH, axis=0), PATCH, axis=1)
             rows = min(pixels.shape[0], reader.height - r0 * PATCH)
@@ -368,7 +372,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
             ref = _unit(reference[:, None])[:, 0]
             blocks = ((r0, np.einsum("d,dhw->hw", ref, _unit(block))) for r0, block in _row_blocks(feats))
             _write_on_scene(output, reader, blocks, "float32", float("nan"), overwrite, "cosine_similarity")
-    return _result(output, run, t0)
+    return _result(output, run, t0, _scene_path(scene))
 
 
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:
@@ -453,22 +457,22 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[_scene_path(scene), output])
     run = _Run(backbone, tile, overlap, batch_size, device, precision, progress)
+    units = [f"unit {i}" for i in range(int(k))]        # the class names in the COG and the polygons
     with scene_reader(scene, bands=bands, scale=scale) as reader:
         with _cell_features(run, reader, output, features) as feats:
             kmeans = _fit_kmeans(feats, int(k), seed)
             blocks = ((r0, _predict_block(kmeans, block)) for r0, block in _row_blocks(feats))
             _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster",
-                            colormap=_palette(int(k)))
+                            colormap=_palette(int(k)), class_names=units)
     if vector is not None:
         from dinov3_geo.io.vector import polygonize_classes
 
         try:
-            polygonize_classes(output, vector, [f"unit {i}" for i in range(int(k))], layer="clusters",
-                               overwrite=overwrite)
+            polygonize_classes(output, vector, units, layer="clusters", overwrite=overwrite)
         except BaseException:        # no half job: the same command can be rerun
             output.unlink(missing_ok=True)
             raise
-    return _result(output, run, t0, vector=Path(vector) if vector is not None else None)
+    return _result(output, run, t0, _scene_path(scene), vector=Path(vector) if vector is not None else None)
 
 
 def _fit_kmeans(feats, k: int, seed: int):
@@ -531,7 +535,7 @@ def change(before, after, output: PathLike, *, backbone=None, tile: int = 512, o
             blocks = ((r0, 1.0 - np.sum(_unit(a) * _unit(b), axis=0))
                       for (r0, a), (_, b) in zip(_row_blocks(f1), _row_blocks(f2)))
             _write_on_scene(output, first, blocks, "float32", float("nan"), overwrite, "cosine_distance")
-    return _result(output, run, t0)
+    return _result(output, run, t0, [_scene_path(before), _scene_path(after)])
 
 
 def _check_overlap(first, after) -> None:

@@ -21,6 +21,7 @@ from .engine import RunSettings, RunStats
 from .errors import DinoGeoWarning, UsageError, WeightsNotFoundError
 from .io.scene import MAX_UPSAMPLE, scene_reader
 from .io.sinks import check_output, outputs_together
+from .io.stac import describe_output
 from .io.tiling import ChipPlan, validate_tiling
 from .io.vector import check_threshold
 from .models import registry
@@ -41,7 +42,7 @@ class SegmentResult:
     vector: Optional[Path]
     polygons: Optional[int]
     stats: RunStats
-    area_km2: float
+    area_km2: Optional[float]       # None: a scene without georeference (no metres to count)
     seconds: float
     device: str
     precision: str = "fp32"
@@ -52,8 +53,8 @@ class SegmentResult:
         wrote: list[object] = [self.output]
         if self.vector is not None:
             wrote.append(f"{self.vector} ({self.polygons} polygon{'' if self.polygons == 1 else 's'})")
-        lines = summary_lines(self.stats, self.seconds, self.device, self.precision, wrote,
-                              extra=f", {self.area_km2:.3f} km²")
+        area = f"{self.area_km2:.3f} km²" if self.area_km2 is not None else "no georeference: sizes in pixels"
+        lines = summary_lines(self.stats, self.seconds, self.device, self.precision, wrote, extra=f", {area}")
         return "\n".join(lines)
 
 
@@ -111,6 +112,7 @@ def segment(scene: PathLike, task: str = "canopy", output: Optional[PathLike] = 
             from .io.vector import polygonize_threshold
 
             polygons = polygonize_threshold(raster_out, vector_out, min_height, layer="canopy", overwrite=True)
+    describe_output(output, sc.path, model, vector, {"task": task, "weights": weights})    # style, STAC
     return SegmentResult(output, Path(vector) if vector is not None else None, polygons, stats, area,
                          time.perf_counter() - t0, str(settings.device), settings.precision, collected)
 
@@ -153,10 +155,10 @@ def _say_resampling(scene, plan: ChipPlan, collected: list[str]) -> None:
           collected)
 
 
-def _area_km2(scene) -> float:
+def _area_km2(scene) -> Optional[float]:
     size = scene.pixel_size_m
     if size is None:
-        return 0.0
+        return None
     return abs(size[0] * size[1]) * scene.width * scene.height / 1e6
 
 

@@ -94,6 +94,7 @@ def classify_scene(scene: PathLike, head: PathLike, output: PathLike, *, backbon
     border chips shifted inward) with a probe head file; write the chips as a GeoPackage layer ``chips``."""
     from ..io.scene import open_scene
     from ..io.sinks import check_output
+    from ..io.stac import describe_output
     from ..pipeline import ChipPlan, RunSettings
 
     t0 = time.perf_counter()
@@ -105,6 +106,7 @@ def classify_scene(scene: PathLike, head: PathLike, output: PathLike, *, backbon
         plan = ChipPlan.build(sc.height, sc.width, tile or model.chip_size, 0)
         settings = RunSettings.resolve(device, precision, batch_size)
         stats, frame = write_chips(sc, model, Path(output), plan, settings, overwrite=overwrite, progress=progress)
+    describe_output(output, scene, model)        # its STAC Item (the layer's style is in the file)
     counts = {name: int((frame["class"] == name).sum()) for name in model.class_names}
     return ClassifyResult(Path(output), len(frame), counts, stats, time.perf_counter() - t0)
 
@@ -121,15 +123,17 @@ def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, o
                 progress: Optional[bool] = None):
     """Classify the chips of ``plan`` over the open ``scene`` into the GeoPackage ``output`` (layer
     ``chips``, written atomically); returns the run's stats and the chips' frame."""
-    import pyogrio
-
+    from ..io import styles
+    from ..io.georef import vector_transform
     from ..io.sinks import atomic_output
+    from ..io.vector import write_gpkg_layer
     from ..pipeline import run_chips
 
     collector = ChipCollector()
     stats = run_chips(scene, model, collector, plan, settings, progress=progress)
-    frame = chip_frame(collector, model.class_names, scene.transform, scene.crs)
+    frame = chip_frame(collector, model.class_names, vector_transform(scene.crs, scene.transform), scene.crs)
     with atomic_output(output, overwrite, inputs=[scene.path]) as tmp:
         os.unlink(tmp)      # the GPKG driver creates the file itself
-        pyogrio.write_dataframe(frame, str(tmp), layer="chips", driver="GPKG")
+        write_gpkg_layer(frame, tmp, "chips")
+        styles.write_layer_style(tmp, "chips", "chips", styles.class_table(model.class_names, model.colormap))
     return stats, frame

@@ -40,6 +40,7 @@ class HeadTaskModel(nn.Module):
         self.class_names = tuple(head.class_names)
         self.channels = len(self.class_names)
         self.chip_size = int(head.meta["chip_size"])
+        self.colormap = head.colormap()
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
         """0..1 chips normalised as the head was trained."""
@@ -55,7 +56,6 @@ class SegmentHeadModel(HeadTaskModel):
     def __init__(self, backbone: Backbone, head: HeadFile):
         super().__init__(backbone, head)
         self.layers = tuple(int(i) for i in head.meta["layers"])
-        self.colormap = head.colormap()
         self.dense_layers = self.layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +136,7 @@ def segment_with_head(scene: PathLike, head: PathLike, output: PathLike, *, vect
     ``tile`` defaults to the head's training chip size, ``overlap`` to a quarter of it (at most 64).
     """
     from ..io.sinks import check_output
+    from ..io.stac import describe_output
     from ..io.vector import polygonize_classes
     from ..pipeline import predict
 
@@ -159,5 +160,6 @@ def segment_with_head(scene: PathLike, head: PathLike, output: PathLike, *, vect
         except BaseException:           # no half job: the same command can be rerun
             Path(output).unlink(missing_ok=True)
             raise
+        describe_output(vector, output, model)        # its STAC Item (predict described the raster)
     return HeadRunResult(Path(output), Path(vector) if vector is not None else None, polygons, result,
                          time.perf_counter() - t0)
