@@ -19,7 +19,7 @@ import geopandas as gpd
 import shapely
 
 from dinov3_geo import run_batch
-from dinov3_geo.batch.mosaic import merge_vectors
+from dinov3_geo.batch.mosaic import merge_vectors, write_vrts
 from dinov3_geo.io.stac import item_path
 from dinov3_geo.io.styles import class_table, layer_styles, qml_path, write_layer_style
 from dinov3_geo.io.vector import write_gpkg_layer
@@ -194,3 +194,27 @@ def test_chips_of_scenes_in_two_crss_by_the_same_rule(tmp_path):
         _, cats = categories(layer_styles(tmp_path / "mosaic_classify.gpkg")[layer])
         assert cats == [("water", "water", (0, 0, 255))]
     assert_geopackage_12(tmp_path / "mosaic_classify.gpkg")
+
+
+def test_mosaics_leave_out_grids_that_are_not_north_up(tmp_path):
+    """A south-up grid, one placed by ground control points only and one without CRS: no negative
+    sizes, no mosaic of them, one note each kind."""
+    from affine import Affine
+    from rasterio.control import GroundControlPoint
+
+    def raster(name, **georef):
+        path = tmp_path / name
+        with rasterio.open(path, "w", driver="GTiff", width=20, height=10, count=1, dtype="float32", **georef) as ds:
+            ds.write(np.ones((1, 10, 20), np.float32))
+        return path
+
+    north = raster("north.tif", crs="EPSG:32612", transform=Affine(30, 0, 4e5, 0, -30, 4.5e6))
+    south = raster("south.tif", crs="EPSG:32612", transform=Affine(30, 0, 4e5, 0, 30, 4.5e6))
+    gcps = [GroundControlPoint(r, c, 4e5 + 30 * c, 4.5e6 - 30 * r) for r, c in ((0, 0), (0, 20), (10, 0))]
+    placed = raster("gcps.tif", gcps=gcps, crs="EPSG:32612")
+    plain = raster("plain.tif")
+    written, notes = write_vrts([north, south, placed, plain], tmp_path / "mosaic.vrt")
+    assert written == [tmp_path / "mosaic.vrt"]
+    with rasterio.open(written[0]) as ds:
+        assert (ds.width, ds.height) == (20, 10) and ds.transform == Affine(30, 0, 4e5, 0, -30, 4.5e6)
+    assert len(notes) == 2 and "gcps.tif" in notes[0] and "plain.tif" in notes[0] and "south.tif" in notes[1]

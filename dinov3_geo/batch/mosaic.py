@@ -6,9 +6,10 @@ the one met first, in input order) takes the plain name (``mosaic_canopy.vrt``, 
 and every other CRS gets its own mosaic and its own layer, named after it
 (``mosaic_canopy_EPSG-32618.vrt``, layer ``canopy_EPSG-32618``). Nothing is resampled or
 reprojected: each scene's pixels and polygons stay exactly as written, and polygon areas are the
-true areas computed in each scene's own CRS. Outputs without georeference (no CRS, no
-geotransform), only ground control points, or a rotated grid have no place on a common grid:
-they are left out of the combined outputs, with a note in the job's summary.
+true areas computed in each scene's own CRS. Outputs without a CRS (the outputs of inputs
+without georeference) have no place on a common grid: they are left out of the combined outputs,
+with a note in the job's summary; rasters georeferenced by ground control points only, or on grids
+that are not north-up, are left out of the mosaics (their polygons join the combined layers).
 
 rasterio has no ``gdalbuildvrt``: GDAL's VRT driver writes the skeleton from the first output
 (``rasterio.shutil.copy(..., driver="VRT")``: CRS, data type, nodata, band descriptions, colour
@@ -62,13 +63,13 @@ def _left_out(names: list[str], why: str) -> list[str]:
 def write_vrts(outputs: Sequence[Path], path: Path) -> tuple[list[Path], list[str]]:
     """Mosaics of ``outputs`` (COGs with the same bands) by the CRS rule: the most common CRS at
     ``path``, each other one beside it as ``<stem>_<CRS tag>.vrt``. Returns the files written and
-    notes on outputs left out (no georeference, ground control points only, rotated grids)."""
+    notes on outputs left out (no georeference, ground control points only, grids not north-up)."""
     members, unplaced, rotated = [], [], []
     for out in outputs:
         with rasterio.open(out) as ds:
             if ds.crs is None or is_pixel_grid(ds.crs, ds.transform):
                 unplaced.append(out.name)
-            elif ds.transform.b or ds.transform.d:
+            elif ds.transform.b or ds.transform.d or ds.transform.e > 0:      # rotated or south-up
                 rotated.append(out.name)
             else:
                 members.append(((out, ds.transform, ds.width, ds.height), ds.crs))
@@ -79,7 +80,8 @@ def write_vrts(outputs: Sequence[Path], path: Path) -> tuple[list[Path], list[st
         written.append(name)
     notes = _left_out(unplaced, "without a CRS or geotransform (or with ground control points only) have "
                                 "no mosaic: no common grid to place them on")
-    notes += _left_out(rotated, "on rotated grids are left out of the mosaic")
+    notes += _left_out(rotated, "on grids that are not north-up (rotated, or rows going north) are left out "
+                                "of the mosaic")
     return written, notes
 
 

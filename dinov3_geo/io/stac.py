@@ -33,6 +33,7 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
 from dinov3_geo.io.sinks import atomic_output
+from dinov3_geo.io.styles import hex_colour
 
 ITEM_SUFFIX = ".stac.json"
 #: Media types of the outputs, by suffix.
@@ -86,26 +87,27 @@ def raster_facts(path) -> dict:
     from rasterio.transform import from_gcps
 
     from dinov3_geo.io.georef import is_pixel_grid
+    from dinov3_geo.io.scene import pixel_size_m
     from dinov3_geo.io.styles import raster_classes
 
     with rasterio.open(path) as ds:
         gcps, gcp_crs = ds.gcps
-        crs, transform = (gcp_crs, from_gcps(gcps)) if ds.crs is None and gcps else (ds.crs, ds.transform)
-        georeferenced = not is_pixel_grid(crs, transform)
-        proj = _projection(crs)
-        proj["shape"] = [ds.height, ds.width]
-        if georeferenced:
-            proj["transform"] = [float(v) for v in tuple(transform)[:6]]
-            proj["bbox"] = [float(v) for v in ds.bounds] if not gcps else None
-        geometry, bbox = _footprint(crs, _grid_bounds(transform, ds.width, ds.height)) if georeferenced else (None, None)
+        by_gcps = ds.crs is None and bool(gcps)     # placed by ground control points: no geotransform
+        crs, transform = (gcp_crs, from_gcps(gcps)) if by_gcps else (ds.crs, ds.transform)
+        placed = not is_pixel_grid(crs, transform)
+        proj = {**_projection(crs), "shape": [ds.height, ds.width]}
+        if placed and not by_gcps:
+            proj.update(transform=[float(v) for v in tuple(transform)[:6]], bbox=[float(v) for v in ds.bounds])
+        geometry, bbox = _footprint(crs, _grid_bounds(transform, ds.width, ds.height)) if placed else (None, None)
+        size = pixel_size_m(crs, transform, ds.width, ds.height) if placed else None
         bands = [RasterBand.create(nodata=_nodata(ds.nodata), data_type=DataType(ds.dtypes[i]), unit=_unit(ds, i),
                                    scale=ds.scales[i], offset=ds.offsets[i],
-                                   spatial_resolution=abs(transform.a) if georeferenced and crs else None)
+                                   spatial_resolution=float(size[0]) if size else None)
                  for i in range(ds.count)]
         names = [d for d in ds.descriptions if d]
         classes = raster_classes(ds)
-    return {"geometry": geometry, "bbox": bbox, "proj": {k: v for k, v in proj.items() if v is not None or k == "code"},
-            "bands": bands, "band_names": names, "classes": classes}
+    return {"geometry": geometry, "bbox": bbox, "proj": proj, "bands": bands, "band_names": names,
+            "classes": classes}
 
 
 def _grid_bounds(transform, width: int, height: int) -> tuple[float, float, float, float]:
@@ -268,7 +270,7 @@ def _describe_asset(item: pystac.Item, asset: pystac.Asset, facts: dict, output:
         asset.extra_fields[PREFIX + "band_names"] = facts["band_names"]
     if facts.get("classes"):
         classes = [Classification.create(value=int(v), name=_class_name(n, v), title=n,
-                                         color_hint=_hex(c)) for v, n, c in facts["classes"]]
+                                         color_hint=hex_colour(c)[1:].upper()) for v, n, c in facts["classes"]]
         ClassificationExtension.ext(asset, add_if_missing=True).classes = classes
     if facts.get("layers"):
         asset.extra_fields[PREFIX + "layers"] = facts["layers"]
@@ -285,10 +287,6 @@ def _class_name(name: str, value: int) -> str:
     """A class name as the classification extension allows it (letters, digits, ``_-``)."""
     clean = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in str(name)).strip("_")
     return clean or f"class_{value}"
-
-
-def _hex(colour) -> str:
-    return "{:02X}{:02X}{:02X}".format(*[int(c) for c in colour[:3]])
 
 
 def _href(path, folder: Path) -> str:
@@ -385,7 +383,8 @@ def write_collection(collection: pystac.Collection, items: Iterable[Path]) -> Pa
     return path
 
 
-def describe_output(output, source=None, model=None, vector=None, properties: Optional[dict] = None) -> list[Path]:
+def describe_output(output, source=None, model=None, vector=None,
+                    properties: Optional[dict] = None) -> list[Path]:
     """The GIS sidecars of a finished output: its QGIS style when it is a raster with one
     (:func:`~dinov3_geo.io.styles.write_raster_style`) and its STAC Item, with ``model``'s
     backbone (:func:`model_properties`) and ``properties``; with ``vector`` (the polygons made

@@ -89,7 +89,7 @@ def _document(layer_kind: str) -> ET.Element:
     attrs = {"version": QGIS_VERSION, "styleCategories": "Symbology", "hasScaleBasedVisibilityFlag": "0",
              "minScale": "1e+08", "maxScale": "0"}
     root = ET.Element("qgis", attrs)
-    ET.SubElement(root, "customproperties").append(_option_map({"dinov3geo/style": MARK}, tag="Option"))
+    ET.SubElement(root, "customproperties").append(_option_map({"dinov3geo/style": MARK}))
     if layer_kind == "vector":
         root.set("simplifyDrawingHints", "1")
     return root
@@ -100,7 +100,8 @@ def _text(root: ET.Element) -> str:
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _hex(colour: Sequence[int]) -> str:
+def hex_colour(colour: Sequence[int]) -> str:
+    """``#rrggbb`` of an RGB(A) colour."""
     return "#{:02x}{:02x}{:02x}".format(*[int(c) for c in colour[:3]])
 
 
@@ -129,7 +130,7 @@ def paletted_qml(classes: Sequence[tuple[int, str, tuple]]) -> str:
     palette = ET.SubElement(renderer, "colorPalette")
     for value, name, colour in classes:
         alpha = str(int(colour[3])) if len(colour) > 3 else "255"
-        ET.SubElement(palette, "paletteEntry", value=str(value), color=_hex(colour), alpha=alpha, label=name)
+        ET.SubElement(palette, "paletteEntry", value=str(value), color=hex_colour(colour), alpha=alpha, label=name)
     _raster_pipe(root, renderer)
     return _text(root)
 
@@ -150,15 +151,15 @@ def height_ramp_qml(unit: str = "m") -> str:
                            classificationMode="1", clip="0", minimumValue=repr(low), maximumValue=repr(high),
                            labelPrecision="0")
     for value, colour in zip(HEIGHT_BREAKS, HEIGHT_COLOURS):
-        ET.SubElement(shader, "item", value=repr(value), color=_hex(colour), alpha="255",
+        ET.SubElement(shader, "item", value=repr(value), color=hex_colour(colour), alpha="255",
                       label=f"{value:g} {unit}" if value < high else f"{value:g} {unit} and more")
     _raster_pipe(root, renderer)
     return _text(root)
 
 
-def _option_map(values: dict, tag: str = "Option") -> ET.Element:
+def _option_map(values: dict) -> ET.Element:
     """QGIS's ``<Option type="Map">`` of string values."""
-    node = ET.Element(tag, type="Map")
+    node = ET.Element("Option", type="Map")
     for key, value in values.items():
         ET.SubElement(node, "Option", name=key, value=str(value), type="QString")
     return node
