@@ -9,21 +9,22 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 - ``ChipPlan``, ``RunSettings``, ``run_chips``: the pipeline's parts, for other consumers of chips.
 - ``embed``, ``similar``, ``cluster``, ``change``, ``patch_map``: land analysis with frozen features
   (:mod:`dinov3_geo.analysis`).
-- ``da.dinov3`` on xarray DataArrays (:mod:`dinov3_geo.xarray`): registered as soon as xarray is
-  imported, before or after ``dinov3_geo``, without importing xarray here.
+- ``classify(scene, head, output)``: a trained probe's class per chip into a GeoPackage.
+- ``Tiling``, ``ReadOptions``, ``RunSettings``: the options as values, checked at the door
+  (:mod:`dinov3_geo.options`); ``get_task``/``TASKS``: the task registry
+  (:mod:`dinov3_geo.tasks.registry`).
+- ``da.dinov3`` on xarray DataArrays: ``import dinov3_geo.xarray`` registers it (as ``import
+  rioxarray`` registers ``da.rio``); ``import dinov3_geo`` changes nothing in other libraries.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
-import sys
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_backbone": "dinov3_geo.models.backbone",
+    "load_backbone": "dinov3_geo.models.load",
     "save_backbone": "dinov3_geo.models.backbone",
     "Backbone": "dinov3_geo.models.backbone",
     "resolve_weights": "dinov3_geo.models.weights",
@@ -33,13 +34,19 @@ _EXPORTS = {
     "predict": "dinov3_geo.pipeline",
     "PredictResult": "dinov3_geo.pipeline",
     "ChipPlan": "dinov3_geo.pipeline",
-    "RunSettings": "dinov3_geo.pipeline",
+    "RunSettings": "dinov3_geo.options",
     "run_chips": "dinov3_geo.pipeline",
     "TaskModel": "dinov3_geo.tasks",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
     "DinoGeoWarning": "dinov3_geo.errors",
     "SegmentResult": "dinov3_geo.api",
+    "classify": "dinov3_geo.api",
+    "ClassifyResult": "dinov3_geo.api",
+    "Tiling": "dinov3_geo.options",
+    "ReadOptions": "dinov3_geo.options",
+    "get_task": "dinov3_geo.tasks.registry",
+    "task_names": "dinov3_geo.tasks.registry",
     "embed": "dinov3_geo.analysis",
     "similar": "dinov3_geo.analysis",
     "cluster": "dinov3_geo.analysis",
@@ -54,30 +61,3 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'dinov3_geo' has no attribute {name!r}")
-
-
-class _AccessorAfterXarray(importlib.abc.MetaPathFinder):
-    """Registers ``da.dinov3`` right after xarray's first import, so ``import dinov3_geo`` stays
-    cheap and the accessor is there whichever of the two a notebook imports first."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "xarray":
-            return None
-        sys.meta_path.remove(self)          # find xarray's own spec; one registration is enough
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        load = spec.loader.exec_module
-
-        def load_then_register(module) -> None:
-            load(module)
-            import_module("dinov3_geo.xarray")
-
-        spec.loader.exec_module = load_then_register
-        return spec
-
-
-if "xarray" in sys.modules:
-    import_module("dinov3_geo.xarray")
-elif not any(isinstance(f, _AccessorAfterXarray) for f in sys.meta_path):
-    sys.meta_path.insert(0, _AccessorAfterXarray())

@@ -92,8 +92,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8 (auto: bf16 on a GPU, fp32 "
                    "on the CPU); fp8: float8 products in the backbone, fast on GPUs of compute capability "
                    "8.9+, emulated (slow, for checking) on the CPU")
-    p.add_argument("--tile", type=int, default=512, help="chip size in pixels, a multiple of 16 (512)")
-    p.add_argument("--overlap", type=int, default=64, help="overlap between chips in pixels (64)")
+    p.add_argument("--tile", type=int, help="chip size in pixels, a multiple of 16 (512; a head's training chip)")
+    p.add_argument("--overlap", type=int, help="overlap between chips in pixels (64; a quarter of a head's chip)")
     p.add_argument("--bands", type=_int_list, help="three 1-based bands as R,G,B, e.g. 3,2,1")
     p.add_argument("--scale", type=_scale, help="MIN,MAX of input values mapped to 0..1 (default: "
                    "/255 for bytes, else a 2-98%% per-band stretch of the whole scene)")
@@ -142,8 +142,8 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
     chg.add_argument("after", help="second date")
     chg.add_argument("-o", "--output", required=True, help="output COG (float32, 0..2)")
     for p in (emb, sim, clu, chg):
-        p.add_argument("--backbone", default="dinov3-vitl16-sat493m",
-                       help="backbone weights: a path or a name such as dinov3-vitl16-sat493m (the default)")
+        p.add_argument("--backbone", help="backbone weights: a path or a name such as dinov3-vitl16-sat493m "
+                       "(the default; with --features, the one the store names)")
         _add_run_options(p)
     add_batch_options(emb, split=False)
     return [emb, sim, clu, chg]
@@ -158,6 +158,12 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",")]
+
+
+def _geobench_tasks() -> list[str]:
+    from .train.model_card import MODEL_CARD
+
+    return list(MODEL_CARD)
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -178,7 +184,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     """The backbone and where its features are computed and cached (training and evaluation)."""
     p.add_argument("--backbone", default="dinov3-vitl16-sat493m", help="backbone: dinov3-vitl16-sat493m (default), "
-                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors)")
+                   "dinov3-vit7b16-sat493m, or a path (Meta .pth, HF folder, our safetensors); 'standin': a "
+                   "stand-in built in memory whose features are colour and texture statistics (not DINOv3), "
+                   "'demo': random features")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
     p.add_argument("--batch-size", type=int, default=8, help="chips per batch (8)")
     p.add_argument("--cache", help="feature cache folder (default: the dinov3-geo cache)")
@@ -206,7 +214,8 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
                      help="label raster per --image, or one GeoPackage of polygons/points with --label-column")
     seg.add_argument("--label-column", help="attribute of the GeoPackage features holding the class")
     seg.add_argument("--classes", type=_names, dest="class_names",
-                     help="names of label values 0,1,2,... (default class_0, class_1, ...)")
+                     help="class names of the label codes 0,1,2,... in order, or CODE:NAME pairs (raster labels "
+                     "and numeric --label-column alike; a text column: the class order); default class_<code>")
     seg.add_argument("--geobench", help="GEO-Bench segmentation task folder")
     seg.add_argument("--torchgeo", help="torchgeo segmentation dataset class name")
     seg.add_argument("--root", help="root folder of the torchgeo dataset")
@@ -238,7 +247,8 @@ def add_head_commands(sub) -> list[argparse.ArgumentParser]:
     esub.required = True
     gb = esub.add_parser("geobench", help="GEO-Bench protocol beside the DINOv3 model card's figures")
     gb.add_argument("--root", required=True, help="GEO-Bench root (classification_v1.0/, segmentation_v1.0/)")
-    gb.add_argument("--tasks", type=_names, help="task names (default: every task of the model card found)")
+    gb.add_argument("--tasks", type=_names, help="task names, comma-separated (default: every task of the model card "
+                    "found): " + ", ".join(_geobench_tasks()))
     gb.add_argument("--epochs", type=int, default=20, help="segmentation epochs per learning rate (20)")
     gb.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_backbone_options(gb)
@@ -355,14 +365,15 @@ def is_batch(args: argparse.Namespace) -> bool:
 
 def batch_options(args: argparse.Namespace) -> dict:
     """The batch's task and options from ``segment`` (``--task``, or ``--head``: the segment task),
-    ``classify`` or ``embed`` arguments."""
+    ``classify`` or ``embed`` (``--patch``: the features task) arguments."""
     if args.command == "classify":
         return dict(task="classify", head=args.head, backbone=args.backbone, tile=args.tile)
     if args.command == "embed":
-        if args.patch or args.pca is not None:
-            raise UsageError("patch", "a batch writes chip embeddings (one GeoParquet per scene); "
-                                      "run patch features one scene at a time")
-        return dict(task="embed", backbone=args.backbone, tile=args.tile, overlap=args.overlap)
+        if args.pca is not None:
+            raise UsageError("pca", "a batch writes full patch features (one Zarr store per scene); "
+                                    "reduce them one scene at a time")
+        return dict(task="features" if args.patch else "embed", backbone=args.backbone, tile=args.tile,
+                    overlap=args.overlap)
     task = "segment" if args.head is not None else args.task
     return dict(task=task, head=args.head, backbone=args.backbone, weights=args.weights,
                 backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
@@ -429,46 +440,33 @@ def _own_warnings_only() -> Iterator[None]:
         yield
 
 
-def run_segment_head(args: argparse.Namespace) -> int:
-    from .tasks.segment_head import segment_with_head
-
-    if args.output is None:
-        raise UsageError("output", "give the class raster to write")
-    result = segment_with_head(args.scene[0], args.head, args.output, vector=args.vector, backbone=args.backbone,
-                               tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device,
-                               precision=args.precision, bands=args.bands, scale=args.scale,
-                               overwrite=args.overwrite, progress=args.progress, verify=not args.no_verify)
-    print(result.summary(), file=sys.stderr)
-    return 0
-
-
 def run_classify(args: argparse.Namespace) -> int:
-    from .tasks.classify import classify_scene
+    from .api import classify
 
     if is_batch(args):
         return run_batch_command(args)
-    result = classify_scene(args.scene[0], args.head, args.output, backbone=args.backbone, tile=args.tile,
-                            batch_size=args.batch_size, device=args.device, precision=args.precision,
-                            bands=args.bands, scale=args.scale, overwrite=args.overwrite, progress=args.progress,
-                            verify=not args.no_verify)
+    result = classify(args.scene[0], args.head, args.output, backbone=args.backbone, tile=args.tile,
+                      batch_size=args.batch_size, device=args.device, precision=args.precision,
+                      bands=args.bands, scale=args.scale, overwrite=args.overwrite, progress=args.progress,
+                      verify=not args.no_verify)
     print(result.summary(), file=sys.stderr)
     return 0
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    if is_batch(args):
-        return run_batch_command(args)
-    if args.head is not None:
-        return run_segment_head(args)
-
     from .api import segment
 
-    result = segment(args.scene[0], task=args.task, output=args.output, weights=args.weights,
-                     backbone_weights=args.backbone_weights, vector=args.vector, min_height=args.min_height,
-                     device=args.device, batch_size=args.batch_size, precision=args.precision, tile=args.tile,
-                     overlap=args.overlap, bands=args.bands, gsd=args.gsd, scale=args.scale,
-                     overwrite=args.overwrite, compile=args.compile, progress=args.progress,
-                     verify=not args.no_verify, dtype=args.dtype, max_upsample=args.max_upsample)
+    if is_batch(args):
+        return run_batch_command(args)
+    if args.head is not None and args.output is None:
+        raise UsageError("output", "give the class raster to write")
+    result = segment(args.scene[0], task=args.task, output=args.output, head=args.head, backbone=args.backbone,
+                     weights=args.weights, backbone_weights=args.backbone_weights, vector=args.vector,
+                     min_height=args.min_height, device=args.device, batch_size=args.batch_size,
+                     precision=args.precision, tile=args.tile, overlap=args.overlap, bands=args.bands,
+                     gsd=args.gsd, scale=args.scale, overwrite=args.overwrite, compile=args.compile,
+                     progress=args.progress, verify=not args.no_verify, dtype=args.dtype,
+                     max_upsample=args.max_upsample)
     print(result.summary(), file=sys.stderr)
     return 0
 

@@ -163,6 +163,7 @@ class RunSettings:
     batch_size: int = 8
     compile: bool = False
     readers: int = 2
+    requested: tuple[str, str] = ("auto", "auto")   # the device and precision as asked (another machine re-resolves them)
 
     @classmethod
     def resolve(cls, device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 8,
@@ -176,7 +177,12 @@ class RunSettings:
                                     or readers < 1):
             raise UsageError("readers", f"reader threads must be a whole number of at least 1, got {readers!r}")
         return cls(dev, resolved, dtype_for(resolved), int(batch_size), bool(compile),
-                   default_readers() if readers is None else int(readers))
+                   default_readers() if readers is None else int(readers), (str(device), str(precision)))
+
+    def on_this_machine(self) -> "RunSettings":
+        """These settings resolved again from what was asked, on the machine this runs on (a Dask
+        worker's device: ``auto`` may be a GPU there)."""
+        return RunSettings.resolve(self.requested[0], self.requested[1], self.batch_size, self.compile, self.readers)
 
 
 class Engine:

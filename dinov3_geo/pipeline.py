@@ -16,17 +16,17 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import options as opts
 from .engine import Engine, RunSettings, RunStats, run_chips
 from .errors import UsageError
 from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
 from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA, StreamingStitcher
-from .io.tiling import ChipPlan, validate_tiling
-from .tasks import TaskInfo, describe
+from .io.tiling import ChipPlan
+from .tasks import DENSE_OUTPUTS, TaskInfo, describe
 
 PathLike = Union[str, os.PathLike]
-KINDS = ("continuous", "classes")
 #: Output data types of continuous results: floats with NaN nodata, or uint16 counting ``quantum``
 #: steps (decimetres for heights) with nodata 65535 and the step as the band's scale, so GIS tools
 #: show the values in their unit.
@@ -49,7 +49,7 @@ class DenseOutput:
     quantum: float = 0.1        # uint16 only: the value of one step (0.1: decimetres of metres)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in DENSE_OUTPUTS:
             raise UsageError("kind", f"unknown kind {self.kind!r} (continuous or classes)")
         if self.kind == "continuous" and self.dtype not in DENSE_DTYPES:
             raise UsageError("dtype", f"unsupported output dtype {self.dtype!r} ({', '.join(DENSE_DTYPES)})")
@@ -129,13 +129,15 @@ def summary_lines(stats: RunStats, seconds: float, device: str, precision: str, 
 
 
 def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathLike, *,
-            kind: str = "continuous", tile: int = 512, overlap: int = 64, batch_size: int = 8,
-            device: str = "auto", precision: str = "auto", bands: Optional[Sequence[int]] = None,
-            scale: Optional[tuple[float, float]] = None, mean: Optional[Sequence[float]] = None,
-            std: Optional[Sequence[float]] = None, nodata: Optional[float] = None, dtype: str = "float32",
+            kind: str = "continuous", tile: Optional[int] = None, overlap: Optional[int] = None,
+            tiling: Optional[opts.Tiling] = None, batch_size: int = 8, device: str = "auto", precision: str = "auto",
+            compile: bool = False, readers: Optional[int] = None, settings: Optional[RunSettings] = None,
+            bands: Optional[Sequence[int]] = None, scale=None, nodata: Optional[float] = None,
+            reading: Optional[opts.ReadOptions] = None, mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None, dtype: str = "float32",
             band_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
             colormap: Optional[dict] = None, overwrite: bool = False, progress: Optional[bool] = None,
-            compile: bool = False, readers: Optional[int] = None, quantum: float = 0.1) -> PredictResult:
+            quantum: float = 0.1) -> PredictResult:
     """Run any dense ``model`` over the raster ``scene`` and write a COG on its grid.
 
     ``model`` maps a normalised float batch ``[B,3,T,T]`` to ``[B,K,T,T]``. Chips are scaled to 0..1
@@ -146,6 +148,9 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
     (counts of ``quantum``, stored as the band scale so GIS tools show the unit; 65535 nodata);
     ``kind="classes"`` blends per-class scores and writes the argmax as uint8 (255 nodata; with
     ``class_names`` in the metadata and ``colormap`` {class: (r, g, b)} as the colour table).
+    Options may also be given as values: ``tiling`` (:class:`~dinov3_geo.options.Tiling`, default
+    512/64), ``reading`` (:class:`~dinov3_geo.options.ReadOptions`) and ``settings``
+    (:class:`RunSettings`); each is checked before the scene is read.
     Streaming (memory flat in the scene size), atomic (no file at ``output`` unless it succeeded;
     an existing one is kept unless ``overwrite``); the output has the scene's CRS, transform and
     size. Returns a :class:`PredictResult`.
@@ -155,12 +160,13 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
     spec = DenseOutput(kind, "uint8" if kind == "classes" else dtype,
                        _tuple(band_names, info.band_names), _tuple(class_names, info.class_names),
                        colormap if colormap is not None else info.colormap, quantum)
-    validate_tiling(tile, overlap)      # before any file is opened; the plan checks the same rule
-    settings = RunSettings.resolve(device, precision, batch_size, compile, readers)
+    chips = opts.tiling_of(tiling, tile, overlap)
+    read = opts.reading(reading, bands=bands, scale=scale, nodata=nodata)
+    settings = opts.resolve_run(device, precision, batch_size, compile, readers, settings)
     output = Path(output)
-    with scene_reader(scene, bands=bands, scale=scale, nodata=nodata) as sc:
+    with scene_reader(scene, read) as sc:
         check_output(output, overwrite, inputs=[sc.path])
-        plan = ChipPlan.build(sc.height, sc.width, tile, overlap)
+        plan = ChipPlan.build(sc.height, sc.width, chips.tile, chips.overlap)
         stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
                                       progress=progress, mean=mean, std=std)
         notes = list(sc.warnings)

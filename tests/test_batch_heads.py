@@ -164,10 +164,10 @@ def test_split_head_scene_equals_the_single_scene_run(scenes, heads, backbone_di
 def test_batch_usage_errors_of_head_and_embed_tasks(scenes, heads, tmp_path, capsys):
     """Options a task cannot honour in a batch: one error line naming the flag, exit 2, nothing written."""
     out = tmp_path / "out"
-    assert main(["embed", str(scenes / "*.tif"), "-o", f"{out}/", "--patch"]) == 2
+    assert main(["embed", str(scenes / "*.tif"), "-o", f"{out}/", "--patch", "--pca", "3"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "--head", str(heads["classify"]), "-o", f"{out}/"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == ("error: --patch: a batch writes chip embeddings (one GeoParquet per scene); run patch "
-                      "features one scene at a time")
+    assert err[0] == ("error: --pca: a batch writes full patch features (one Zarr store per scene); reduce them "
+                      "one scene at a time")
     assert err[1].startswith(f"error: {heads['classify']}: a classify head: use it with classify")
     assert not out.exists()

@@ -172,9 +172,9 @@ def test_stitcher_is_bit_identical_to_whole_scene_accumulation(seed):
 @pytest.mark.parametrize("nodata", [0.0, -0.0, 1.0, 255.0, 256.0, -1.0, 0.5, -32768.0, 65535.0, 4294967295.0,
                                     -2147483648.0, 1e10, float("nan"), float("inf")])
 def test_nodata_value_rule_equals_a_plain_comparison(raster, dtype, nodata):
-    """``nodata=`` marks pixels where every band equals it: integers compared in float64 (a value
-    the type cannot hold marks none), float32 with the value rounded to float32; invalid uint8
-    pixels read as 0."""
+    """``nodata=`` marks pixels where every band equals it or is not finite (NaN, infinity: the
+    pixel contract's one rule): integers compared in float64 (a value the type cannot hold marks
+    none), float32 with the value rounded to float32; invalid uint8 pixels read as 0."""
     rng = np.random.default_rng(7)
     info = np.iinfo(dtype) if dtype != "float32" else None
     pool = np.array([0, 1, 255, -1, 65535, -32768] + ([info.min, info.max] if info else [np.nan, 0.5]), np.float64)
@@ -184,9 +184,10 @@ def test_nodata_value_rule_equals_a_plain_comparison(raster, dtype, nodata):
     data[:2, 20:25, :] = data[0, 3, 5]                          # two bands out of three: still valid
     as_float, value = (data, np.float32(nodata)) if dtype == "float32" else (data.astype(np.float64), nodata)
     with np.errstate(over="ignore"):
-        ref = ~(np.isnan(as_float) if np.isnan(nodata) else as_float == value).all(axis=0)
+        missing = np.isnan(as_float) if np.isnan(nodata) else as_float == value
     if dtype == "float32":
-        ref &= np.isfinite(data).all(axis=0)
+        missing |= ~np.isfinite(data)
+    ref = ~missing.all(axis=0)
     scale = None if dtype == "uint8" else (0.0, 1.0)
     with open_scene(raster(data), nodata=nodata, scale=scale) as scene:
         chip, valid = scene.read(Window(0, 0, 48, 40))

@@ -102,15 +102,22 @@ def test_explicit_scale(raster):
         open_scene(raster(data, name="b.tif"), scale=(5, 5))
 
 
-def test_float_nan_and_nodata_value_are_invalid(raster):
+def test_float_nan_and_nodata_value_are_invalid_where_every_band_is(raster):
+    """One rule for nodata values and NaN, as GDAL's dataset mask: a pixel is invalid where every
+    selected band is nodata or NaN; a NaN in one band of a valid pixel reads as 0."""
     rng = np.random.default_rng(0)
     data = rng.random((3, 40, 50)).astype(np.float32)
-    data[0, 5, 7] = np.nan
+    data[0, 5, 7] = np.nan                      # one band NaN: still valid
+    data[:, 6, 8] = np.nan                      # every band NaN: invalid
+    data[:2, 20, 3] = -9999                     # two bands nodata, one valid: valid
+    data[2, 21, 4] = np.nan
+    data[:2, 21, 4] = -9999                     # two bands nodata, one NaN: invalid
     data[:, 10:12, :] = -9999
     with open_scene(raster(data, nodata=-9999)) as s:
         chip, valid = whole(s)
-        assert not valid[5, 7] and not valid[10:12].any() and valid.sum() == 40 * 50 - 50 * 2 - 1
-        assert np.isfinite(chip).all() and chip[:, ~valid].max() == 0
+        assert valid[5, 7] and valid[20, 3] and not valid[6, 8] and not valid[21, 4]
+        assert not valid[10:12].any() and valid.sum() == 40 * 50 - 50 * 2 - 2
+        assert np.isfinite(chip).all() and chip[:, ~valid].max() == 0 and chip[0, 5, 7] == 0
 
 
 def test_alpha_band_and_internal_mask(raster, tmp_path):

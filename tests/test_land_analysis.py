@@ -12,6 +12,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
 
+import dinov3_geo.xarray  # noqa: F401  (registers da.dinov3)
 from dinov3_geo import segment
 from dinov3_geo.analysis import change, cluster, embed, similar   # importing dinov3_geo registers da.dinov3
 from dinov3_geo.io.patchmap import open_features
@@ -157,7 +158,7 @@ def test_accessor_canopy_is_the_segment_commands(sample, tmp_path):
 
 @pytest.mark.slow
 def test_accessor_segment_with_a_trained_head_is_the_commands(sample, tmp_path, backbone_file):
-    from dinov3_geo.tasks.segment_head import segment_with_head
+    from dinov3_geo.api import segment_with_head
     from dinov3_geo.train.run import train_segmenter
 
     chips = sorted(sample("chesapeake").glob("*_image.tif"))[:2]

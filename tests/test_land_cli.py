@@ -46,7 +46,8 @@ def test_embed_similar_cluster_through_the_command(sample, tmp_path, backbones, 
 def test_point_outside_the_scene(sample, tmp_path, backbones, capsys):
     out = tmp_path / "sim.tif"
     rc = main(["similar", str(sample(NAIP_2020)), "-o", str(out), "--at", "0,0", "--backbone", str(backbones[0]), *FAST])
-    assert "--at: point 0,0 is outside the scene" in one_error_line(capsys, 2, rc)
+    line = one_error_line(capsys, 2, rc)
+    assert f"--at: point 0,0 is outside {sample(NAIP_2020)} (x 485899 to 490569" in line
     assert list(tmp_path.iterdir()) == []
 
 

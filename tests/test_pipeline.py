@@ -162,7 +162,7 @@ def test_canopy_model_is_a_task_model():
     from dinov3_geo.tasks import describe
 
     info = describe(CanopyModel.__new__(CanopyModel))
-    assert (info.output, info.channels, info.band_names) == ("values", 1, ("canopy_height_m",))
+    assert (info.output, info.channels, info.band_names) == ("continuous", 1, ("canopy_height_m",))
     assert dinov3_geo.TaskModel is not None
 
 

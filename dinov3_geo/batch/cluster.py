@@ -16,7 +16,7 @@ import warnings
 from dataclasses import replace
 from typing import Iterator, Optional
 
-from dinov3_geo.batch.work import JobOptions, Runtime
+from dinov3_geo.batch.work import BatchJob, Runtime
 from dinov3_geo.errors import DeviceError, DinoGeoWarning, UsageError
 
 PLUGIN_PREFIX = "dinov3geo-model"
@@ -105,7 +105,7 @@ class ModelPlugin(_Base):
     Unless the job sets ``torch_threads``, torch on each worker uses the cores of its machine
     divided among the workers there (``hosts``: workers per host address)."""
 
-    def __init__(self, options: JobOptions, name: str, hosts: Optional[dict[str, int]] = None):
+    def __init__(self, options: BatchJob, name: str, hosts: Optional[dict[str, int]] = None):
         self.options, self.name, self.hosts = options, name, dict(hosts or {})
         self._runtime: Optional[Runtime] = None
         self._lock = threading.Lock()
@@ -155,6 +155,16 @@ def library_warnings_hidden() -> Iterator[None]:
         warnings.simplefilter("ignore")
         warnings.simplefilter("default", DinoGeoWarning)
         yield
+
+
+def worker_settings(client, settings):
+    """The run settings as the cluster's workers resolve them (``auto``: their GPU, bf16), asked of
+    one worker, so that the job's resume recipe records what the workers will compute with."""
+    return client.submit(_resolve_here, settings, pure=False).result()
+
+
+def _resolve_here(settings):
+    return settings.on_this_machine()
 
 
 def worker_runtime(plugin_name: str) -> Runtime:

@@ -2,8 +2,8 @@
 
 Inputs are glob patterns, paths, or ``@list.txt`` files (one path or pattern a line, ``#`` comments).
 Each scene's output lies in the output folder under the scene's name with the task's suffix
-(``a.tif`` -> ``a_canopy.tif``, ``a_classes.tif``, ``a_chips.gpkg``, ``a_embed.parquet``:
-:data:`TASKS`). A scene of more than ``split_above`` pixels is cut into row bands that own
+(``a.tif`` -> ``a_canopy.tif``, ``a_classes.tif``, ``a_chips.gpkg``, ``a_embed.parquet``,
+``a_features.zarr``: each task's :class:`~dinov3_geo.tasks.registry.BatchFiles`). A scene of more than ``split_above`` pixels is cut into row bands that own
 disjoint output rows and read one chip row more on each side (see :func:`plan_bands`).
 """
 from __future__ import annotations
@@ -18,35 +18,9 @@ from typing import Optional, Sequence
 
 from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.io.tiling import axis_starts
+from dinov3_geo.tasks.registry import get_task
 
 GLOB_CHARS = set("*?[")
-
-
-@dataclass(frozen=True)
-class BatchTask:
-    """What a task writes per scene: ``output`` is ``continuous`` or ``classes`` (a COG, mosaicked
-    into a VRT; scenes may be split into row bands), ``chips`` (a GeoPackage layer, merged into one
-    layer with a ``scene`` column) or ``embeddings`` (a GeoParquet file, not combined). Files are
-    ``<scene stem>_<suffix><ext>``; ``layer`` names the vector layer."""
-
-    output: str
-    suffix: str
-    ext: str
-    layer: Optional[str] = None
-
-    @property
-    def dense(self) -> bool:
-        return self.output in ("continuous", "classes")
-
-
-#: The tasks a batch runs: ``canopy`` (CHMv2 heights), ``segment`` (a segmentation head's classes),
-#: ``classify`` (a probe's class per chip), ``embed`` (a backbone's chip embeddings, GeoParquet).
-TASKS: dict[str, BatchTask] = {
-    "canopy": BatchTask("continuous", "canopy", ".tif", "canopy"),
-    "segment": BatchTask("classes", "classes", ".tif", "classes"),
-    "classify": BatchTask("chips", "chips", ".gpkg", "chips"),
-    "embed": BatchTask("embeddings", "embed", ".parquet"),
-}
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -89,8 +63,8 @@ def _names_in(item: str) -> list[str]:
 
 def output_for(scene: Path, out_dir: Path, task: str) -> Path:
     """``OUT_DIR/<scene stem>_<suffix><ext>`` of the task (``a_canopy.tif``)."""
-    spec = TASKS[task]
-    return out_dir / f"{scene.stem}_{spec.suffix}{spec.ext}"
+    files = get_task(task).batch
+    return out_dir / f"{scene.stem}_{files.suffix}{files.ext}"
 
 
 def check_distinct_outputs(scenes: Sequence[Path], out_dir: Path, task: str) -> None:

@@ -1,11 +1,13 @@
 """Resuming a job: a small JSON sidecar beside each output says how it was made.
 
 ``<output>.json`` records the input's size and modification time, the weights' SHA-256, the
-options that change values, and the output's own size and modification time. An output is
-complete when its sidecar says so, every record still matches, and the file is a valid COG on the
-input's grid; anything else is redone. A sidecar in state ``running`` is written before a scene
-starts, so an output left by an interrupted run is known to be ours and replaced, while a file of
-the user's without a sidecar is never overwritten (unless ``overwrite``).
+options that change values as the job resolved them (the precision the device runs at, the tiling
+and reading a head implies), and the output's own size and modification time. An output is
+complete when its sidecar says so, every record still matches, and the file is a valid output on
+the input's grid; anything else is redone. A sidecar in state ``running`` is written before a
+scene starts and says ``failed`` (with the reason) or ``interrupted`` when it did not finish, so
+an output left by such a run is known to be ours and replaced, while a file of the user's without
+a sidecar is never overwritten (unless ``overwrite``).
 """
 from __future__ import annotations
 
@@ -143,5 +145,21 @@ def parquet_problem(output: Path, grid: Grid) -> Optional[str]:
     return None
 
 
+def features_problem(output: Path, grid: Grid) -> Optional[str]:
+    """None when ``output`` is a whole feature store (every chunk there) on the input's grid of
+    16-px cells, else what is wrong."""
+    from dinov3_geo.errors import DinoGeoError
+    from dinov3_geo.io.patchmap import cells
+    from dinov3_geo.tasks.features import open_store
+
+    try:
+        store = open_store(output)
+    except DinoGeoError as exc:
+        return exc.problem[:80]
+    if tuple(store.feats.shape[1:]) != (cells(grid.height), cells(grid.width)):
+        return "not on the input's grid of 16-px cells"
+    return None
+
+
 #: How an output is checked, by its extension (anything else: a COG on the input's grid).
-FILE_CHECKS = {".gpkg": geopackage_problem, ".parquet": parquet_problem}
+FILE_CHECKS = {".gpkg": geopackage_problem, ".parquet": parquet_problem, ".zarr": features_problem}

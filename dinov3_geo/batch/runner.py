@@ -8,23 +8,27 @@ is reported and the others go on; the result says whether all succeeded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dinov3_geo.engine import STOP
 from dinov3_geo.batch import cluster, mosaic, resume
-from dinov3_geo.batch.plan import (TASKS, Band, band_count, check_distinct_outputs, expand_inputs, output_for,
-                                   plan_bands, read_grid)
+from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for, plan_bands,
+                                   read_grid)
 from dinov3_geo.batch.progress import JobProgress
-from dinov3_geo.batch.work import (JobOptions, Runtime, UnitResult, assemble, guarded, remove_band_files,
+from dinov3_geo.batch.work import (BatchJob, Runtime, UnitResult, assemble, guarded, remove_band_files,
                                    remove_temporaries, vector_path)
-from dinov3_geo.errors import DinoGeoError, OutputError, UsageError, WeightsNotFoundError
+from dinov3_geo.errors import DinoGeoError, OutputError, UsageError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
-from dinov3_geo.io.tiling import ChipPlan, validate_tiling
+from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.options import ReadOptions, RunSettings, Tiling
+from dinov3_geo.pipeline import DENSE_DTYPES
+from dinov3_geo.tasks.registry import ModelSource, get_task, request_for, task_names
 
 
 @dataclass
@@ -48,6 +52,7 @@ class SceneOutcome:
     chips: int = 0
     seconds: float = 0.0
     bands: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,76 +87,97 @@ class BatchResult:
 
 
 def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=None, backbone_weights=None,
-              head=None, backbone=None, vector=None, min_height: float = 2.0, device: str = "auto",
-              batch_size: int = 8, precision: str = "auto", tile: Optional[int] = None,
-              overlap: Optional[int] = None, bands: Optional[Sequence[int]] = None,
-              gsd: Optional[float] = None, scale: Optional[tuple[float, float]] = None, overwrite: bool = False,
-              compile: bool = False, verify: bool = True, readers: Optional[int] = None, dtype: str = "float32",
-              max_upsample: Optional[float] = MAX_UPSAMPLE, dask: Optional[str] = None, split_above: Optional[int] = None,
+              head=None, backbone=None, vector=None, min_height: float = 2.0, dtype: str = "float32",
+              tile: Optional[int] = None, overlap: Optional[int] = None, tiling: Optional[Tiling] = None,
+              bands: Optional[Sequence[int]] = None, scale=None, nodata: Optional[float] = None,
+              gsd: Optional[float] = None, max_upsample: Optional[float] = MAX_UPSAMPLE,
+              reading: Optional[ReadOptions] = None, device: str = "auto", batch_size: int = 8,
+              precision: str = "auto", compile: bool = False, readers: Optional[int] = None,
+              settings: Optional[RunSettings] = None, overwrite: bool = False, verify: bool = True,
+              dask: Optional[str] = None, split_above: Optional[int] = None,
               progress: Optional[bool] = None) -> BatchResult:
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
 
     ``task``: ``canopy`` (CHMv2 ``weights``), ``segment`` (the segmentation ``head`` file on its
-    ``backbone``, as ``segment_with_head``), ``classify`` (the probe ``head``, as
-    ``classify_scene``) or ``embed`` (the chip embeddings of ``backbone``, as ``analysis.embed``).
-    ``tile`` and ``overlap`` default as the single-scene commands do (512/64; a head's training chip
-    size). Each dense scene's COG is ``out_dir/<name>_<suffix>.tif`` on the scene's grid (suffix
-    ``canopy`` or ``classes``; with ``vector``, also its polygons in ``<name>_<suffix>.gpkg``, and
-    all of them in the GeoPackage ``vector``, layer ``canopy`` or ``classes``, with a ``scene``
-    column); ``classify`` writes ``<name>_chips.gpkg`` per scene and every scene's chips in
-    ``mosaic_classify.gpkg`` (layer ``chips``, with a ``scene`` column); ``embed`` writes
-    ``<name>_embed.parquet`` per scene. ``dask``: None (in this process, or
-    ``$DASK_SCHEDULER_ADDRESS``), ``"local[:N]"`` or a scheduler address. Scenes above
-    ``split_above`` pixels run as row bands on several workers, assembled into one COG equal to the
-    unsplit run (bit for bit at ``batch_size=1``; other batch sizes group chips differently, which
-    changes values by float rounding only).
-    Rerunning skips complete outputs and redoes partial or stale ones.
+    ``backbone``; a ``head`` alone means this task), ``classify`` (the probe ``head``), ``embed``
+    (the chip embeddings of ``backbone``) or ``features`` (its patch-feature map, one Zarr store a
+    scene): every task the registry gives batch files. The request is resolved once, here, as the
+    single-scene functions resolve it (tiling and reading defaults, a head's recorded bands and
+    scaling) and every scene runs through the same task writer, so each output equals the
+    single-scene function's. Each dense scene's COG is ``out_dir/<name>_<suffix>.tif`` on the
+    scene's grid (suffix ``canopy`` or ``classes``; with ``vector``, also its polygons in
+    ``<name>_<suffix>.gpkg``, and all of them in the GeoPackage ``vector`` with a ``scene`` column);
+    ``classify`` writes ``<name>_chips.gpkg`` per scene and every scene's chips in
+    ``mosaic_classify.gpkg``; ``embed`` writes ``<name>_embed.parquet``; ``features``
+    ``<name>_features.zarr``. ``dask``: None (in this process, or ``$DASK_SCHEDULER_ADDRESS``),
+    ``"local[:N]"`` or a scheduler address. Scenes above ``split_above`` pixels run as row bands on
+    several workers, assembled into one COG equal to the unsplit run (bit for bit at
+    ``batch_size=1``; other batch sizes group chips differently, which changes values by float
+    rounding only). Each scene's warnings are printed once and kept in the summary. Rerunning skips
+    complete outputs and redoes partial, failed or stale ones.
     """
     t0 = time.perf_counter()
-    if task not in TASKS:
-        raise UsageError("task", f"unknown task '{task}' (available: {', '.join(TASKS)})")
-    if not TASKS[task].dense and (vector is not None or split_above is not None):
+    if head is not None and task == "canopy":
+        task = "segment"
+    spec = get_task(task)
+    if spec.batch is None:
+        raise UsageError("task", f"the {task} task does not run in a batch (batch tasks: "
+                                 f"{', '.join(task_names(batch_only=True))})")
+    if not spec.dense and (vector is not None or split_above is not None):
         raise UsageError("vector" if vector is not None else "split_above", f"the {task} task writes one "
-                         f"{TASKS[task].ext} file per scene: no polygons or row bands to ask for")
-    head, backbone, tile, overlap, bands, scale = _resolve_head(task, head, backbone, tile, overlap, bands, scale)
-    _validate(task, tile, overlap, batch_size, split_above, dtype)
+                         f"{spec.batch.ext} file per scene: no polygons or row bands to ask for")
+    if dtype not in DENSE_DTYPES:
+        raise UsageError("dtype", f"unsupported output dtype {dtype!r} ({', '.join(DENSE_DTYPES)})")
+    if split_above is not None and (isinstance(split_above, bool) or not isinstance(split_above, int)
+                                    or split_above < 1):
+        raise UsageError("split_above", f"must be a positive number of pixels, got {split_above}")
     target = cluster.dask_target(dask)
+    request = request_for(task, ModelSource(weights=weights, backbone_weights=backbone_weights, head=head,
+                                            backbone=backbone, verify=verify),
+                          tile=tile, overlap=overlap, tiling=tiling, bands=bands, scale=scale, nodata=nodata,
+                          gsd=gsd, max_upsample=max_upsample, reading=reading, device=device, precision=precision,
+                          batch_size=batch_size, compile=compile, readers=readers, settings=settings)
     scenes, outputs_given = _not_outputs(expand_inputs(inputs))
     out_dir = _output_folder(out_dir)
     check_distinct_outputs(scenes, out_dir, task)
     vector = _check_vector(vector, out_dir / f"summary_{task}.json", overwrite)
-    weights, backbone_weights = _resolve_weights(task, weights, backbone_weights)
-    options = JobOptions(task, weights, backbone_weights, head, backbone, device=device, precision=precision,
-                         batch_size=int(batch_size), tile=tile, overlap=overlap,
-                         bands=tuple(bands) if bands else None, scale=tuple(scale) if scale else None, gsd=gsd,
-                         min_height=min_height, dtype=dtype, vector=vector is not None, compile=compile,
-                         verify=verify, readers=readers, max_upsample=max_upsample)
-    recipe = _recipe(options)
+    job = BatchJob(request, dtype=dtype, vector=vector is not None, min_height=float(min_height))
     ours = _our_files(scenes, out_dir, task, vector)
     remove_temporaries(out_dir, ours)          # left by an earlier run that was killed
-    outcomes, jobs = _triage(scenes, out_dir, options, recipe, overwrite, split_above)
-    report = JobProgress(jobs, outcomes, progress)
-    dashboard = None
-    try:
-        if target is None or not jobs:
-            _run_in_process(jobs, options, report, lambda job, res: _record(job, res, recipe, outcomes, report))
-        else:
-            with cluster.open_client(target) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(cluster.open_client(target)) if target is not None else None
+        if client is not None:       # the device and precision as the workers resolve them
+            job = replace(job, request=replace(request, settings=cluster.worker_settings(client, request.settings)))
+        recipe = _recipe(job)
+        outcomes, jobs = _triage(scenes, out_dir, job, recipe, overwrite, split_above)
+        report = JobProgress(jobs, outcomes, progress)
+        for note in request.notes:
+            report.say(f"note: {note}")
+        dashboard = None
+        finished: set[Path] = set()
+
+        def done(scene_job: SceneJob, res: UnitResult) -> None:
+            finished.add(scene_job.output)
+            _record(scene_job, res, recipe, outcomes, report)
+
+        try:
+            if client is None or not jobs:
+                _run_in_process(jobs, job, report, done)
+            else:
                 dashboard = cluster.dashboard_link(client)
                 report.say(f"Dask cluster {client.scheduler.address}"
                            + (f", dashboard {dashboard}" if dashboard else " (no dashboard)"))
-                _run_on_cluster(client, jobs, options, report,
-                                lambda job, res: _record(job, res, recipe, outcomes, report))
-    finally:                       # interrupted or not: no temporary file stays behind
-        remove_temporaries(out_dir, ours)
+                _run_on_cluster(client, jobs, job, report, done)
+        finally:                       # interrupted or not: no temporary file stays behind
+            for unfinished in (j for j in jobs if j.output not in finished):
+                resume.write_sidecar(unfinished.output, "interrupted", unfinished.scene, recipe)
+            remove_temporaries(out_dir, ours)
     result = BatchResult(_in_input_order(outcomes, scenes), out_dir / f"summary_{task}.json", dashboard=dashboard)
-    if options.weights == "demo":
-        from dinov3_geo.models.demo import DEMO_NOTE
-
-        result.notes.append(DEMO_NOTE)
+    result.notes.extend(request.notes)
     if outputs_given:
         result.notes.append(f"{outputs_given} input(s) left out: outputs of a dinov3geo job (a glob over the output folder?)")
-    _combined_products(result, out_dir, task, vector, overwrite)
+    result.notes.extend(f"{Path(o.scene).name}: {n}" for o in result.outcomes for n in o.notes)
+    _combined_products(result, out_dir, spec, vector, overwrite)
     result.seconds = time.perf_counter() - t0
     _write_summary(result, task)
     return result
@@ -177,18 +203,6 @@ def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Pa
     if vector is not None and vector.parent == out_dir:
         names.add(vector.name)
     return names | mosaic.sidecar_names(names, task)
-
-
-def _validate(task: str, tile: int, overlap: int, batch_size: int, split_above: Optional[int], dtype: str) -> None:
-    from dinov3_geo.engine import validate_batch_size
-    from dinov3_geo.pipeline import DenseOutput
-
-    if TASKS[task].dense:
-        DenseOutput(TASKS[task].output, dtype)        # checks the dtype
-    validate_tiling(tile, overlap)
-    validate_batch_size(batch_size)
-    if split_above is not None and int(split_above) < 1:
-        raise UsageError("split_above", f"must be a positive number of pixels, got {split_above}")
 
 
 def _output_folder(out_dir) -> Path:
@@ -218,85 +232,42 @@ def _check_vector(vector, summary: Path, overwrite: bool) -> Optional[Path]:
     return vector
 
 
-def _resolve_head(task: str, head, backbone, tile: Optional[int], overlap: Optional[int], bands, scale) -> tuple:
-    """For a head task: the head file checked here, once (its task, readable), absolute paths of it
-    and the backbone, and the tiling and band reading the single-scene command takes from the head
-    when not given. For canopy and embed: 512 px chips with 64 px overlap unless given (embed: the
-    default backbone unless given)."""
-    if task in ("canopy", "embed"):
-        if head is not None:
-            raise UsageError("head", f"the {task} task takes no head; a head runs as the segment or classify task")
-        if task == "embed":
-            from dinov3_geo.analysis import DEFAULT_BACKBONE
-
-            backbone = _absolute_if_file(backbone or DEFAULT_BACKBONE)
-        return None, backbone, tile or 512, 64 if overlap is None else overlap, bands, scale
-    from dinov3_geo.tasks.classify import load_classify_head
-    from dinov3_geo.tasks.segment_head import head_reading, head_tiling, load_segment_head
-
-    if head is None:
-        raise UsageError("head", f"the {task} task needs a head file")
-    hf = load_segment_head(head) if task == "segment" else load_classify_head(head)
-    if task == "segment":
-        tile, overlap = head_tiling(hf, tile, overlap)
-    else:       # one chip each, no overlap, as classify_scene
-        tile, overlap = tile or int(hf.meta["chip_size"]), 0
-    bands, scale = head_reading(hf, bands, scale)
-    return str(Path(head).absolute()), _absolute_if_file(backbone), tile, overlap, bands, scale
-
-
-def _absolute_if_file(backbone):
-    """A backbone path made absolute (workers may run elsewhere in the folder tree); a registry
-    name or None as given."""
-    return str(Path(backbone).absolute()) if backbone is not None and Path(backbone).exists() else backbone
-
-
-def _resolve_weights(task: str, weights, backbone_weights) -> tuple[Optional[str], Optional[str]]:
-    """Absolute paths (workers may run elsewhere in the folder tree), or ``demo``; missing files fail
-    here, once. Head tasks take no canopy weights."""
-    from dinov3_geo.api import _find_chmv2
+def _recipe(job: BatchJob) -> dict:
+    """What decides an output's values, as resolved for this job (the device's precision, the
+    tiling and reading the task takes by default or from a head), with the weights' hashes: resume
+    compares it with each output's sidecar."""
     from dinov3_geo.models.demo import is_demo
 
-    if task != "canopy":
-        return None, None
-    if is_demo(weights):
-        return weights, None
-    weights = Path(weights) if weights is not None else _find_chmv2()
-    for path in (weights, backbone_weights):
-        if path is not None and not Path(path).exists():
-            raise WeightsNotFoundError(path, "no such file or folder")
-    return str(Path(weights).absolute()), str(Path(backbone_weights).absolute()) if backbone_weights else None
-
-
-def _recipe(options: JobOptions) -> dict:
-    """What decides an output's values: the weights' hashes and the options (resume compares it)."""
-    recipe = {k: getattr(options, k) for k in ("task", "precision", "tile", "overlap", "bands", "scale", "gsd",
-                                               "dtype")}     # max_upsample allows runs, changes no value
-    recipe["weights_sha256"] = resume.weights_hash(options.weights) if options.weights != "demo" else "demo"
-    recipe["backbone_weights_sha256"] = resume.weights_hash(options.backbone_weights)
-    if options.head is not None:
-        recipe["head_sha256"] = resume.weights_hash(options.head)
-    if options.task != "canopy":       # a backbone named by the head file or the registry: by name
-        recipe["backbone"] = resume.weights_hash(options.backbone) if options.backbone and \
-            Path(options.backbone).exists() else options.backbone
-    if options.vector:
-        recipe["min_height"] = options.min_height
+    request = job.request
+    recipe = request.record()
+    recipe["dtype"] = job.dtype
+    source = request.source
+    recipe["weights_sha256"] = "demo" if is_demo(source.weights) else resume.weights_hash(source.weights)
+    recipe["backbone_weights_sha256"] = resume.weights_hash(source.backbone_weights)
+    if source.head is not None:
+        recipe["head_sha256"] = resume.weights_hash(source.head)
+    if request.task.name != "canopy":       # a backbone by its file's hash, a registry or in-memory one by name
+        backbone = source.backbone
+        recipe["backbone"] = resume.weights_hash(backbone) if isinstance(backbone, str) and \
+            Path(backbone).exists() else source.record()["backbone"]
+    if job.vector:
+        recipe["min_height"] = job.min_height
     return json.loads(json.dumps(recipe, default=str))
 
 
-def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict, overwrite: bool,
+def _triage(scenes: list[Path], out_dir: Path, job: BatchJob, recipe: dict, overwrite: bool,
             split_above: Optional[int]) -> tuple[list[SceneOutcome], list[SceneJob]]:
     """Skip the complete scenes, fail the unreadable ones, and make a job of every other one."""
     outcomes, jobs = [], []
+    task, tiling = job.request.task, job.request.tiling
     for scene in scenes:
-        output = output_for(scene, out_dir, options.task)
+        output = output_for(scene, out_dir, task.name)
         try:
             grid = read_grid(scene)
         except DinoGeoError as exc:
             outcomes.append(SceneOutcome(str(scene), str(output), "failed", str(exc)))
             continue
-        extra = (vector_path(output),) if options.vector else ()
-        dense = TASKS[options.task].dense
+        extra = (vector_path(output),) if job.vector else ()
         why = resume.why_not_complete(output, scene, recipe, grid, extra)
         if why is None and not overwrite:
             outcomes.append(SceneOutcome(str(scene), str(output), "skipped", "complete"))
@@ -307,58 +278,63 @@ def _triage(scenes: list[Path], out_dir: Path, options: JobOptions, recipe: dict
                                          "(use `overwrite` to replace it)"))
             continue
         resume.write_sidecar(output, "running", scene, recipe)
-        n = band_count(grid.height, grid.width, options.tile, options.overlap, split_above) if dense else 1
-        split = plan_bands(grid.height, grid.width, options.tile, options.overlap, n) if n > 1 else None
-        chips = sum(len(ChipPlan.build(b.read_stop - b.read_start, grid.width, options.tile, options.overlap))
+        n = band_count(grid.height, grid.width, tiling.tile, tiling.overlap, split_above) if task.dense else 1
+        split = plan_bands(grid.height, grid.width, tiling.tile, tiling.overlap, n) if n > 1 else None
+        chips = sum(len(ChipPlan.build(b.read_stop - b.read_start, grid.width, tiling.tile, tiling.overlap))
                     for b in split or [Band(0, 1, 0, grid.height, 0, grid.height)])
         jobs.append(SceneJob(scene, output, chips, split))
     return outcomes, jobs
 
 
 def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOutcome], report: JobProgress) -> None:
-    """Note a finished scene; a complete one gets its sidecar."""
+    """Note a finished scene: its sidecar says complete (with its notes) or failed (with the
+    reason); its warnings are said once."""
     if res.ok:
         resume.write_sidecar(job.output, "complete", job.scene, recipe,
-                             {"chips": res.chips_total, "seconds": round(res.seconds, 3)})
+                             {"chips": res.chips_total, "seconds": round(res.seconds, 3), "notes": res.notes})
+    else:
+        resume.write_sidecar(job.output, "failed", job.scene, recipe, {"reason": res.reason})
+    for note in res.notes:
+        report.say(f"warning: {note}")
     outcome = SceneOutcome(str(job.scene), str(job.output), "done" if res.ok else "failed", res.reason,
-                           res.chips_total, round(res.seconds, 3), len(job.bands or [None]))
+                           res.chips_total, round(res.seconds, 3), len(job.bands or [None]), list(res.notes))
     outcomes.append(outcome)
     report.scene_finished(job, outcome)
 
 
 # -- executors ---------------------------------------------------------------------------------
 
-def _run_in_process(jobs: list[SceneJob], options: JobOptions, report: JobProgress, done: Callable) -> None:
+def _run_in_process(jobs: list[SceneJob], job: BatchJob, report: JobProgress, done: Callable) -> None:
     """Scenes one after the other with one model loaded here (only if some scene needs it)."""
     try:
-        runtime = Runtime(options) if jobs else None
+        runtime = Runtime(job) if jobs else None
     except DinoGeoError as exc:           # no model, no scene: each one says why
-        for job in jobs:
-            done(job, UnitResult(False, str(exc)))
+        for scene_job in jobs:
+            done(scene_job, UnitResult(False, str(exc)))
         return
-    for job in jobs:
+    for scene_job in jobs:
         STOP.raise_if_requested()         # a stop asked for during the last scene's tail
-        if job.bands is None:
-            done(job, guarded(runtime.scene, job.scene, job.output, report.chips))
+        if scene_job.bands is None:
+            done(scene_job, guarded(runtime.scene, scene_job.scene, scene_job.output, report.chips))
             continue
         parts = []
-        for band in job.bands:
-            parts.append(guarded(runtime.band, job.scene, job.output, band, report.chips))
-            report.band_finished(job, band, parts[-1])
-        done(job, _assembled(job.scene, job.output, job.bands, options, parts))
+        for band in scene_job.bands:
+            parts.append(guarded(runtime.band, scene_job.scene, scene_job.output, band, report.chips))
+            report.band_finished(scene_job, band, parts[-1])
+        done(scene_job, _assembled(scene_job.scene, scene_job.output, scene_job.bands, job, parts))
 
 
-def _assembled(scene: Path, output: Path, bands: list[Band], options: JobOptions,
-               parts: list[UnitResult]) -> UnitResult:
+def _assembled(scene: Path, output: Path, bands: list[Band], job: BatchJob, parts: list[UnitResult]) -> UnitResult:
     """The scene's result from its bands' results: assembled into the COG when all succeeded."""
     failed = [p for p in parts if not p.ok]
     if failed:
         remove_band_files(output)
         return UnitResult(False, failed[0].reason, seconds=sum(p.seconds for p in parts))
-    res = guarded(assemble, scene, output, bands, options, parts[0].spec, parts[0].channels)
+    res = guarded(assemble, scene, output, bands, job, parts[0].spec, parts[0].channels)
     res.chips_total = sum(p.chips_total for p in parts)
     res.chips_computed = sum(p.chips_computed for p in parts)
     res.seconds += sum(p.seconds for p in parts)
+    res.notes = list(dict.fromkeys(n for p in parts for n in p.notes))
     return res
 
 
@@ -380,13 +356,13 @@ def _band_task(plugin: str, scene: Path, output: Path, band: Band) -> UnitResult
         return guarded(runtime.band, scene, output, band, cluster.chip_events(plugin))
 
 
-def _assemble_task(scene: Path, output: Path, bands: list[Band], options: JobOptions,
+def _assemble_task(scene: Path, output: Path, bands: list[Band], job: BatchJob,
                    parts: list[UnitResult]) -> UnitResult:
     with cluster.library_warnings_hidden():
-        return _assembled(scene, output, bands, options, parts)
+        return _assembled(scene, output, bands, job, parts)
 
 
-def _run_on_cluster(client, jobs: list[SceneJob], options: JobOptions, report: JobProgress, done: Callable) -> None:
+def _run_on_cluster(client, jobs: list[SceneJob], options: BatchJob, report: JobProgress, done: Callable) -> None:
     """Every scene (or band) as a task; the model is loaded once per worker by a plugin."""
     from distributed import as_completed
 
@@ -434,27 +410,28 @@ def _in_input_order(outcomes: list[SceneOutcome], scenes: list[Path]) -> list[Sc
     return sorted(outcomes, key=lambda o: order.get(o.scene, len(order)))
 
 
-def _combined_products(result: BatchResult, out_dir: Path, task: str, vector: Optional[Path], overwrite: bool) -> None:
-    """The VRT mosaic of every complete output and, when asked, the combined GeoPackage (per-chip
-    tasks: every scene's chips in one layer), by one CRS rule (:mod:`~dinov3_geo.batch.mosaic`);
-    the STAC Collection of them all."""
+def _combined_products(result: BatchResult, out_dir: Path, spec, vector: Optional[Path], overwrite: bool) -> None:
+    """What the task's batch files combine into, by one CRS rule (:mod:`~dinov3_geo.batch.mosaic`):
+    the VRT mosaic of every complete COG and, when asked, the combined GeoPackage (``mosaic``), or
+    every scene's rows in one layer (``layer``); and the STAC Collection of every output."""
     complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
     if not complete:
         return
-    spec = TASKS[task]
-    if spec.layer is not None and not spec.dense:       # chips: one layer (per CRS) of every scene's
-        result.vector = out_dir / f"mosaic_{task}.gpkg"
+    files = spec.batch
+    if files.combine == "layer":
+        result.vector = out_dir / f"mosaic_{spec.name}.gpkg"
         result.notes += mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete],
-                                             result.vector, layer=spec.layer, overwrite=True)[2]
-    elif spec.dense:
-        result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete], out_dir / f"mosaic_{task}.vrt")
+                                             result.vector, layer=files.layer, overwrite=True)[2]
+    elif files.combine is not None:
+        result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete],
+                                                  out_dir / f"mosaic_{spec.name}.vrt")
         result.notes += notes
         if vector is not None:
             parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
             # (an existing file was checked by _check_vector)
-            result.notes += mosaic.merge_vectors(parts, vector, layer=spec.layer, overwrite=True)[2]
+            result.notes += mosaic.merge_vectors(parts, vector, layer=files.layer, overwrite=True)[2]
             result.vector = vector
-    result.catalogue = mosaic.write_catalogue(out_dir, task, [(Path(o.scene), Path(o.output)) for o in complete],
+    result.catalogue = mosaic.write_catalogue(out_dir, spec.name, [(Path(o.scene), Path(o.output)) for o in complete],
                                               [*result.mosaics, result.vector])      # STAC Items, QGIS styles
 
 

@@ -1,10 +1,10 @@
 """The work of one scene or one row band, as it runs in the job's process or on a Dask worker.
 
-A :class:`Runtime` holds one loaded model and its run settings and runs any number of scenes with
-it through the pipeline (on a Dask worker it lives in
-:class:`~dinov3_geo.batch.cluster.ModelPlugin`, so each worker loads its model once). Every
-function here returns a :class:`UnitResult` instead of raising for an expected failure, so one bad
-scene is reported and the others go on.
+A :class:`Runtime` holds one loaded model for the job's resolved request and runs any number of
+scenes with it through the task's own writer (the one the single-scene functions use; on a Dask
+worker it lives in :class:`~dinov3_geo.batch.cluster.ModelPlugin`, so each worker loads its model
+once). Every function here returns a :class:`UnitResult` instead of raising for an expected
+failure, so one bad scene is reported and the others go on; a scene's warnings come back with it.
 """
 from __future__ import annotations
 
@@ -12,58 +12,59 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from dinov3_geo.batch.plan import TASKS, Band
-from dinov3_geo.errors import DinoGeoError, short_message
+from dinov3_geo.batch.plan import Band
+from dinov3_geo.engine import run_chips
+from dinov3_geo.errors import DinoGeoError, DinoGeoWarning, short_message
 from dinov3_geo.io.georef import georeference_profile
-from dinov3_geo.io.scene import MAX_UPSAMPLE
+from dinov3_geo.io.scene import scene_reader
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
-from dinov3_geo.pipeline import DenseOutput
+from dinov3_geo.io.stitch import StreamingStitcher
+from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.pipeline import DenseOutput, output_channels
+from dinov3_geo.tasks import describe
+from dinov3_geo.tasks.registry import Job, Request
 
 ChipReport = Callable[[str, int], None]
 """``report(unit, chips)``: ``chips`` of the unit (a scene or a band) are done so far."""
 
 
 @dataclass(frozen=True)
-class JobOptions:
-    """Everything a worker needs to load the model and run scenes like ``segment`` (or ``segment
-    --head``, ``classify``, ``embed``) does."""
+class BatchJob:
+    """Everything a worker needs to run scenes as the single-scene functions do: the request
+    resolved once by the job (task, model source, tiling, reading, run settings) and the writer's
+    choices (output type, polygons, threshold). ``torch_threads``: torch's threads in a worker."""
 
-    task: str = "canopy"
-    weights: Optional[str] = None
-    backbone_weights: Optional[str] = None
-    head: Optional[str] = None              # segment, classify: the head file
-    backbone: Optional[str] = None          # the head's (None: the one its file names) or embed's
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 8
-    tile: int = 512
-    overlap: int = 64
-    bands: Optional[tuple[int, ...]] = None
-    scale: Optional[tuple[float, float]] = None
-    gsd: Optional[float] = None
-    min_height: float = 2.0
+    request: Request
     dtype: str = "float32"
     vector: bool = False
-    compile: bool = False
-    verify: bool = True
-    readers: Optional[int] = None
+    min_height: float = 2.0
     torch_threads: Optional[int] = None
-    max_upsample: Optional[float] = MAX_UPSAMPLE
 
-    def scene_kwargs(self) -> dict[str, Any]:
-        return dict(bands=list(self.bands) if self.bands else None, scale=self.scale, gsd=self.gsd,
-                    max_upsample=self.max_upsample)
+    def job(self, output: Path) -> Job:
+        """The writer's choices for one scene's ``output`` (its polygons beside it)."""
+        return Job(dtype=self.dtype, vector=vector_path(output) if self.vector else None,
+                   min_height=self.min_height, overwrite=True, progress=False)
+
+    def spec(self, channels_info) -> Optional[DenseOutput]:
+        """How a dense task's COG is written (for row bands and their assembly)."""
+        if not self.request.task.dense:
+            return None
+        kind = self.request.task.output
+        return DenseOutput(kind, "uint8" if kind == "classes" else self.dtype, channels_info.band_names,
+                           channels_info.class_names, channels_info.colormap)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class UnitResult:
     notes: list[str] = field(default_factory=list)
     spec: Optional[DenseOutput] = None      # a band's: how the scene's COG is written
     channels: int = 0
+    precision: str = ""
 
 
 def vector_path(output: Path) -> Path:
@@ -109,119 +111,85 @@ def guarded(fn, *args) -> UnitResult:
     return result
 
 
-class Runtime:
-    """One model loaded for ``options`` and its run settings, reused scene after scene through the
-    pipeline (:func:`~dinov3_geo.pipeline.write_dense`, :func:`~dinov3_geo.engine.run_chips`)."""
+@contextlib.contextmanager
+def scene_warnings(notes: list[str]):
+    """Our warnings raised inside the block collected into ``notes`` (said once, by the job, per
+    scene), not printed where they arise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DinoGeoWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, DinoGeoWarning) and str(w.message) not in notes:
+            notes.append(str(w.message))
 
-    def __init__(self, options: JobOptions, gpu_index: Optional[int] = None):
+
+class Runtime:
+    """One model loaded for the job's request, reused scene after scene through the task's writer."""
+
+    def __init__(self, job: BatchJob, gpu_index: Optional[int] = None):
         import torch
 
-        from dinov3_geo.api import _load_task_model
-        from dinov3_geo.engine import RunSettings, resolve_device
-        from dinov3_geo.tasks import describe
-
-        if options.torch_threads:
-            torch.set_num_threads(options.torch_threads)
-        device = resolve_device(options.device)
-        if device.type == "cuda" and device.index is None and gpu_index is not None:
-            device = torch.device("cuda", gpu_index % torch.cuda.device_count())
-        self.settings = RunSettings.resolve(device, options.precision, options.batch_size, options.compile,
-                                            options.readers)
-        if options.task == "canopy":
-            self.model = _load_task_model(options.task, options.weights, options.backbone_weights,
-                                          self.settings.device, self.settings.dtype, options.verify)
-        else:
-            self.model = load_backbone_model(options).to(self.settings.device)
-        self.options = options
+        if job.torch_threads:
+            torch.set_num_threads(job.torch_threads)
+        settings = job.request.settings
+        if settings.device.type == "cuda" and settings.device.index is None and gpu_index is not None:
+            settings = replace(settings, device=torch.device("cuda", gpu_index % torch.cuda.device_count()))
+        self.job = job
+        self.request = replace(job.request, settings=settings)
+        self.model = self.request.load_model()
         self.info = describe(self.model)
-        kind = TASKS[options.task].output
-        self.spec = DenseOutput(kind, "uint8" if kind == "classes" else options.dtype, self.info.band_names,
-                                self.info.class_names, self.info.colormap) if TASKS[options.task].dense else None
 
     def scene(self, scene: Path, output: Path, report: Optional[ChipReport] = None) -> UnitResult:
-        """The whole scene into its output: a COG (and its GeoPackage when the job asks for
-        vectors), the GeoPackage of its chips' classes, or the GeoParquet of its chip embeddings."""
-        from dinov3_geo.analysis import chip_embedding_writer
-        from dinov3_geo.engine import run_chips
-        from dinov3_geo.io.scene import open_scene
-        from dinov3_geo.pipeline import write_dense
-        from dinov3_geo.tasks.classify import write_chips
-
-        with open_scene(scene, **self.options.scene_kwargs()) as sc:
+        """The whole scene into its output by the task's writer, as the single-scene function
+        writes it; the scene's warnings come back as notes."""
+        notes: list[str] = []
+        with scene_warnings(notes), scene_reader(scene, self.request.reading) as sc:
+            notes.extend(self.request.task.scene_notes(self.request, sc))
             view = SceneRows(sc, 0, sc.height, _unit_reporter(report, unit_name(output)))
-            plan = self._plan(view)
-            if self.options.task == "embed":
-                writer = chip_embedding_writer(output, view, plan, self.model, overwrite=True)
-                stats = run_chips(view, self.model, writer, plan, self.settings, progress=False)
-            elif self.spec is None:
-                stats, _ = write_chips(view, self.model, output, plan, self.settings, overwrite=True, progress=False)
-            else:
-                stats, _ = write_dense(view, self.model, output, plan, self.settings, self.spec, self.info,
-                                       overwrite=True, progress=False)
-        _write_vector(output, self.options, self.info.class_names)
+            written = self.request.task.write(self.request, view, self.model, output, self.job.job(output))
+        stats = written.stats
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
-                          notes=list(stats.notes))
+                          notes=_unique(notes + list(stats.notes)), precision=self.request.settings.precision)
 
     def band(self, scene: Path, output: Path, band: Band, report: Optional[ChipReport] = None) -> UnitResult:
         """One row band of a split scene: its owned rows into the band's hidden file."""
-        from dinov3_geo.engine import run_chips
-        from dinov3_geo.io.scene import open_scene
-        from dinov3_geo.io.stitch import StreamingStitcher
-        from dinov3_geo.pipeline import output_channels
-
-        with open_scene(scene, **self.options.scene_kwargs()) as sc:
+        notes: list[str] = []
+        spec = self.job.spec(self.info)
+        with scene_warnings(notes), scene_reader(scene, self.request.reading) as sc:
+            if band.index == 0:
+                notes.extend(self.request.task.scene_notes(self.request, sc))
             view = SceneRows(sc, band.read_start, band.read_stop, _unit_reporter(report, unit_name(output, band)))
-            plan = self._plan(view)
-            channels = self.info.channels or output_channels(self.model, plan.tile, self.settings)
-            with BandSink(band_path(output, band), sc, band, self.spec, channels) as sink:
-                stitcher = StreamingStitcher(_Shifted(self.spec.encoder(sink), band.read_start), plan, channels,
-                                             kind=self.spec.kind)
-                stats = run_chips(view, self.model, stitcher, plan, self.settings, progress=False)
+            plan = ChipPlan.build(view.height, view.width, self.request.tiling.tile, self.request.tiling.overlap)
+            channels = self.info.channels or output_channels(self.model, plan.tile, self.request.settings)
+            with BandSink(band_path(output, band), sc, band, spec, channels) as sink:
+                stitcher = StreamingStitcher(_Shifted(spec.encoder(sink), band.read_start), plan, channels,
+                                             kind=spec.kind)
+                stats = run_chips(view, self.model, stitcher, plan, self.request.settings, progress=False)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
-                          notes=list(stats.notes), spec=self.spec, channels=channels)
-
-    def _plan(self, view: "SceneRows"):
-        """The chip plan of a view. A band's rows start on the scene's chip grid and end on a chip's
-        end (:func:`~dinov3_geo.batch.plan.plan_bands`), so its plan is those chips of the scene's
-        plan, with the scene plan's blend weights over the rows the band owns."""
-        from dinov3_geo.io.tiling import ChipPlan
-
-        return ChipPlan.build(view.height, view.width, self.options.tile, self.options.overlap)
+                          notes=_unique(notes + list(stats.notes)), spec=spec, channels=channels,
+                          precision=self.request.settings.precision)
 
 
-def load_backbone_model(options: JobOptions):
-    """The model of a ``segment``, ``classify`` or ``embed`` job (a backbone and its head, or the
-    backbone's chip tokens), as the single-scene commands build it."""
-    from dinov3_geo.tasks.classify import ChipClassifier, load_classify_head
-    from dinov3_geo.tasks.segment_head import SegmentHeadModel, backbone_for_head, load_segment_head
-
-    if options.task == "embed":
-        from dinov3_geo.analysis import _load_backbone
-        from dinov3_geo.tasks.embed import ChipTokens
-
-        return ChipTokens(_load_backbone(options.backbone))
-    if options.task == "segment":
-        hf = load_segment_head(options.head)
-        return SegmentHeadModel(backbone_for_head(hf, options.backbone, options.verify), hf)
-    hf = load_classify_head(options.head)
-    return ChipClassifier(backbone_for_head(hf, options.backbone, options.verify), hf)
+def _unique(notes: list[str]) -> list[str]:
+    return list(dict.fromkeys(notes))
 
 
 def _unit_reporter(report: Optional[ChipReport], unit: str) -> Optional[Callable[[int], None]]:
     return None if report is None else (lambda chips: report(unit, chips))
 
 
-def _write_vector(output: Path, options: JobOptions, class_names: Optional[tuple[str, ...]]) -> None:
-    """The per-scene polygons of a COG ``output`` (the task's layer) beside it, when asked for:
-    canopy above ``min_height``, or one polygon per region of equal class."""
-    if not options.vector:
+def write_polygons(output: Path, job: BatchJob, class_names) -> None:
+    """The per-scene polygons of an assembled COG ``output`` beside it, when the job asks for them
+    (canopy above the threshold, or one polygon per region of equal class)."""
+    if not job.vector:
         return
     from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
 
-    if options.task == "canopy":
-        polygonize_threshold(output, vector_path(output), options.min_height, layer="canopy", overwrite=True)
+    layer = job.request.task.batch.layer
+    if job.request.task.output == "classes":
+        polygonize_classes(output, vector_path(output), class_names, layer=layer, overwrite=True)
     else:
-        polygonize_classes(output, vector_path(output), class_names, overwrite=True)
+        polygonize_threshold(output, vector_path(output), job.min_height, layer=layer, overwrite=True)
 
 
 class SceneRows:
@@ -307,21 +275,19 @@ class BandSink:
         self._stack.__exit__(exc_type, exc, tb)
 
 
-def assemble(scene: Path, output: Path, bands: list[Band], options: JobOptions, spec: DenseOutput,
+def assemble(scene: Path, output: Path, bands: list[Band], job: BatchJob, spec: DenseOutput,
              channels: int) -> UnitResult:
     """The bands' files, in row order, streamed into the scene's COG (written as ``spec`` says for
     ``channels`` model outputs); the band files are removed."""
-    from dinov3_geo.io.scene import open_scene
-
-    try:
-        with open_scene(scene, **options.scene_kwargs()) as sc, \
+    try:        # the scene's warnings were said by its bands already
+        with scene_warnings([]), scene_reader(scene, job.request.reading) as sc, \
                 spec.cog_sink(output, sc, channels, overwrite=True) as sink:
             for band in bands:
                 with rasterio.open(band_path(output, band)) as ds:
                     for off in range(0, ds.height, BLOCK):
                         rows = min(BLOCK, ds.height - off)
                         sink.write(band.own_start + off, ds.read(window=Window(0, off, ds.width, rows)))
-        _write_vector(output, options, spec.class_names)
+        write_polygons(output, job, spec.class_names)
     finally:
         remove_band_files(output)
     return UnitResult(True)
@@ -335,7 +301,7 @@ def remove_band_files(output: Path) -> None:
 
 
 #: Hidden temporaries beside a target: ``.NAME.<tag>-XXXX`` (io.sinks.temp_path), ``.NAME.band-...``.
-_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial\d*|cog|ovr|vrt|probe|band|empty\d*)(?:-.*)?$")
+_TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial\d*|cog|ovr|vrt|probe|band|empty\d*|features)(?:-.*)?$")
 
 
 def remove_temporaries(folder: Path, targets: set[str]) -> int:
@@ -344,8 +310,11 @@ def remove_temporaries(folder: Path, targets: set[str]) -> int:
     removed = 0
     for entry in os.scandir(folder):
         match = _TEMPORARY.match(entry.name)
-        if match and match["target"] in targets and entry.is_file():
+        if match and match["target"] in targets:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):       # a Zarr store being written
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed += 1
     return removed

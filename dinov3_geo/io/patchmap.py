@@ -169,9 +169,10 @@ class ZarrFeatureSink:
 
     The store holds ``features`` (band, y, x) float32 with NaN nodata, coordinates ``x``/``y`` (cell
     centres), ``spatial_ref`` (CRS and GeoTransform, rioxarray's convention), GDAL's ``_CRS``
-    attribute on ``features`` (:func:`gdal_crs_attribute`) and the attributes given (backbone id, ...). Rows are buffered into whole chunks of ``ZARR_CHUNK_ROWS`` rows. It is
-    written under a hidden temporary name and moved onto ``path`` by a clean ``__exit__``; an
-    exception removes it. Open with :func:`open_features`.
+    attribute on ``features`` (:func:`gdal_crs_attribute`) and the attributes given (backbone id,
+    ...). Rows are buffered into whole chunks of ``ZARR_CHUNK_ROWS`` rows. It is written under a
+    hidden temporary name and moved onto ``path`` by a clean ``__exit__``; an exception removes it.
+    Open with :func:`open_features`.
     """
 
     def __init__(self, path, grid: CellGrid, channels: int, attrs: dict, overwrite: bool = False,
@@ -208,7 +209,9 @@ class ZarrFeatureSink:
             ds[FEATURES_VAR].attrs["_CRS"] = gdal_crs_attribute(self.grid.crs)
         # Zarr v2 with consolidated metadata: what GDAL, QGIS and older xarray read too
         ds.to_zarr(self._tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT)
-        self._array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
+        array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
+        # every chunk stored, all-nodata ones too: a missing chunk then means a damaged store
+        self._array = array.with_config({"write_empty_chunks": True})
 
     def write(self, row_off: int, array: np.ndarray) -> None:
         """Take cell rows ``[channels, rows, width]`` starting at ``row_off`` (in order)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
+import sys
 import threading
 import warnings
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.transform import from_gcps
 from rasterio.vrt import WarpedVRT
@@ -27,11 +27,10 @@ from rasterio.windows import Window
 
 from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, short_message
 from dinov3_geo.io.georef import input_note
+from dinov3_geo.io.pixels import (BandFacts, choose_bands, model_input, resolve_scaling, sample_shape, valid_pixels,
+                                  valid_values)
 
 MIN_SIZE = 16
-#: Longest side of the decimated read used to estimate the percentile stretch.
-STATS_SIDE = 1024
-PERCENTILES = (2.0, 98.0)
 #: Largest upsampling per axis that ``gsd`` may ask for unless the caller raises ``max_upsample``.
 MAX_UPSAMPLE = 8.0
 _ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
@@ -69,65 +68,6 @@ class _Grid:
 
     def as_dict(self) -> dict:
         return {"crs": self.crs, "transform": self.transform, "width": self.width, "height": self.height}
-
-
-#: Words in band descriptions that name a colour; band codes (Sentinel-2, Landsat 8/9) come second.
-_COLOUR_WORDS = {"red": re.compile(r"\bred\b(?!.?edge)", re.I), "green": re.compile(r"\bgreen\b", re.I),
-                 "blue": re.compile(r"\bblue\b", re.I)}
-_COLOUR_CODES = {"red": {"r", "b4", "b04"}, "green": {"g", "b3", "b03"}, "blue": {"b", "b2", "b02"}}
-
-
-def _rgb_by_colour_interp(src) -> list[int] | None:
-    """Red, green, blue band numbers from the colour interpretation, if all three are set."""
-    interp = list(src.colorinterp)
-    rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
-    return [interp.index(ci) + 1 for ci in rgb] if all(ci in interp for ci in rgb) else None
-
-
-def _rgb_by_description(src) -> list[int] | None:
-    """Red, green, blue band numbers from band descriptions ('Red', 'B3 red', 'B4'...), if each
-    colour is named by exactly one band."""
-    names = [(d or "").strip() for d in src.descriptions]
-    for match in (lambda colour, name: bool(_COLOUR_WORDS[colour].search(name)),
-                  lambda colour, name: name.lower() in _COLOUR_CODES[colour]):
-        found = [[i + 1 for i, name in enumerate(names) if match(colour, name)] for colour in ("red", "green", "blue")]
-        if all(len(f) == 1 for f in found):
-            return [f[0] for f in found]
-    return None
-
-
-def _choose_bands(src, bands: Sequence[int] | None, where: str) -> tuple[list[int], list[str]]:
-    """1-based band indexes to read (length 1 or 3) and warnings.
-
-    Given ``bands`` win; else red, green, blue by colour interpretation, then by band description;
-    else the first three bands, with a warning when there are more than three (their order is
-    unknown: Landsat 5/7 files, for example, start blue, green, red)."""
-    count = src.count
-    if bands is not None:
-        bands = [int(b) for b in bands]
-        for b in bands:
-            if b < 1 or b > count:
-                raise UsageError("bands", f"band {b} does not exist: {where} has {count} band(s)")
-        if len(bands) not in (1, 3):
-            raise UsageError("bands", f"give 1 or 3 bands, got {len(bands)}")
-        picked = bands
-    elif count == 1:
-        picked = [1]
-    elif count < 3:
-        raise InputError(where, f"{count} bands: cannot tell which are red, green, blue; "
-                                "choose 1 or 3 with `bands`")
-    else:
-        picked = _rgb_by_colour_interp(src) or _rgb_by_description(src)
-        if picked is None:
-            picked = [1, 2, 3]
-            if count > 3:
-                return picked, [f"{where}: {count} bands with no colour interpretation or band names: used bands "
-                                "1,2,3 as red, green, blue; if the order differs (Landsat 5/7: 1,2,3 are blue, green, "
-                                "red) choose them with `bands` 3,2,1 (Python: bands=[3, 2, 1])"]
-    warnings = []
-    if len(picked) == 1:
-        warnings.append(f"{where}: single band {picked[0]} (panchromatic?) repeated to 3 channels")
-    return picked, warnings
 
 
 def _gcps_only(src) -> tuple[list, Any] | None:
@@ -196,7 +136,8 @@ class Scene:
             raise InputError(self.path, f"unsupported data type {self.dtype} (need integer or float)")
         if src.width < MIN_SIZE or src.height < MIN_SIZE:
             raise InputError(self.path, f"too small: {src.width} x {src.height} px (need >= {MIN_SIZE})")
-        self.bands, self.warnings = _choose_bands(src, bands, self.path)
+        self.facts = BandFacts.of_dataset(src)
+        self.bands, self.warnings = choose_bands(self.facts, bands, self.path)
         self.gcps = _gcps_only(src)
         self.crs = self.gcps[1] if self.gcps else src.crs
         self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
@@ -262,35 +203,11 @@ class Scene:
         """Input pixels per working pixel along an axis (> 1: the model sees finer pixels)."""
         return self.width / self.input_profile["width"]
 
-    def _scaling(self, src, scale) -> list[tuple[float, float]] | None:
-        """Per-band (lo, hi) of the global stretch; ``None`` for uint8 sources (divide by 255)."""
-        if scale is not None:
-            lo, hi = (float(v) for v in scale)
-            if not hi > lo:
-                raise UsageError("scale", f"need MIN < MAX, got {scale!r}")
-            return [(lo, hi)] * len(self.bands)
-        if self.dtype == "uint8":
-            return None
-        return [self._band_percentiles(src, b) for b in self.bands]
-
-    def _band_percentiles(self, src, band: int) -> tuple[float, float]:
-        """2nd and 98th percentile of the valid pixels of ``band``, from overviews or a decimated read."""
-        f = max(1.0, max(src.width, src.height) / STATS_SIDE)
-        shape = (max(1, int(src.height / f)), max(1, int(src.width / f)))
-        try:
-            data = src.read(band, out_shape=shape, resampling=Resampling.nearest).astype(np.float64)
-            mask = src.read_masks(band, out_shape=shape, resampling=Resampling.nearest) > 0
-        except RasterioError as exc:
-            raise InputError(self.path, f"unreadable pixels ({short_message(exc)})") from None
-        if self.nodata_override is not None:
-            mask = self._valid_by_value(data[None], [self.nodata_override])
-        values = data[mask & np.isfinite(data)]
-        if values.size == 0:  # all nodata: chips with no valid pixel are skipped, the output is all nodata
-            return 0.0, 1.0
-        lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
-        if not hi > lo:
-            hi = lo + 1.0
-        return lo, hi
+    def _scaling(self, src, scale):
+        """Per-band (lo, hi) of the global stretch (the pixel contract's rule); ``None`` for uint8
+        sources (divide by 255)."""
+        return resolve_scaling(self.dtype, scale, len(self.bands),
+                               lambda: stats_sample(src, self.bands, self.nodata_override, self.path))
 
     # -- handles --------------------------------------------------------------------------------
     def _register(self, src) -> None:
@@ -337,27 +254,15 @@ class Scene:
         handle = self._handle()
         data_ds = handle[1] if len(handle) > 1 else handle[0]
         mask_ds = handle[2] if len(handle) > 1 else handle[0]
-        unique = sorted(set(self.bands))
         try:
             data = data_ds.read(self.bands, window=window)
-            # GDAL's dataset-mask rule: a pixel is nodata only where every band is nodata (a dark
-            # pixel with one band at the nodata value is data); alpha and internal masks are shared.
-            if self._nodata_values is None:
-                valid = np.any(mask_ds.read_masks(unique, window=window) > 0, axis=0)
-            elif not self._nodata_values:
-                valid = np.ones(data.shape[1:], bool)
+            if self._nodata_values is None:     # alpha, internal masks, warped grids: GDAL's masks
+                valid = valid_pixels(data, masks=mask_ds.read_masks(self.bands, window=window))
             else:
-                valid = self._valid_by_value(data, self._nodata_values)
+                valid = valid_pixels(data, nodata=self._nodata_values)
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
-        if data.dtype.kind == "f":
-            valid &= np.all(np.isfinite(data), axis=0)
-        chip = self._scale(data)
-        if not valid.all():
-            _zero_invalid(chip, valid)
-        if chip.shape[0] == 1:
-            chip = np.repeat(chip, 3, axis=0)
-        return chip, valid
+        return model_input(data, valid, self.scaling), valid
 
     def input_valid(self, window: Window) -> np.ndarray:
         """Validity ``[h, w]`` of ``window`` of the *input* grid, by the rule of :meth:`read` (any
@@ -367,14 +272,10 @@ class Scene:
         try:
             data = src.read(self.bands, window=window)
             if self.nodata_override is not None:
-                valid = self._valid_by_value(data, [self.nodata_override])
-            else:
-                valid = np.any(src.read_masks(sorted(set(self.bands)), window=window) > 0, axis=0)
+                return valid_pixels(data, nodata=[self.nodata_override])
+            return valid_pixels(data, masks=src.read_masks(self.bands, window=window))
         except RasterioError as exc:
             raise InputError(self.path, f"cannot read window {window} ({short_message(exc)})") from None
-        if data.dtype.kind == "f":
-            valid &= np.all(np.isfinite(data), axis=0)
-        return valid
 
     def _validity_from_values(self, src) -> list[float] | None:
         """Per-band nodata values when validity can be told from the values read (no second
@@ -391,24 +292,6 @@ class Scene:
         if all(f == [MaskFlags.nodata] for f in flags):
             return [float(src.nodatavals[b - 1]) for b in self.bands]
         return None
-
-    @staticmethod
-    def _valid_by_value(data: np.ndarray, values) -> np.ndarray:
-        """GDAL's dataset-mask rule from values: a pixel is nodata where every band holds its band's
-        nodata value (NaN matches NaN). Integers are compared in their own type, not float64."""
-        if len(values) != len(data):
-            values = [values[0]] * len(data)
-        targets = [_comparable(band.dtype, value) for band, value in zip(data, values)]
-        if any(t is None for t in targets):     # a band never holds its nodata value: no pixel is nodata
-            return np.ones(data.shape[1:], bool)
-        valid = _band_valid(data[0], targets[0])
-        scratch = np.empty_like(valid) if len(data) > 1 else None
-        for band, target in zip(data[1:], targets[1:]):
-            np.logical_or(valid, _band_valid(band, target, out=scratch), out=valid)
-        return valid
-
-    def _scale(self, data: np.ndarray) -> np.ndarray:
-        return scale_to_unit(data, self.scaling)
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -431,46 +314,20 @@ class Scene:
                 f"dtype={self.dtype}, resampled={self.resampled})")
 
 
-def _comparable(dtype: np.dtype, value: float):
-    """``value`` as compared with data of ``dtype``: float data, the value itself (as before, NaN
-    included); integer data, the value in that integer type when it holds it exactly, else ``None``
-    (no pixel can equal it: a comparison in float64 would find none either)."""
-    value = float(value)
-    if dtype.kind == "f":
-        return value
-    info = np.iinfo(dtype)
-    if math.isfinite(value) and value.is_integer() and info.min <= value <= info.max:
-        return dtype.type(int(value))
-    return None
-
-
-def _band_valid(band: np.ndarray, target, out: np.ndarray | None = None) -> np.ndarray:
-    """Where ``band`` differs from its nodata value ``target`` (see :func:`_comparable`); a NaN
-    target: where the band is not NaN."""
-    if isinstance(target, float) and math.isnan(target):
-        out = np.isnan(band, out=out)
-        return np.logical_not(out, out=out)
-    return np.not_equal(band, target, out=out)
-
-
-def _zero_invalid(chip: np.ndarray, valid: np.ndarray) -> None:
-    """Set the invalid pixels of ``chip`` ``[bands, h, w]`` to 0 in place (multiplying by 1 or 0 in
-    the chip's own type when it is uint8: no cast of the mask per element)."""
-    mask = valid.view(np.uint8) if chip.dtype == np.uint8 else valid
-    np.multiply(chip, mask, out=chip)     # NaN is already 0 here
-
-
-def scale_to_unit(data: np.ndarray, scaling: list[tuple[float, float]] | None) -> np.ndarray:
-    """A chip ``[bands, h, w]`` as the model reads it: uint8 (``scaling`` None) passes through;
-    other types map (lo, hi) per band to 0..1, clipped, float32, NaN to 0."""
-    if scaling is None:
-        return data.copy() if not data.flags.writeable else data
-    out = np.empty(data.shape, dtype=np.float32)
-    for i, (lo, hi) in enumerate(scaling):
-        band = (data[i].astype(np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-        np.clip(band, 0.0, 1.0, out=out[i])
-    np.nan_to_num(out, copy=False, nan=0.0)
-    return out
+def stats_sample(src, bands: Sequence[int], nodata: float | None = None, where: str | None = None) -> list[np.ndarray]:
+    """The valid values of each of ``bands`` in a decimated read of the whole dataset ``src`` (from
+    overviews where the file has them): what the percentile stretch of a scene is estimated from.
+    ``nodata``: a value that replaces the file's own masks."""
+    shape = (len(bands), *sample_shape(src.height, src.width))
+    try:
+        data = src.read(list(bands), out_shape=shape, resampling=Resampling.nearest)
+        if nodata is None:
+            masks = src.read_masks(list(bands), out_shape=shape, resampling=Resampling.nearest) > 0
+        else:
+            masks = np.stack([valid_pixels(band[None], nodata=[nodata]) for band in data])
+    except RasterioError as exc:
+        raise InputError(where or src.name, f"unreadable pixels ({short_message(exc)})") from None
+    return valid_values(data, masks)
 
 
 def _check_nodata(nodata: float | None) -> float | None:
@@ -502,19 +359,46 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
     return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample, grid=grid)
 
 
+def is_dataarray(scene) -> bool:
+    """Whether ``scene`` is an xarray DataArray (without importing xarray)."""
+    xr = sys.modules.get("xarray")
+    return xr is not None and isinstance(scene, xr.DataArray)
+
+
 @contextlib.contextmanager
-def scene_reader(scene, **options):
-    """``scene`` itself when it is an open scene reader already (a :class:`Scene`, or any object
-    with ``read(window)``, ``height``, ``width``, ``crs`` and ``transform``, such as the xarray
-    accessor's), else :func:`open_scene` of the path with ``options`` (closed after), whose
-    warnings are issued as :class:`DinoGeoWarning`."""
+def scene_reader(scene, reading=None, grid: dict | None = None):
+    """An open scene reader for ``scene`` read as ``reading`` (a
+    :class:`~dinov3_geo.options.ReadOptions`) says: a path is opened with :func:`open_scene`, a
+    rioxarray DataArray is read through the same pixel contract
+    (:class:`~dinov3_geo.io.dataarray.DataArrayScene`), and an object that reads already (a
+    :class:`Scene`, or anything with ``read(window)``, ``height``, ``width``, ``crs`` and
+    ``transform``) is used as it is. The reader's warnings (band choice, no georeference...) are
+    issued once, here, as :class:`DinoGeoWarning`; what this opened is closed after. ``grid``:
+    another scene's ``input_profile`` to read this one on (see :func:`open_scene`)."""
+    options = reading.scene_options() if reading is not None else {}
+    given = sorted(k for k, v in options.items() if v is not None and k != "max_upsample")
     if hasattr(scene, "read") and hasattr(scene, "height"):
-        given = sorted(name for name, value in options.items() if value is not None and name != "max_upsample")
         if given:
-            raise UsageError("scene", f"{', '.join(given)} are set when a scene is opened; pass a path")
+            raise UsageError(given[0], f"{', '.join(given)} are set when a scene is opened; pass a path")
         yield scene
         return
-    with open_scene(scene, **options) as sc:
-        for text in sc.warnings:          # band choice, no georeference, ...: said once, here
+    if is_dataarray(scene):
+        from dinov3_geo.io.dataarray import DataArrayScene
+
+        if options.get("gsd") is not None:
+            raise UsageError("gsd", "resampling to a gsd needs a file; resample the DataArray first (rio.reproject)")
+        opened = DataArrayScene(scene, options.get("bands"), options.get("scale"), options.get("nodata"))
+        if grid is not None and not _same_grid(opened.input_profile, grid):
+            opened.close()
+            raise InputError(opened.path, "not on the first scene's grid: reproject it first (rio.reproject_match)")
+    else:
+        opened = open_scene(scene, grid=grid, **options)
+    with contextlib.closing(opened):
+        for text in opened.warnings:          # band choice, no georeference, ...: said once, here
             warnings.warn(text, DinoGeoWarning, stacklevel=3)
-        yield sc
+        yield opened
+
+
+def _same_grid(a: dict, b: dict) -> bool:
+    return a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"]) and \
+        Affine(*tuple(a["transform"])[:6]).almost_equals(Affine(*tuple(b["transform"])[:6]))

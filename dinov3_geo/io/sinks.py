@@ -62,7 +62,7 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
     if not folder.is_dir():
         raise OutputError(path, f"folder {folder} does not exist")
     _probe_writable(path, folder)
-    if path.is_dir():
+    if path.is_dir() and not _is_zarr_store(path):
         raise OutputError(path, "is a folder")
     for src in inputs:
         src = getattr(src, "path", src)       # an open scene reader stands for its file
@@ -71,6 +71,11 @@ def check_output(path, overwrite: bool, inputs: Sequence = ()) -> Path:
     if path.exists() and not overwrite:
         raise OutputError(path, "exists (use `overwrite` to replace it)")
     return path
+
+
+def _is_zarr_store(path: Path) -> bool:
+    """A folder that is a Zarr store (v2 or v3): a feature map the same command may replace."""
+    return path.suffix.lower() == ".zarr" and any((path / name).is_file() for name in (".zgroup", ".zattrs", "zarr.json"))
 
 
 def _probe_writable(path: Path, folder: Path) -> None:

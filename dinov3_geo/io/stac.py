@@ -324,13 +324,11 @@ def model_properties(model) -> dict:
     """What made an output, as Item properties: the backbone id and the weights' fingerprint of
     the model's DINOv3 backbone (cheap: a hash of a sample of every tensor)."""
     from dinov3_geo.models.backbone import Backbone
+    from dinov3_geo.models.identity import backbone_id, weights_fingerprint
 
     backbone = model if isinstance(model, Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, Backbone):
         return {}
-    from dinov3_geo.tasks.embed import backbone_id
-    from dinov3_geo.train.features import weights_fingerprint
-
     return {"backbone": backbone_id(backbone), "weights_fingerprint": weights_fingerprint(backbone)}
 
 

@@ -9,7 +9,6 @@ written once no later strip can reach it. Memory is one strip plus the open comp
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,7 +27,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from scipy import ndimage
 
-from dinov3_geo.errors import InputError, UsageError, short_message
+from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io import styles
 from dinov3_geo.io.georef import area_column, vector_transform
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
@@ -221,18 +220,6 @@ def write_gpkg_layer(frame, path, layer: str, append: bool = False, **options) -
     pyogrio.write_dataframe(frame, str(path), layer=layer, driver="GPKG", append=append, **dataset, **options)
 
 
-def check_threshold(value: float, name: str = "threshold") -> float:
-    """``value`` as a float if it is a finite height above 0 m, else a :class:`UsageError` naming
-    the parameter ``name`` (NaN would select nothing, a negative or zero height everything)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(name, f"expected a height in metres, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise UsageError(name, f"must be a finite height above 0 m, got {value!r}")
-    return number
-
-
 def _in_units(ds, values: np.ndarray) -> np.ndarray:
     """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
     metres), unchanged when there are none."""
@@ -248,11 +235,11 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
     Values are taken in the band's unit (its scale and offset applied). Polygons are 4-connected
-    pixel components in the raster's CRS, never split at strip borders,
-    with attributes ``area_m2`` (true m², equal-area projection at the scene centre; ``area_px``,
-    pixels, for a raster without CRS), ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
-    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
-    the file ``batch`` at a time.
+    pixel components in the raster's CRS, never split at strip borders, with attributes
+    ``area_m2`` (true m², equal-area projection at the scene centre; ``area_px``, pixels, for a
+    raster without CRS), ``mean_height_m`` and ``max_height_m`` (of the raster values). Written
+    atomically: no file at ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time
+    and appends polygons to the file ``batch`` at a time; the layer gets its QGIS style.
     """
     def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return (values >= threshold) & np.isfinite(values) & valid

@@ -9,16 +9,14 @@ copy of the weights (the ViT-7B included).
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import DinoGeoWarning, InputError, WeightsError
+from ..errors import InputError, WeightsError
 from . import registry
-from .weights import (Checkpoint, ViTArch, checkpoint_from_state, key_list, read_checkpoint, resolve_weights,
-                      verify_official_hash)
+from .weights import (Checkpoint, ViTArch, checkpoint_from_state, key_list)
 
 Features = dict[str, torch.Tensor]
 
@@ -221,33 +219,6 @@ def backbone_from_state_dict(state: dict[str, torch.Tensor], hf_config: Optional
     """A :class:`Backbone` from an in-memory state dict in Meta, HF (with ``hf_config``) or timm layout."""
     ckpt = checkpoint_from_state(state, hf_config, source)
     return build_backbone(ckpt, dtype).to(device)
-
-
-DEMO_BACKBONE_NOTE = ("`backbone` demo: a small random backbone built in memory; its features are meaningless "
-                      "(for trying the tools; real DINOv3 weights: see the README's Weights section)")
-
-
-def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                  dtype: torch.dtype = torch.float32, verify: bool = True,
-                  allow_download: Optional[bool] = None) -> Backbone:
-    """Load a DINOv3 backbone offline from a path (Meta ``.pth``, HF directory, timm file) or a
-    registry name such as ``dinov3-vitl16-sat493m`` (looked up in ``$DINOV3GEO_WEIGHTS`` and the cache).
-
-    Official file names keep their hash prefix (``-eadcf0ff``) and are checked against the file's
-    SHA-256 unless ``verify`` is False. Returns the module in eval mode on ``device``. The reserved
-    name ``demo`` gives a small random backbone built in memory (for trying the API; no weights).
-    """
-    from .demo import demo_backbone, is_demo
-
-    if is_demo(weights):
-        warnings.warn(DEMO_BACKBONE_NOTE, DinoGeoWarning, stacklevel=2)
-        return demo_backbone(device, dtype)
-    path = resolve_weights(weights, allow_download)
-    if verify:
-        verify_official_hash(path)
-    ckpt = read_checkpoint(path)
-    backbone = build_backbone(ckpt, dtype)
-    return backbone.to(device)
 
 
 def save_backbone(backbone: Backbone, path: Union[str, os.PathLike]) -> None:

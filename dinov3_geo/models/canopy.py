@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import WeightsError, WeightsNotFoundError
 from .backbone import normalise_rgb
 from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
 from .registry import CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, even_layers
@@ -38,7 +38,7 @@ class CanopyModel(nn.Module):
     (:mod:`dinov3_geo.tasks`): one band of blended values, ``canopy_height_m``.
     """
 
-    output = "values"
+    output = "continuous"
     channels = 1
     band_names = ("canopy_height_m",)
 
@@ -91,6 +91,33 @@ def get_chmv2_help(target: Optional[PathLike] = None) -> str:
             "them, use `weights` demo (a random model: meaningless heights)")
 
 
+def find_chmv2() -> Path:
+    """The CHMv2 weights in the search folders: the HF folder, or Meta's head file; a
+    WeightsNotFoundError saying where to get them otherwise."""
+    from . import registry
+    from .weights import search_dirs
+
+    names = (registry.CHMV2_HF_REPO.split("/")[1], registry.CHMV2_HEAD_FILENAME)
+    for folder in search_dirs():
+        for name in names:
+            if (folder / name).exists():
+                return folder / name
+    raise WeightsNotFoundError("canopy weights", f"not found (`weights`): {get_chmv2_help()}")
+
+
+def find_backbone_beside(head: Path) -> Optional[Path]:
+    """Meta's head file needs the SAT ViT-L backbone: the official file if it lies beside it or in
+    a search folder."""
+    from . import registry
+    from .weights import search_dirs
+
+    info = registry.BACKBONES["dinov3-vitl16-sat493m"]
+    for folder in [Path(head).parent, *search_dirs()]:
+        if (folder / info.filename).exists():
+            return folder / info.filename
+    return None
+
+
 def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = None,
                       device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
                       verify: bool = True) -> CanopyModel:
@@ -114,7 +141,8 @@ def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = 
 def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[PathLike],
                        device: Union[str, torch.device], dtype: torch.dtype, verify: bool = True) -> nn.Module:
     """The backbone given explicitly, else the one inside the HF folder."""
-    from .backbone import backbone_from_state_dict, load_backbone
+    from .backbone import backbone_from_state_dict
+    from .load import load_backbone
 
     if backbone_weights is not None:
         return load_backbone(backbone_weights, device=device, dtype=dtype, verify=verify).eval()

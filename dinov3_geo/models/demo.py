@@ -17,6 +17,10 @@ DEMO_NOTE = ("`weights` demo: a small random canopy model built in memory; its h
              "(for trying the tool; real CHMv2 weights: see the README's Weights section)")
 
 
+DEMO_BACKBONE_NOTE = ("`backbone` demo: a small random backbone built in memory; its features are meaningless "
+                      "(for trying the tools; real DINOv3 weights: see the README's Weights section)")
+
+
 def is_demo(weights: Optional[Union[str, os.PathLike]]) -> bool:
     """Whether ``weights`` is the reserved name ``demo`` (a file or folder so named must be given
     as a path, e.g. ``./demo``)."""

@@ -62,6 +62,8 @@ def dense_layers(depth: int) -> tuple[int, ...]:
     (:data:`DENSE_LAYERS_BY_DEPTH`), else :func:`even_layers`."""
     return DENSE_LAYERS_BY_DEPTH.get(int(depth)) or even_layers(depth)
 _DEPTH = {"vitl16": 24, "vit7b16": 40}
+#: Embedding width of each released architecture.
+WIDTHS = {"vitl16": 1024, "vit7b16": 4096}
 
 
 def _entry(arch: str, dataset: str, hash8: str) -> WeightsInfo:

@@ -12,18 +12,23 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-#: What a task model gives per chip, and where it goes:
-#: ``values`` [K,T,T] -> blended float COG; ``classes`` [K,T,T] scores -> blended, argmax -> uint8 COG;
-#: ``vector`` [D] -> one row a chip (GeoParquet / GeoPackage); ``patches`` [D,T/16,T/16] -> a map at
-#: 16 px cells.
-OUTPUTS = ("values", "classes", "vector", "patches")
+from dinov3_geo.errors import UsageError
+from dinov3_geo.io.stitch import KINDS as STITCH_KINDS
+
+#: What a task model gives per chip, and where it goes (the one vocabulary of outputs):
+#: ``continuous`` [K,T,T] -> blended float COG; ``classes`` [K,T,T] scores -> blended, argmax -> uint8
+#: COG; ``vector`` [K] -> one row a chip (GeoPackage); ``tokens`` [D, 1 + (T/16)²] -> one row a chip
+#: (GeoParquet: CLS and mean patch); ``patches`` [D,T/16,T/16] -> a map at 16 px cells.
+OUTPUTS = ("continuous", "classes", "vector", "tokens", "patches")
+#: The outputs blended into a raster on the scene's grid (the stitcher's two ways of blending).
+DENSE_OUTPUTS = STITCH_KINDS
 
 
 @runtime_checkable
 class TaskModel(Protocol):
     """The attributes a task model may declare (all optional except ``forward``).
 
-    - ``output``: one of :data:`OUTPUTS` (default ``values``);
+    - ``output``: one of :data:`OUTPUTS` (default ``continuous``);
     - ``channels``: K (values or classes) or D (vector, patches); saves a probe batch when given;
     - ``mean``, ``std``: the RGB statistics its ``normalise`` applies to 0..1 chips;
     - ``normalise(x01)``: 0..1 chips -> its input (default: unchanged);
@@ -39,7 +44,7 @@ class TaskModel(Protocol):
 class TaskInfo:
     """What the pipeline knows of a task model (read once by :func:`describe`)."""
 
-    output: str = "values"
+    output: str = "continuous"
     channels: Optional[int] = None
     mean: Optional[tuple[float, ...]] = None
     std: Optional[tuple[float, ...]] = None
@@ -56,9 +61,9 @@ def describe(model: torch.nn.Module) -> TaskInfo:
         value = getattr(model, name, None)
         return None if value is None else tuple(value)
 
-    output = getattr(model, "output", "values")
+    output = getattr(model, "output", "continuous")
     if output not in OUTPUTS:
-        output = "values"
+        raise UsageError("model", f"{type(model).__name__}.output is {output!r}, not one of {', '.join(OUTPUTS)}")
     channels = getattr(model, "channels", None)
     chip = getattr(model, "chip_size", None)
     return TaskInfo(output=output, channels=None if channels is None else int(channels),

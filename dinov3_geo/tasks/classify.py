@@ -1,13 +1,12 @@
 """One class per chip from a trained probe: backbone + probe -> class probabilities per chip.
 
-``classify_scene`` runs it over a scene's chips through the pipeline's ``run_chips`` and writes a
-GeoPackage with one polygon per chip: the class, its probability and every class's probability.
+The ``classify`` task (:mod:`dinov3_geo.tasks.registry`) runs a :class:`ChipClassifier` over a
+scene's chips through the pipeline's ``run_chips`` and writes a GeoPackage with one polygon per
+chip (:func:`write_chips`): the class, its probability and every class's probability.
 """
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -15,9 +14,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window, bounds
 
-from ..errors import WeightsError
-from ..models.heads.io import load_head
-from .segment_head import HeadTaskModel, backbone_for_head, head_reading
+from .segment_head import HeadTaskModel
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,22 +51,6 @@ class ChipCollector:
         """Nothing to flush: the GeoPackage is written once every chip is in."""
 
 
-@dataclass
-class ClassifyResult:
-    """What classifying a scene wrote."""
-
-    output: Path
-    chips: int
-    counts: dict
-    stats: object
-    seconds: float
-
-    def summary(self) -> str:
-        shown = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
-        return (f"done in {self.seconds:.1f} s: {self.chips} chips classified ({self.stats.chips_skipped} empty "
-                f"skipped): {shown or 'none'}\nwrote {self.output}")
-
-
 def chip_frame(collector: ChipCollector, class_names: Sequence[str], transform, crs):
     """One polygon per chip with ``class``, ``probability`` and ``p_<class>`` for every class."""
     import geopandas as gpd
@@ -84,39 +65,6 @@ def chip_frame(collector: ChipCollector, class_names: Sequence[str], transform, 
     for i, name in enumerate(class_names):
         columns[f"p_{name}"] = probs[:, i]
     return gpd.GeoDataFrame(columns, geometry=gpd.GeoSeries(boxes, crs=crs), crs=crs)
-
-
-def classify_scene(scene: PathLike, head: PathLike, output: PathLike, *, backbone=None, tile: Optional[int] = None,
-                   batch_size: int = 8, device: str = "auto", precision: str = "auto",
-                   bands: Optional[Sequence[int]] = None, scale: Optional[tuple[float, float]] = None,
-                   overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True) -> ClassifyResult:
-    """Classify every chip of ``scene`` (``tile`` px, default the probe's chip size, no overlap;
-    border chips shifted inward) with a probe head file; write the chips as a GeoPackage layer ``chips``."""
-    from ..io.scene import open_scene
-    from ..io.sinks import check_output
-    from ..io.stac import describe_output
-    from ..pipeline import ChipPlan, RunSettings
-
-    t0 = time.perf_counter()
-    check_output(output, overwrite, inputs=[scene])
-    hf = load_classify_head(head)
-    model = ChipClassifier(backbone_for_head(hf, backbone, verify), hf)
-    bands, scale = head_reading(hf, bands, scale)
-    with open_scene(scene, bands=bands, scale=scale) as sc:
-        plan = ChipPlan.build(sc.height, sc.width, tile or model.chip_size, 0)
-        settings = RunSettings.resolve(device, precision, batch_size)
-        stats, frame = write_chips(sc, model, Path(output), plan, settings, overwrite=overwrite, progress=progress)
-    describe_output(output, scene, model)        # its STAC Item (the layer's style is in the file)
-    counts = {name: int((frame["class"] == name).sum()) for name in model.class_names}
-    return ClassifyResult(Path(output), len(frame), counts, stats, time.perf_counter() - t0)
-
-
-def load_classify_head(head: PathLike):
-    """The probe file ``head``; a segmentation head is a WeightsError naming the file."""
-    hf = load_head(head)
-    if hf.task != "classify":
-        raise WeightsError(head, f"a {hf.task} head: use it with segment, not classify")
-    return hf
 
 
 def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, overwrite: bool = False,

@@ -12,20 +12,11 @@ Both normalise with the backbone's own mean and std, so the pipeline needs nothi
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
 
 from dinov3_geo.models.backbone import Backbone
-
-
-def backbone_id(backbone: Backbone) -> str:
-    """A short identity of a backbone's weights (name, width, depth and a hash of the patch
-    embedding): features made by different backbones are not comparable, and files carry this."""
-    weight = backbone.vit.patch_embed.proj.weight.detach().to(torch.float32).cpu().contiguous()
-    digest = hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:12]
-    return f"{backbone.name}:d{backbone.embed_dim}:l{backbone.depth}:{digest}"
+from dinov3_geo.models.identity import backbone_id
 
 
 class _BackboneTask(nn.Module):
@@ -70,3 +61,15 @@ class PatchTokens(_BackboneTask):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)["patches"]
+
+
+def write_chip_embeddings(scene, model: ChipTokens, output, plan, settings, *, overwrite: bool = False,
+                          progress=None):
+    """One GeoParquet row per non-empty chip of ``plan`` over ``scene`` (CLS and mean patch
+    embedding, the footprint), stamped with the backbone and tiling; returns the run's stats."""
+    from dinov3_geo.io.features import ChipEmbeddingWriter
+    from dinov3_geo.pipeline import run_chips
+
+    attrs = dict(backbone=model.backbone_id, tile=plan.tile, overlap=plan.overlap)
+    writer = ChipEmbeddingWriter(output, scene, plan.windows, model.embed_dim, attrs, overwrite)
+    return run_chips(scene, model, writer, plan, settings, progress=progress)

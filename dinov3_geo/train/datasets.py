@@ -41,6 +41,7 @@ class ChipDataset:
     ``[N,T,T]`` (segment, 255 = ignore); ``splits`` maps ``train``/``val`` (and maybe ``test``) to
     chip indices. ``mean``/``std`` are the dataset's own statistics of the 0..1 chips when the
     source defines them (GEO-Bench), ``bands``/``scale`` how the chips were read, for the head file.
+    ``codes``: the label code of each class when it is not the class value itself (see :mod:`.labels`).
     """
 
     task: str
@@ -55,6 +56,9 @@ class ChipDataset:
     scale: Optional[list] = None
     ignore_classes: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
+    codes: Optional[list[float]] = None
+    multilabel: bool = False
+    counts: Optional[dict] = None          # examples per class and split, once reported
 
     @property
     def chip_size(self) -> int:
@@ -67,13 +71,21 @@ class ChipDataset:
 
     def summary(self) -> dict:
         """What the head file records about its training data."""
-        return {"source": self.source, "task": self.task, "chips": int(len(self.images)),
-                "chip_size": self.chip_size, "splits": {k: int(len(v)) for k, v in self.splits.items()},
-                "class_counts": class_counts(self).tolist()}
+        out = {"source": self.source, "task": self.task, "chips": int(len(self.images)),
+               "chip_size": self.chip_size, "splits": {k: int(len(v)) for k, v in self.splits.items()},
+               "class_counts": class_counts(self).tolist()}
+        if self.codes is not None:
+            out["class_codes"] = list(self.codes)
+        if self.multilabel:
+            out["multilabel"] = True
+        return out
 
 
 def class_counts(ds: ChipDataset) -> np.ndarray:
-    """Examples (classify) or labelled pixels (segment) per class over the whole dataset."""
+    """Examples (classify; per label for multi-label sets) or labelled pixels (segment) per class
+    over the whole dataset."""
+    if ds.multilabel:
+        return ds.labels.sum(0).astype(np.int64)
     labels = ds.labels[ds.labels != IGNORE] if ds.task == "segment" else ds.labels
     return np.bincount(labels.ravel().astype(np.int64), minlength=len(ds.class_names))
 
@@ -115,12 +127,61 @@ def random_split(n: int, val_fraction: float, seed: int, strata: Optional[np.nda
 
 
 def check_classes_have_examples(labels: np.ndarray, class_names: Sequence[str], where: str, least: int = 2) -> None:
-    """Refuse a classification set where a class has fewer than ``least`` examples."""
+    """Refuse a classification set where a class has some, but fewer than ``least``, examples
+    (classes without any are reported by :func:`.labels.report_classes`)."""
     counts = np.bincount(labels, minlength=len(class_names))
-    poor = [f"'{class_names[i]}' ({int(c)})" for i, c in enumerate(counts) if c < least]
+    poor = [f"'{class_names[i]}' ({int(c)})" for i, c in enumerate(counts) if 0 < c < least]
     if poor:
         raise InputError(where, f"class {', '.join(poor)} has fewer than {least} examples: a probe needs "
                                 f"at least {least} per class (one to fit, one to validate)")
+
+
+# -- reading training images through the pixel contract ---------------------------------------------
+
+#: Values per band kept from each image's decimated sample when pooling the dataset's stretch.
+POOL_PER_IMAGE = 65536
+
+
+def dataset_scaling(images: Sequence[PathLike], bands=None, scale=None, seed: int = 0) -> tuple[Optional[list], list[str]]:
+    """How every training image is read, by the pixel contract's rules over the whole set (never
+    image by image): ``scale`` when given; ``None`` (bytes divided by 255) when every image is
+    uint8; else the 2-98 % stretch of the valid values of all images' decimated samples pooled per
+    band. Returns the per-band ``[[low, high], ...]`` (what the head file records and inference
+    applies) and the band-choice warnings, one line per kind of warning."""
+    from ..io.pixels import check_scale, stretch
+    from ..io.scene import stats_sample
+
+    rng = np.random.default_rng(seed)
+    pooled: list[list[np.ndarray]] = []
+    warnings: dict[str, list[str]] = {}
+    all_bytes = True
+    for path in images:
+        with open_scene(path, bands=bands, scale=scale if scale is not None else (0.0, 1.0)) as sc:
+            for text in sc.warnings:
+                warnings.setdefault(text.replace(str(path), "{}"), []).append(str(path))
+            all_bytes &= sc.dtype == "uint8"
+            if scale is None:
+                with rasterio.open(path) as src:
+                    sample = stats_sample(src, sc.bands, where=str(path))
+                pooled.append([_thin(v, rng) for v in sample])
+    notes = [_grouped(text, paths) for text, paths in warnings.items()]
+    if scale is not None:
+        pairs = check_scale(scale)
+        return [list(p) for p in (pairs * 3 if len(pairs) == 1 else pairs)], notes
+    if all_bytes:
+        return None, notes
+    per_band = [np.concatenate([image[b] for image in pooled]) for b in range(len(pooled[0]))]
+    return [list(p) for p in stretch(per_band)], notes
+
+
+def _thin(values: np.ndarray, rng) -> np.ndarray:
+    return values if values.size <= POOL_PER_IMAGE else rng.choice(values, POOL_PER_IMAGE, replace=False)
+
+
+def _grouped(text: str, paths: list[str]) -> str:
+    """One warning for every image it concerns: the first one named, how many more alike."""
+    more = f" (and {len(paths) - 1} more image{'s' * (len(paths) > 2)} alike)" if len(paths) > 1 else ""
+    return text.replace("{}", paths[0]) + more
 
 
 # -- a folder of chips per class -------------------------------------------------------------------
@@ -150,10 +211,11 @@ def chips_from_folder(root: PathLike, chip: int = 224, val_fraction: float = 0.2
                                f"suffixes {', '.join(IMAGE_SUFFIXES)})")
     labels = np.array([y for _, y in samples], np.int64)
     check_classes_have_examples(labels, classes, str(root))
-    images = np.stack([read_whole_image(path, chip, bands, scale) for path, _ in samples])
+    scaling, notes = dataset_scaling([path for path, _ in samples], bands, scale, seed)
+    images = np.stack([read_whole_image(path, chip, bands, scaling) for path, _ in samples])
     return ChipDataset("classify", images, labels, classes, random_split(len(labels), val_fraction, seed, labels),
-                       f"chips folder {root}", bands=None if bands is None else list(bands),
-                       scale=None if scale is None else list(scale))
+                       f"chips folder {root}", bands=None if bands is None else list(bands), scale=scaling,
+                       notes=notes)
 
 
 def read_whole_image(path: PathLike, chip: int, bands=None, scale=None) -> np.ndarray:
@@ -167,24 +229,28 @@ def read_whole_image(path: PathLike, chip: int, bands=None, scale=None) -> np.nd
 # -- image / label raster pairs --------------------------------------------------------------------
 
 def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: int = 256,
-                 class_names: Optional[Sequence[str]] = None, val_fraction: float = 0.2, seed: int = 0,
+                 class_names=None, val_fraction: float = 0.2, seed: int = 0,
                  bands: Optional[Sequence[int]] = None, scale: Optional[tuple[float, float]] = None) -> ChipDataset:
     """Segmentation chips cut from image/label raster pairs.
 
-    Label rasters hold class values ``0..K-1`` (``class_names`` names them; default: every value up
-    to the largest present); their nodata becomes 255 (ignored). A label grid that differs from its
-    image is reprojected nearest onto it when both are georeferenced, else refused.
+    Label rasters hold class codes 0..254, each the class value (``class_names``: names of the
+    codes 0, 1, 2, ... or ``CODE:NAME`` pairs; default ``class_<code>`` up to the largest code);
+    their nodata becomes 255 (ignored; how many pixels it removes is noted). A label grid that
+    differs from its image is reprojected nearest onto it when both are georeferenced, else refused.
     """
+    from .labels import classes_for_codes, parse_class_names
+
     validate_chip(chip)
+    given = parse_class_names(class_names)
     if len(images) != len(labels) or not images:
         raise UsageError("labels", f"give one label raster per image ({len(images)} images, {len(labels)} labels)")
-    pairs = [read_pair(img, lab, bands, scale) for img, lab in zip(images, labels)]
-    if class_names is None:
-        k = 1 + max(int(lab[lab != IGNORE].max(initial=0)) for _, lab, _ in pairs)
-        class_names = [f"class_{i}" for i in range(k)]
-    names = list(class_names)
-    for (_, lab, where) in pairs:
-        check_label_values(lab, names, where)
+    scaling, notes = dataset_scaling(images, bands, scale, seed)
+    pairs = [read_pair(img, lab, bands, scaling) for img, lab in zip(images, labels)]
+    notes += [n for lab in labels if (n := label_nodata_note(lab)) is not None]
+    for _, lab, where in pairs:         # a code nobody named is refused, naming its file
+        classes_for_codes(np.unique(lab[lab != IGNORE]), given, where)
+    present = np.unique(np.concatenate([np.unique(lab[lab != IGNORE]) for _, lab, _ in pairs]))
+    names, _ = classes_for_codes(present, given, labels[0])
     chips = [c for img, lab, _ in pairs for c in cut_chips(img, lab, chip)]
     if not chips:
         raise InputError(labels[0], "no labelled pixel in any chip")
@@ -192,16 +258,20 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
     y = np.stack([c[1] for c in chips])
     return ChipDataset("segment", x, y, names, random_split(len(x), val_fraction, seed),
                        f"{len(images)} image/label pair(s): " + ", ".join(Path(p).name for p in images),
-                       bands=None if bands is None else list(bands), scale=None if scale is None else list(scale))
+                       bands=None if bands is None else list(bands), scale=scaling, notes=notes)
 
 
-def check_label_values(labels: np.ndarray, class_names: Sequence[str], where: str) -> None:
-    """Every labelled value must name a class of the list."""
-    present = np.unique(labels[labels != IGNORE])
-    bad = present[present >= len(class_names)]
-    if bad.size:
-        raise InputError(where, f"label values {bad.tolist()[:8]} are not in the class list "
-                                f"(0..{len(class_names) - 1}: {', '.join(class_names)})")
+def label_nodata_note(path: PathLike) -> Optional[str]:
+    """How many pixels the label raster's nodata value takes out of training (None: none)."""
+    from .labels import nodata_note
+
+    with _open_labels(path) as src:
+        nodata = src.nodata
+        if nodata is None:
+            return None
+        values = src.read(1)
+    removed = int(np.isnan(values).sum()) if np.isnan(nodata) else int((values == nodata).sum())
+    return nodata_note(path, removed, values.size, nodata)
 
 
 def read_pair(image: PathLike, labels: PathLike, bands=None, scale=None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -286,25 +356,45 @@ def cut_chips(image: np.ndarray, labels: np.ndarray, chip: int) -> list[tuple[np
 # -- a GeoPackage of labelled polygons or points -----------------------------------------------------
 
 def vector_labels(vector: PathLike, column: str, image: PathLike, chip: int = 256, val_fraction: float = 0.2,
-                  seed: int = 0, layer: Optional[str] = None, bands=None, scale=None) -> ChipDataset:
+                  seed: int = 0, layer: Optional[str] = None, bands=None, scale=None, class_names=None) -> ChipDataset:
     """Segmentation chips of ``image`` labelled by the polygons or points of ``vector``, burnt onto the
-    image grid (``rasterio.features.rasterize``; classes are the sorted values of ``column``)."""
+    image grid (``rasterio.features.rasterize``). Classes: a numeric ``column``'s codes (numeric
+    order, named by ``class_names`` as for rasters), a text column's values (alphabetical, or the
+    order of ``class_names``); see :mod:`.labels`."""
     validate_chip(chip)
     frame = read_labelled_vector(vector, column, layer)
-    names = sorted({str(v) for v in frame[column]})
-    with open_scene(image, bands=bands, scale=scale) as sc:
+    names, codes = column_classes(frame[column], class_names, vector)
+    scaling, notes = dataset_scaling([image], bands, scale, seed)
+    with open_scene(image, bands=bands, scale=scaling) as sc:
         data, valid = sc.read(Window(0, 0, sc.width, sc.height))
         grid = dict(crs=sc.crs, transform=sc.transform, width=sc.width, height=sc.height)
-    y = rasterise_labels(frame, column, names, grid, vector, image)
+    y = rasterise_labels(frame, column, codes, grid, vector, image)
     y[~valid] = IGNORE
     x = data.astype(np.float32) / 255 if data.dtype == np.uint8 else data.astype(np.float32)
     chips = cut_chips(x, y, chip)
     if not chips:
         raise InputError(vector, f"labels do not overlap the valid pixels of {image}")
     xs, ys = np.stack([c[0] for c in chips]), np.stack([c[1] for c in chips])
+    numeric = all(isinstance(c, float) for c in codes)
+    class_codes = list(codes) if numeric and list(codes) != [float(i) for i in range(len(names))] else None
     return ChipDataset("segment", xs, ys, names, random_split(len(xs), val_fraction, seed),
                        f"{Path(vector).name} column '{column}' over {Path(image).name}",
-                       bands=None if bands is None else list(bands), scale=None if scale is None else list(scale))
+                       bands=None if bands is None else list(bands), scale=scaling, codes=class_codes, notes=notes)
+
+
+def column_classes(values, class_names, where: PathLike) -> tuple[list[str], Optional[list]]:
+    """(class names, class codes: numeric codes, or the text values, in class order) of an
+    attribute column."""
+    import pandas as pd
+
+    from .labels import classes_for_codes, parse_class_names, text_classes
+
+    given = parse_class_names(class_names)
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        names, codes = classes_for_codes(np.unique(values.to_numpy(np.float64)), given, where)
+        return names, codes
+    names = text_classes(values.astype(str), given, where)
+    return names, names
 
 
 def read_labelled_vector(vector: PathLike, column: str, layer: Optional[str] = None):
@@ -318,12 +408,18 @@ def read_labelled_vector(vector: PathLike, column: str, layer: Optional[str] = N
         frame = gpd.read_file(vector, layer=layer, engine="pyogrio")
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, ValueError) as exc:
         raise InputError(vector, f"not a readable vector file ({short_message(exc)})") from None
+    fields = [c for c in frame.columns if c != frame.geometry.name]
+    if column == frame.geometry.name:
+        raise InputError(vector, f"column '{column}' is the features' geometry, not a class attribute "
+                                 f"(columns: {', '.join(fields) or 'none'})")
     if column not in frame.columns:
-        fields = [c for c in frame.columns if c != frame.geometry.name]
         raise InputError(vector, f"no column '{column}' (columns: {', '.join(fields) or 'none'})")
     frame = frame[frame[column].notna() & frame.geometry.notna() & ~frame.geometry.is_empty]
     if frame.empty:
         raise InputError(vector, f"no feature with a geometry and a value in column '{column}'")
+    if frame[column].nunique() < 2:
+        raise InputError(vector, f"column '{column}' has one value ({frame[column].iloc[0]!r}) for every feature: "
+                                 "a head needs at least two classes")
     if frame.crs is None:
         raise InputError(vector, "no CRS: cannot place the labels on the image")
     if frame[column].nunique() > IGNORE:
@@ -331,21 +427,28 @@ def read_labelled_vector(vector: PathLike, column: str, layer: Optional[str] = N
     return frame
 
 
-def rasterise_labels(frame, column: str, names: list[str], grid: dict, where: PathLike, image: PathLike) -> np.ndarray:
-    """Class indices of ``frame``'s geometries burnt onto ``grid`` (255 elsewhere); points and lines
-    burn every pixel they touch, polygons the pixels whose centre they contain."""
+def rasterise_labels(frame, column: str, codes: list, grid: dict, where: PathLike, image: PathLike) -> np.ndarray:
+    """Class indices (position of the value in ``codes``) of ``frame``'s geometries burnt onto
+    ``grid`` (255 elsewhere); points and lines burn every pixel they touch, polygons the pixels
+    whose centre they contain."""
     from rasterio.features import rasterize
 
     if grid["crs"] is None:
         raise InputError(image, "no CRS: cannot place vector labels on it")
     frame = frame.to_crs(grid["crs"])
-    index = {n: i for i, n in enumerate(names)}
+    index = {_key(c): i for i, c in enumerate(codes)}
     kinds = frame.geometry.geom_type.str.replace("Multi", "")
     out = np.full((grid["height"], grid["width"]), IGNORE, np.uint8)
     for touched, part in ((False, frame[kinds == "Polygon"]), (True, frame[kinds != "Polygon"])):
         if len(part):
-            shapes = ((g, index[str(v)]) for g, v in zip(part.geometry, part[column]))
+            shapes = ((g, index[_key(v)]) for g, v in zip(part.geometry, part[column]))
             rasterize(shapes, out=out, transform=grid["transform"], all_touched=touched)
     if not (out != IGNORE).any():
         raise InputError(where, f"labels do not overlap the image {image}")
     return out
+
+
+def _key(value):
+    """A column value as the class table's key: numbers as floats, anything else as text."""
+    return float(value) if isinstance(value, (int, float, np.integer, np.floating)) and \
+        not isinstance(value, bool) else str(value)

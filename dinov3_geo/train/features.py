@@ -17,29 +17,11 @@ import numpy as np
 import torch
 
 from ..models.backbone import Backbone
+from ..models.identity import backbone_identity, weights_fingerprint  # noqa: F401  (one identity, see there)
 from ..models.weights import cache_dir
 
 PathLike = Union[str, os.PathLike]
 KINDS = ("vector", "last", "layers")
-
-
-def weights_fingerprint(backbone: Backbone) -> str:
-    """A short hash of the backbone's architecture and weights (every tensor's shape, and a sample
-    of its values: fast even for the 7B, and different for any two real checkpoints)."""
-    h = hashlib.sha256()
-    for name, t in backbone.vit.state_dict().items():
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def backbone_identity(backbone: Backbone) -> dict:
-    """What a head file records of the backbone it was trained on."""
-    return {"name": backbone.name, "embed_dim": backbone.embed_dim, "depth": backbone.depth,
-            "fingerprint": weights_fingerprint(backbone)}
 
 
 @dataclass

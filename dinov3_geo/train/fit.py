@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 from ..models.heads.linear import DPTSegHead, LinearProbe, LinearSegHead, dpt_config
 from .features import Features
 from .metrics import IGNORE, confusion, mean_iou
@@ -125,8 +126,9 @@ def predict_segmentation(head: torch.nn.Module, feats: Features, size: int, batc
 def _train_one(kind: str, lr: float, train: Features, y_train: torch.Tensor, val: Features, y_val: np.ndarray,
                num_classes: int, embed_dim: int, epochs: int, batch_size: int, seed: int,
                ignore_classes: Sequence[int], progress: Progress,
-               dpt_channels: Optional[int]) -> tuple[torch.nn.Module, float]:
-    """One learning rate: train, then the validation mIoU of the final head."""
+               dpt_channels: Optional[int]) -> tuple[Optional[torch.nn.Module], float]:
+    """One learning rate: train, then the validation mIoU of the final head ((None, NaN) when
+    training diverged: a loss not finite)."""
     torch.manual_seed(seed)
     head = build_seg_head(kind, embed_dim, num_classes, DROPOUT, dpt_channels)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
@@ -141,10 +143,15 @@ def _train_one(kind: str, lr: float, train: Features, y_train: torch.Tensor, val
         for idx in torch.randperm(n, generator=gen).split(batch_size):
             if len(idx) < 2 and isinstance(head, LinearSegHead) and n > 1:
                 continue        # BatchNorm needs two samples
+            if not (y_train[idx] != IGNORE).any():
+                continue        # a batch with no labelled pixel
             logits = seg_logits(head, train.take(idx.numpy()), size)
             loss = F.cross_entropy(logits, y_train[idx], ignore_index=IGNORE)
-            if not torch.isfinite(loss):      # a batch with no labelled pixel
-                continue
+            if not torch.isfinite(loss):
+                if progress:
+                    progress(f"lr {lr:g} epoch {epoch + 1}/{epochs}: diverged (the loss is not finite); "
+                             "this learning rate is dropped")
+                return None, float("nan")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -161,14 +168,24 @@ def fit_segmenter(kind: str, train: Features, y_train: np.ndarray, val: Features
                   num_classes: int, embed_dim: int, lrs: Sequence[float] = LR_GRID, epochs: int = 20,
                   batch_size: int = 8, seed: int = 0, ignore_classes: Sequence[int] = (),
                   progress: Progress = None, dpt_channels: Optional[int] = None) -> SegFit:
-    """Train a ``linear`` or ``dpt`` head at each learning rate of ``lrs``; keep the best on val mIoU."""
+    """Train a ``linear`` or ``dpt`` head at each learning rate of ``lrs``; keep the best on val
+    mIoU among the heads whose weights are finite (a diverged learning rate is dropped)."""
     yt = torch.from_numpy(y_train.astype(np.int64))
     best, sweep = None, []
-    for lr in lrs:
+    for i, lr in enumerate(lrs):
         head, miou = _train_one(kind, float(lr), train, yt, val, y_val, num_classes, embed_dim, epochs,
                                 batch_size, seed, ignore_classes, progress, dpt_channels)
-        sweep.append((float(lr), miou))
+        finite = head is not None and all(bool(torch.isfinite(t).all()) for t in head.state_dict().values())
+        sweep.append((float(lr), miou if finite else float("nan")))
+        if progress:
+            progress(f"lr {lr:g} ({i + 1}/{len(lrs)}): val mIoU {miou:.4f}" if finite else
+                     f"lr {lr:g} ({i + 1}/{len(lrs)}): diverged, dropped")
+        if not finite:
+            continue
         score = miou if np.isfinite(miou) else -1.0
         if best is None or score > best[0]:
             best = (score, float(lr), copy.deepcopy(head), miou)
+    if best is None:
+        raise UsageError("lrs", f"training diverged at every learning rate ({', '.join(f'{v:g}' for v in lrs)}): "
+                                "try smaller ones")
     return SegFit(best[2], best[1], best[3], sweep)

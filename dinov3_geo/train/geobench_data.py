@@ -4,8 +4,14 @@ A task folder holds one HDF5 file per sample (one dataset per band, ``label`` fo
 ``band_stats.json``, ``<name>_partition.json`` (train/valid/test sample names) and ``task_specs.pkl``.
 The pickles (``task_specs.pkl`` and each HDF5 file's ``pickle`` attribute) name geo-bench's classes
 (``ccb.io.*`` in 0.x, ``geobench.*`` today). They are read by :class:`RestrictedUnpickler`, which
-never imports or calls anything: every class reference becomes a plain :class:`PickledRecord`
-holding the fields, and anything outside geo-bench's own modules is refused.
+never imports or calls anything of theirs: every class reference becomes a plain
+:class:`PickledRecord` holding the fields; numpy arrays (m-bigearthnet's multi-label vectors) are
+rebuilt by numpy's own array constructor; anything else is refused.
+
+Pixels are normalised as GEO-Bench's loader does: ``(x - mean) / std`` with each band's mean and
+std from ``band_stats.json`` (geo-bench ``GeobenchDataset.normalization_stats`` / ``rgb_stats``),
+without clipping. The chips are stored on a 0..1 scale (the band's 0.1-99.9 percentiles; values
+outside stay outside) with ``mean``/``std`` on that scale, which is the same normalisation.
 """
 from __future__ import annotations
 
@@ -21,11 +27,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import InputError, UsageError, short_message
-from .datasets import ChipDataset, check_classes_have_examples, resize_chips, resize_labels, validate_chip
+from .datasets import ChipDataset, resize_chips, resize_labels, validate_chip
 
 PathLike = Union[str, os.PathLike]
 #: Modules whose class references a GEO-Bench pickle may hold (rebuilt as records, never imported).
 GEOBENCH_MODULES = re.compile(r"^(ccb|geobench)(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: numpy's array reconstruction, the only callables a pickle may name (a label array).
+NUMPY_ARRAY = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 RGB = ("red", "green", "blue")
 
@@ -53,9 +62,20 @@ class RestrictedUnpickler(pickle.Unpickler):
     subclasses; a reference to any other module (``os``, ``builtins``, numpy...) is refused."""
 
     def find_class(self, module: str, name: str):  # noqa: D102 - pickle API
+        if (module, name) in NUMPY_ARRAY:
+            return getattr(np, name) if module == "numpy" else _array_reconstructor()
         if not GEOBENCH_MODULES.match(module) or not name.isidentifier():
             raise pickle.UnpicklingError(f"refused reference to {module}.{name}")
         return type(name, (PickledRecord,), {"_qualname": f"{module}.{name}"})
+
+
+def _array_reconstructor():
+    """numpy's ``_reconstruct`` (in ``numpy._core`` from numpy 2, ``numpy.core`` before)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:          # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
 
 
 def safe_unpickle(data: bytes, where: PathLike) -> Any:
@@ -111,7 +131,8 @@ def task_specs(folder: Path) -> dict:
     label = fields.get("label_type")
     if label is not None:
         fields["label_kind"] = getattr(label, "_qualname", "").rsplit(".", 1)[-1]
-        names = getattr(label, "_class_names", None) or getattr(label, "class_names", None)
+        names = (getattr(label, "_class_names", None) or getattr(label, "class_names", None)
+                 or getattr(label, "class_name", None))       # geo-bench's MultiLabelClassification
         fields["class_names"] = list(names) if names else None
         fields["n_classes"] = getattr(label, "n_classes", None)
     return fields
@@ -130,8 +151,8 @@ def rgb_band_names(names: list[str], where: PathLike) -> list[str]:
 
 
 def band_scaling(stats: dict, bands: list[str], where: PathLike) -> tuple[list, tuple, tuple]:
-    """Per-band (lo, hi) mapping to 0..1 (0.1 and 99.9 percentiles, else min/max) and the
-    dataset's mean/std expressed on that 0..1 scale (so normalising equals ``(x - mean) / std``)."""
+    """Per-band (lo, hi) mapping to a 0..1 scale (0.1 and 99.9 percentiles, else min/max) and the
+    dataset's mean/std expressed on that scale (so normalising equals ``(x - mean) / std``)."""
     scale, mean, std = [], [], []
     for b in bands:
         s = stats.get(b)
@@ -147,7 +168,7 @@ def band_scaling(stats: dict, bands: list[str], where: PathLike) -> tuple[list, 
 
 
 def read_sample(path: Path, bands: list[str], scale: list, segment: bool) -> tuple[np.ndarray, Any]:
-    """(RGB float32 [3,h,w] in 0..1, label) of one HDF5 sample."""
+    """(RGB float32 [3,h,w] on the 0..1 scale of ``scale``, not clipped; label) of one HDF5 sample."""
     import h5py
 
     try:
@@ -158,8 +179,7 @@ def read_sample(path: Path, bands: list[str], scale: list, segment: bool) -> tup
         raise InputError(path, f"unreadable GEO-Bench sample ({short_message(exc)})") from None
     lo = np.array([s[0] for s in scale], np.float32)[:, None, None]
     hi = np.array([s[1] for s in scale], np.float32)[:, None, None]
-    x = np.clip(np.nan_to_num((x - lo) / (hi - lo)), 0, 1)
-    return x, label
+    return np.nan_to_num((x - lo) / (hi - lo)), label
 
 
 def sample_bands(path: Path) -> tuple[list[str], bool]:
@@ -205,31 +225,47 @@ def geobench_task(folder: PathLike, chip: Optional[int] = None, partition: str =
     size = chip if chip is not None else max(16, int(round(native / 16)) * 16)
     validate_chip(size)
     images = resize_chips(np.stack([r[0] for r in read]), size)
-    labels, class_names = _labels(read, segment, specs, folder, size)
+    labels, class_names, multilabel = _labels(read, segment, specs, folder, size)
     index = {n: i for i, n in enumerate(unique)}
     splits = {k: np.array([index[n] for n in v], np.int64) for k, v in names.items() if v}
-    if not segment:
-        check_classes_have_examples(labels[splits["train"]], class_names, str(folder))
     return ChipDataset("segment" if segment else "classify", images, labels, class_names, splits,
                        f"GEO-Bench {folder.name}", mean=mean, std=std, bands=rgb, scale=scale,
-                       ignore_classes=tuple(ignore_classes))
+                       ignore_classes=tuple(ignore_classes), multilabel=multilabel)
 
 
-def _labels(read: list, segment: bool, specs: dict, folder: Path, size: int) -> tuple[np.ndarray, list[str]]:
-    """Labels as arrays and the class names (from the task specs, else label_stats.json, else the data)."""
+def _labels(read: list, segment: bool, specs: dict, folder: Path, size: int) -> tuple[np.ndarray, list[str], bool]:
+    """(labels, class names, multi-label): class indices per pixel (segmentation) or per chip, or
+    0/1 vectors per chip (multi-label, m-bigearthnet). Names from the task specs, else the
+    source's legend (Chesapeake), else as many as label_stats.json counts (``class_<i>``)."""
+    multilabel = False
     if segment:
         y = np.stack([np.asarray(r[1]) for r in read])
         if y.min() < 0 or y.max() >= 255:
             raise InputError(folder, f"segmentation labels outside 0..254 ({int(y.min())}..{int(y.max())})")
         y = resize_labels(y.astype(np.uint8), size)
+    elif any(r[1] is not None and np.ndim(r[1]) == 1 for r in read):
+        if any(r[1] is None or np.ndim(r[1]) != 1 or len(r[1]) != len(read[0][1]) for r in read):
+            raise InputError(folder, "multi-label samples whose label vectors differ in length")
+        y = np.stack([np.asarray(r[1]) for r in read]).astype(np.uint8)
+        if not np.isin(y, (0, 1)).all():
+            raise InputError(folder, "multi-label vectors must hold 0 and 1 only")
+        multilabel = True
     else:
         if any(r[1] is None or np.ndim(r[1]) != 0 for r in read):
-            raise InputError(folder, "samples without a single class label (multi-label tasks are not supported)")
+            raise InputError(folder, "samples without a class label")
         y = np.array([int(r[1]) for r in read], np.int64)
-    names = specs.get("class_names")
+    names = specs.get("class_names") or legend_for(folder)
     if not names:
         stats = folder / "label_stats.json"
         count = specs.get("n_classes") or (len(next(iter(read_json(stats).values()))) if stats.exists() else None)
-        count = count or int(y[y != 255].max()) + 1
+        count = count or (y.shape[1] if multilabel else int(y[y != 255].max()) + 1)
         names = [f"class_{i}" for i in range(int(count))]
-    return y, [str(n) for n in names]
+    return y, [str(n) for n in names], multilabel
+
+
+def legend_for(folder: Path) -> Optional[list[str]]:
+    """The class names of a task whose files do not carry them: Chesapeake land cover (its
+    task_specs.pkl names none; the legend is the dataset's, see :data:`.labels.CHESAPEAKE_LEGEND`)."""
+    from .labels import CHESAPEAKE_LEGEND
+
+    return list(CHESAPEAKE_LEGEND) if "chesapeake" in folder.name.lower() else None

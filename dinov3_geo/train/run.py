@@ -11,18 +11,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..engine import resolve_device
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from ..io.sinks import check_output
 from ..models import registry
-from ..models.backbone import Backbone, load_backbone
+from ..models.backbone import Backbone
+from ..models.load import load_backbone
 from ..models.heads.io import default_colors, save_head
 from . import datasets as ds_mod
 from .datasets import ChipDataset
 from .features import Features, backbone_identity, default_cache, extract_features
 from .fit import C_GRID, LR_GRID, fit_probe, fit_segmenter, predict_segmentation
+from .labels import report_classes
 from .metrics import scores
 
 PathLike = Union[str, os.PathLike]
@@ -53,6 +56,9 @@ class TrainResult:
         for split, values in self.metrics.items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
             lines.append(f"{split}: {shown}")
+        if "test" not in self.metrics:
+            lines.append("test: none (this source has no test split: GEO-Bench and torchgeo datasets with one report "
+                         "test metrics)")
         lines.append(f"wrote {self.output}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -79,12 +85,59 @@ def chip_normalisation(ds: ChipDataset, backbone: Backbone, choice: str) -> tupl
     return tuple(backbone.mean), tuple(backbone.std), "backbone"
 
 
+def check_options(*, epochs=None, lrs=None, c_grid=None, batch_size=None, chip=None, pooling=None, head=None,
+                  normalisation=None) -> None:
+    """Every training option checked before any data, backbone or feature is touched: one
+    UsageError naming the option."""
+    def whole(name: str, value, least: int, what: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least):
+            raise UsageError(name, f"{what} must be a whole number of at least {least}, got {value!r}")
+
+    whole("epochs", epochs, 1, "the number of epochs")
+    whole("batch_size", batch_size, 1, "the batch size")
+    for name, grid, what in (("lrs", lrs, "learning rates"), ("c_grid", c_grid, "C values")):
+        if grid is None:
+            continue
+        values = list(grid)
+        if not values or not all(isinstance(v, (int, float, np.number)) and np.isfinite(v) and v > 0 for v in values):
+            raise UsageError(name, f"{what} must be positive numbers, got {values!r}")
+    if chip is not None:
+        ds_mod.validate_chip(chip)
+    for name, value, allowed in (("pooling", pooling, ("cls", "cls+mean")), ("head", head, ("linear", "dpt")),
+                                 ("normalisation", normalisation, NORMALISATIONS)):
+        if value is not None and value not in allowed:
+            raise UsageError(name, f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def check_classes(ds: ChipDataset, progress: Progress = None) -> dict:
+    """Count, show and check the examples per class (once per dataset; see :func:`.labels.report_classes`)."""
+    if ds.counts is None:
+        if ds.multilabel:
+            from .multilabel import report_labels
+            ds.counts = report_labels(ds, progress)
+        else:
+            ds.counts = report_classes(ds.task, ds.class_names, ds.labels, ds.splits, ds.source, ds.notes, progress)
+    return ds.counts
+
+
 def _features(backbone, ds, mean, std, kind, device, cache, batch_size, progress) -> Features:
+    computed = []
+
     def report(done: int, total: int) -> None:
+        computed.append(done)
         if progress and (done == total or done % max(1, total // 10) < batch_size):
             progress(f"features: {done}/{total} chips")
-    return extract_features(backbone, ds.images, mean, std, kind=kind, batch_size=batch_size, device=device,
-                            cache=cache, progress=report)
+
+    if progress:
+        progress(f"features: {len(ds.images)} chips of {ds.chip_size} px through {backbone.name} "
+                 f"({'CLS and mean patch' if kind == 'vector' else 'patch tokens'})")
+    feats = extract_features(backbone, ds.images, mean, std, kind=kind, batch_size=batch_size, device=device,
+                             cache=cache, progress=report)
+    if progress and not computed:
+        progress(f"features: read from the cache {cache}")
+    if not all(bool(torch.isfinite(t).all()) for t in feats.to_tensors().values()):
+        raise InputError(ds.source, "the backbone's features hold NaN or infinite values (NaN pixels in the chips?)")
+    return feats
 
 
 def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str) -> dict:
@@ -94,7 +147,8 @@ def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str)
             "backbone": backbone_identity(backbone),
             "normalisation": {"mean": list(mean), "std": list(std), "source": norm_source},
             "bands": ds.bands, "scale": ds.scale, "chip_size": ds.chip_size, "training": ds.summary(),
-            "ignore_classes": list(ds.ignore_classes)}
+            "ignore_classes": list(ds.ignore_classes), "class_counts_per_split": ds.counts,
+            **({"class_codes": list(ds.codes)} if ds.codes is not None else {})}
 
 
 def _cache(cache: Union[None, bool, PathLike]) -> Optional[Path]:
@@ -109,6 +163,12 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
     """Fit a logistic-regression probe on a classification dataset; returns (probe, meta, metrics, choice)."""
     if ds.task != "classify":
         raise UsageError("task", "this training data is for segmentation, not classification")
+    check_options(c_grid=Cs, batch_size=batch_size, pooling=pooling, normalisation=normalisation)
+    if ds.multilabel:
+        from .multilabel import fit_multilabel
+        return fit_multilabel(ds, backbone, pooling=pooling, Cs=Cs, normalisation=normalisation, seed=seed,
+                              device=device, batch_size=batch_size, cache=_cache(cache), progress=progress)
+    check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
     feats = _features(backbone, ds, mean, std, "vector", device, _cache(cache), batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
@@ -132,8 +192,8 @@ def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", 
     """Train a linear or DPT segmentation head; returns (head, meta, metrics, choice)."""
     if ds.task != "segment":
         raise UsageError("task", "this training data is for classification, not segmentation")
-    if head not in ("linear", "dpt"):
-        raise UsageError("head", f"head must be linear or dpt, not {head!r}")
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, head=head, normalisation=normalisation)
+    check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
     feats = _features(backbone, ds, mean, std, "last" if head == "linear" else "layers", device, _cache(cache),
                       batch_size, progress)
@@ -141,7 +201,8 @@ def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", 
     k = len(ds.class_names)
     fit = fit_segmenter(head, feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], k, backbone.embed_dim,
                         lrs, epochs, batch_size, seed, ds.ignore_classes, progress)
-    metrics = {"val": {"miou": fit.val_miou}}
+    val_pred = predict_segmentation(fit.head, feats.take(va), ds.chip_size)
+    metrics = {"val": scores(ds.labels[va], val_pred, k, "segment", ds.ignore_classes)}
     if "test" in ds.splits:
         te = ds.splits["test"]
         pred = predict_segmentation(fit.head, feats.take(te), ds.chip_size)
@@ -174,6 +235,8 @@ def segmentation_data(*, images: Sequence[PathLike] = (), labels: Sequence[PathL
     """The segmentation training set from exactly one source: raster pairs, a labelled vector file
     over one image (``label_column``), a GEO-Bench task folder or a torchgeo dataset."""
     _one_source(labels=list(labels) or None, geobench=geobench, torchgeo=torchgeo)
+    if class_names is not None and (geobench is not None or torchgeo is not None):
+        raise UsageError("class_names", "GEO-Bench and torchgeo sources name their own classes")
     if geobench is not None:
         from .geobench_data import geobench_task
         return geobench_task(geobench, chip)
@@ -183,7 +246,8 @@ def segmentation_data(*, images: Sequence[PathLike] = (), labels: Sequence[PathL
     if label_column is not None:
         if len(labels) != 1 or len(images) != 1:
             raise UsageError("labels", "a labelled vector file goes with exactly one image")
-        return ds_mod.vector_labels(labels[0], label_column, images[0], chip or 256, seed=seed, bands=bands, scale=scale)
+        return ds_mod.vector_labels(labels[0], label_column, images[0], chip or 256, seed=seed, bands=bands, scale=scale,
+                                    class_names=class_names)
     return ds_mod.raster_pairs(images, labels, chip or 256, class_names, seed=seed, bands=bands, scale=scale)
 
 
@@ -201,9 +265,14 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
                      overwrite: bool = False, verify: bool = True, progress: Progress = None) -> TrainResult:
     """Train a logistic-regression probe and write it as a head file at ``output``."""
     t0 = time.perf_counter()
+    check_options(c_grid=c_grid, batch_size=batch_size, chip=chip, pooling=pooling, normalisation=normalisation)
     check_output(output, overwrite)
     data = classification_data(chips=chips, geobench=geobench, torchgeo=torchgeo, root=root, chip=chip,
                                seed=seed, bands=bands, scale=scale)
+    if data.multilabel:
+        raise UsageError("geobench", f"{data.source} is multi-label: its one-vs-rest probe is evaluated with "
+                                     "'eval geobench'; 'train classify' writes single-label probes")
+    check_classes(data, progress)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     probe, meta, metrics, choice = fit_classifier(data, bb, pooling=pooling, Cs=c_grid, normalisation=normalisation,
@@ -224,10 +293,12 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
                     progress: Progress = None) -> TrainResult:
     """Train a linear or DPT segmentation head and write it as a head file at ``output``."""
     t0 = time.perf_counter()
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, chip=chip, head=head, normalisation=normalisation)
     check_output(output, overwrite)
     data = segmentation_data(images=images, labels=labels, label_column=label_column, geobench=geobench,
                              torchgeo=torchgeo, root=root, chip=chip, class_names=class_names, seed=seed,
                              bands=bands, scale=scale)
+    check_classes(data, progress)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
     module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs,

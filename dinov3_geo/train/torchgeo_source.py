@@ -59,12 +59,28 @@ def _open_split(cls, root: PathLike, split: str):
         return None                          # this split does not exist for the dataset
 
 
+#: The sample key each task reads its labels from.
+LABEL_KEYS = {"classify": "label", "segment": "mask"}
+
+
+def check_sample_keys(dataset, name: str, task: str) -> None:
+    """One clear error when the dataset's samples lack what the task needs (e.g. a classification
+    dataset given to ``train segment``)."""
+    keys = set(dataset[0]) if len(dataset) else set()
+    want = LABEL_KEYS[task]
+    if "image" not in keys or want not in keys:
+        other = next((t for t, k in LABEL_KEYS.items() if k in keys and t != task), None)
+        hint = f": a {other} dataset, use 'train {other}'" if other else ""
+        raise UsageError("torchgeo", f"torchgeo {name} samples have no '{want if 'image' in keys else 'image'}' "
+                                     f"(keys: {', '.join(sorted(map(str, keys))) or 'none'}){hint}")
+
+
 def _samples(dataset, task: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for i in range(len(dataset)):
         s = dataset[i]
         images.append(np.asarray(s["image"], np.float32)[:3])
-        labels.append(np.asarray(s["label" if task == "classify" else "mask"]))
+        labels.append(np.asarray(s[LABEL_KEYS[task]]))
     return np.stack(images), np.stack(labels)
 
 
@@ -125,6 +141,7 @@ def torchgeo_dataset(name: Optional[str], root: Optional[PathLike], task: str, c
     parts = {s: ds for s in SPLITS if (ds := _open_split(cls, root, s)) is not None and len(ds)}
     if "train" not in parts:
         raise InputError(root, f"torchgeo {name}: no training samples")
+    check_sample_keys(parts["train"], cls.__name__, task)
     loaded = {s: _samples(ds, task) for s, ds in parts.items()}
     scale, mean, std = _scaling(loaded["train"][0])
     lo = np.array([s[0] for s in scale], np.float32)[:, None, None]

@@ -4,11 +4,14 @@ Metadata (safetensors ``__metadata__`` key ``dinov3_geo_head``, JSON): ``format`
 ``task`` (classify, segment), ``head`` (probe, linear, dpt), ``class_names``, ``colors`` (RGB per
 class), ``backbone`` (name, embed_dim, depth, weights fingerprint), ``layers``, ``pooling`` (probe),
 ``normalisation`` (mean, std, what they come from), ``bands`` and ``scale`` (how chips were read),
-``chip_size``, ``training`` (data summary, sweep) and ``metrics`` (validation).
-A head loads only onto the backbone it was trained on.
+``chip_size``, ``training`` (data summary, sweep) and ``metrics`` (validation), and ``sha256``:
+a checksum of the tensors and the rest of the metadata. A head's tensors must be finite, at save
+and at load, and match the checksum (a damaged file never loads). A head loads only onto the
+backbone it was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,15 +21,12 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ...errors import InputError, WeightsError, short_message
+from ...errors import WeightsError, short_message
 from .dpt import DPTHeadConfig
 from .linear import DPTSegHead, LinearProbe, LinearSegHead
+from .meta import FORMAT, META_KEY, VERSION, HeadMeta, read_head_meta
 
 PathLike = Union[str, os.PathLike]
-FORMAT = "dinov3-geo-head"
-VERSION = 1
-META_KEY = "dinov3_geo_head"
-HEADS = {"classify": ("probe",), "segment": ("linear", "dpt")}
 
 
 @dataclass
@@ -36,6 +36,11 @@ class HeadFile:
     meta: dict[str, Any]
     state: dict[str, torch.Tensor]
     source: str = "<memory>"
+
+    @property
+    def info(self) -> HeadMeta:
+        """The metadata as a checked, typed value."""
+        return HeadMeta.from_dict(self.meta, self.source)
 
     @property
     def task(self) -> str:
@@ -85,8 +90,25 @@ def build_head(meta: dict) -> nn.Module:
     return DPTSegHead(DPTHeadConfig(**cfg), float(meta.get("dropout", 0.1)))
 
 
+def head_checksum(state: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and of the metadata without its checksum."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def not_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinite values."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_head(path: PathLike, head: nn.Module, meta: dict, overwrite: bool = False) -> Path:
-    """Write ``head``'s tensors and ``meta`` as one safetensors file, atomically."""
+    """Write ``head``'s tensors and ``meta`` (with their checksum) as one safetensors file,
+    atomically; a head with NaN or infinite weights is refused and nothing is written."""
     from safetensors.torch import save_file
 
     from ...io.sinks import atomic_output
@@ -96,39 +118,36 @@ def save_head(path: PathLike, head: nn.Module, meta: dict, overwrite: bool = Fal
         cfg = head.dpt.cfg
         meta["dpt"] = {**cfg.__dict__, "post_process_channels": list(cfg.post_process_channels)}
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    bad = not_finite(state)
+    if bad:
+        raise WeightsError(path, f"head weights hold NaN or infinite values ({', '.join(bad[:4])}): training "
+                                 "diverged; not written (try smaller learning rates)")
+    meta = json.loads(json.dumps(meta))          # exactly what load_head will read back
+    meta["sha256"] = head_checksum(state, meta)
     with atomic_output(path, overwrite) as tmp:
         save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return Path(path)
 
 
 def load_head(path: PathLike) -> HeadFile:
-    """Read a head file; anything else (a missing file, another safetensors file, a checkpoint) is
-    one :class:`WeightsError` naming the file."""
+    """Read a head file: its metadata checked (:func:`~.meta.read_head_meta`), then its tensors;
+    anything else (a missing file, another safetensors file, a checkpoint) is one error naming the
+    file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "head file not found")
+    info = read_head_meta(path)
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(path, f"not a dinov3-geo head file (not safetensors: {short_message(exc)})") from None
-    if raw is None:
-        raise WeightsError(path, "not a dinov3-geo head file (safetensors without head metadata; "
-                                 "make one with 'dinov3geo train')")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise WeightsError(path, "damaged head metadata (not JSON)") from None
-    if meta.get("format") != FORMAT or meta.get("task") not in HEADS or meta.get("head") not in HEADS[meta["task"]]:
-        raise WeightsError(path, "not a dinov3-geo head file (unknown format, task or head kind)")
-    if int(meta.get("version", 0)) > VERSION:
-        raise WeightsError(path, f"head file version {meta['version']} is newer than this dinov3-geo reads ({VERSION})")
+        raise WeightsError(path, f"damaged head file: its tensors cannot be read ({short_message(exc)})") from None
+    meta = info.raw
+    bad = not_finite(state)
+    if bad:
+        raise WeightsError(path, f"damaged head file: tensors {', '.join(bad[:4])} hold NaN or infinite values")
+    if "sha256" in meta and meta["sha256"] != head_checksum(state, meta):
+        raise WeightsError(path, "damaged head file: its tensors or metadata do not match the checksum it was "
+                                 "written with")
     return HeadFile(meta, state, str(path))
 
 
