@@ -20,6 +20,7 @@ from .engine import RunStats
 from .errors import DinoGeoWarning, UsageError
 from .io.scene import MAX_UPSAMPLE, scene_reader
 from .io.sinks import check_output
+from .io.stac import describe_output
 from .options import ReadOptions, RunSettings, Tiling, check_threshold
 from .pipeline import DENSE_DTYPES, summary_lines
 from .tasks.registry import Job, ModelSource, request_for
@@ -108,6 +109,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
         if written.stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata", collected)
         area = area_km2(sc)
+    describe_output(output, _path_of(scene), model, job.vector, {"task": request.task.name})   # style, STAC
     return SegmentResult(output, job.vector, written.polygons, written.stats, area, time.perf_counter() - t0,
                          str(request.settings.device), request.settings.precision, collected, request.task.name)
 
@@ -154,6 +156,7 @@ def classify(scene, head: PathLike, output: PathLike, *, backbone=None, tile: Op
         model = request.load_model()
         written = request.task.write(request, sc, model, output, Job(overwrite=overwrite, progress=progress))
         notes = list(sc.warnings)
+    describe_output(output, _path_of(scene), model, properties={"task": "classify"})     # STAC Item
     return ClassifyResult(output, written.extra["chips"], written.extra["counts"], written.stats,
                           time.perf_counter() - t0, notes)
 

@@ -117,8 +117,8 @@ def _add_land_parsers(sub) -> list[argparse.ArgumentParser]:
                          "patch embedding), or with --patch the patch features at 16-px cells (Zarr or COG).")
     emb.add_argument("scene", nargs="+", help="input raster; several paths, a quoted glob ('scenes/*.tif') or "
                      "@list.txt run a batch into the folder -o OUT_DIR/ (chip embeddings)")
-    emb.add_argument("-o", "--output", required=True, help="output: .parquet (chips), .zarr or .tif (--patch), or "
-                     "a folder OUT_DIR/ for a batch (one <scene>_embed.parquet each, resumable)")
+    emb.add_argument("-o", "--output", required=True, help="output: .parquet, .gpkg or .fgb (chips), .zarr or .tif "
+                     "(--patch), or a folder OUT_DIR/ for a batch (one <scene>_embed.parquet each, resumable)")
     emb.add_argument("--patch", action="store_true", help="patch features stitched at 16-px cells")
     emb.add_argument("--pca", type=int, help="keep this many principal components of the patch features")
     sim = sub.add_parser("similar", help="cosine similarity to a point or polygons, on the scene's grid",

@@ -21,6 +21,7 @@ from .engine import Engine, RunSettings, RunStats, run_chips
 from .errors import UsageError
 from .io.scene import Scene, scene_reader
 from .io.sinks import COGSink, check_output
+from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA, StreamingStitcher
 from .io.tiling import ChipPlan
 from .tasks import DENSE_OUTPUTS, TaskInfo, describe
@@ -169,6 +170,7 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
         stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
                                       progress=progress, mean=mean, std=std)
         notes = list(sc.warnings)
+    describe_output(output, getattr(sc, "path", None), model)      # QGIS style, STAC Item
     return PredictResult(output, stats, time.perf_counter() - t0, str(settings.device), settings.precision,
                          channels, notes)
 

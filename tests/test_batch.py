@@ -120,9 +120,12 @@ def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_clus
             window = from_bounds(*part.bounds, transform=mosaic.transform).round_offsets().round_lengths()
             np.testing.assert_array_equal(mosaic.read(1, window=window), part.read(1))
     assert summary["mosaics"] == [str(out / "mosaic_canopy.vrt"), str(out / "mosaic_canopy_EPSG-26914.vrt")]
-    polygons = gpd.read_file(tmp_path / "all.gpkg", layer="canopy")
+    # the same CRS rule for the polygons: a layer per CRS, the most common one plain
+    layers = {layer: gpd.read_file(tmp_path / "all.gpkg", layer=layer) for layer in ("canopy", "canopy_EPSG-26914")}
+    assert layers["canopy"].crs.to_epsg() == 32612 and layers["canopy_EPSG-26914"].crs.to_epsg() == 26914
     per_scene = {n: len(gpd.read_file(out / f"{n}_canopy.gpkg", layer="canopy")) for n in CROPS}
-    assert polygons.groupby("scene").size().to_dict() == {f"{n}.tif": k for n, k in per_scene.items() if k}
+    counts = {**layers["canopy"].groupby("scene").size(), **layers["canopy_EPSG-26914"].groupby("scene").size()}
+    assert counts == {f"{n}.tif": k for n, k in per_scene.items() if k}
     assert hidden_files(out) == []
 
 

@@ -343,7 +343,8 @@ def test_library_warnings_do_not_reach_the_user(cli, models, tmp_path):
               "--vector", tmp_path / "plain.gpkg", *FAST)
     assert_ok(res, out)
     assert [ln for ln in res.lines if ln.startswith("warning:")] == [
-        f"warning: {scene}: no georeference (no CRS): outputs carry pixel coordinates only"], res.stderr
+        f"warning: {scene}: no georeference (no CRS, no geotransform): outputs carry none either (GIS tools "
+        "place them on the input); polygons are in pixel units, areas in pixels (area_px)"], res.stderr
     assert all(ln.startswith(("warning:", "done in", "wrote ")) for ln in res.lines), res.stderr
 
 

@@ -84,4 +84,4 @@ def test_features_from_another_backbone(sample, tmp_path, backbones, capsys):
     rc = main(["cluster", str(scene), "-o", str(tmp_path / "c.tif"), "--features", str(feats),
                "--backbone", str(b), *FAST])
     assert f"{feats}: features made with backbone" in one_error_line(capsys, 1, rc)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.zarr", "feats.zarr.stac.json"]

@@ -63,6 +63,7 @@ class BatchResult:
     summary: Path
     mosaics: list[Path] = field(default_factory=list)
     vector: Optional[Path] = None
+    catalogue: Optional[Path] = None        # the STAC Collection
     dashboard: Optional[str] = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -80,7 +81,7 @@ class BatchResult:
         lines = [f"{len(self.of('done'))} done, {len(self.of('skipped'))} skipped (complete), "
                  f"{len(self.of('failed'))} failed in {self.seconds:.1f} s"]
         lines += [f"failed: {o.reason}" for o in self.of("failed")]
-        lines += [f"wrote {p}" for p in (*self.mosaics, self.vector, self.summary) if p is not None]
+        lines += [f"wrote {p}" for p in (*self.mosaics, self.vector, self.catalogue, self.summary) if p is not None]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -185,7 +186,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
 def _not_outputs(scenes: list[Path]) -> tuple[list[Path], int]:
     """The scenes that are not outputs of a job (a glob over the output folder would find those),
     and how many were left out. UsageError when none is left."""
-    kept = [s for s in scenes if not resume.is_ours(s)]
+    kept = [s for s in scenes if not resume.is_ours(s) and not mosaic.is_sidecar(s)]
     if not kept:
         raise UsageError("scene", "every input is an output of a dinov3geo job")
     return kept, len(scenes) - len(kept)
@@ -201,7 +202,7 @@ def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Pa
     names |= {p.name for p in out_dir.glob(f"mosaic_{task}*.vrt")} | {f"mosaic_{task}.vrt", f"mosaic_{task}.gpkg"}
     if vector is not None and vector.parent == out_dir:
         names.add(vector.name)
-    return names
+    return names | mosaic.sidecar_names(names, task)
 
 
 def _output_folder(out_dir) -> Path:
@@ -410,29 +411,35 @@ def _in_input_order(outcomes: list[SceneOutcome], scenes: list[Path]) -> list[Sc
 
 
 def _combined_products(result: BatchResult, out_dir: Path, spec, vector: Optional[Path], overwrite: bool) -> None:
-    """What the task's batch files combine into: the VRT mosaic of every complete COG and, when
-    asked, the combined GeoPackage (``mosaic``), or every scene's rows in one layer (``layer``)."""
+    """What the task's batch files combine into, by one CRS rule (:mod:`~dinov3_geo.batch.mosaic`):
+    the VRT mosaic of every complete COG and, when asked, the combined GeoPackage (``mosaic``), or
+    every scene's rows in one layer (``layer``); and the STAC Collection of every output."""
     complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
-    files = spec.batch
-    if not complete or files.combine is None:        # embeddings, feature maps: one file per scene
+    if not complete:
         return
+    files = spec.batch
     if files.combine == "layer":
         result.vector = out_dir / f"mosaic_{spec.name}.gpkg"
-        mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete], result.vector,
-                             layer=files.layer, overwrite=True)
-        return
-    result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete], out_dir / f"mosaic_{spec.name}.vrt")
-    result.notes += notes
-    if vector is not None:
-        parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
-        mosaic.merge_vectors(parts, vector, layer=files.layer, overwrite=True)     # checked by _check_vector
-        result.vector = vector
+        result.notes += mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete],
+                                             result.vector, layer=files.layer, overwrite=True)[2]
+    elif files.combine is not None:
+        result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete],
+                                                  out_dir / f"mosaic_{spec.name}.vrt")
+        result.notes += notes
+        if vector is not None:
+            parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
+            # (an existing file was checked by _check_vector)
+            result.notes += mosaic.merge_vectors(parts, vector, layer=files.layer, overwrite=True)[2]
+            result.vector = vector
+    result.catalogue = mosaic.write_catalogue(out_dir, spec.name, [(Path(o.scene), Path(o.output)) for o in complete],
+                                              [*result.mosaics, result.vector])      # STAC Items, QGIS styles
 
 
 def _write_summary(result: BatchResult, task: str) -> None:
     record = {"task": task, "seconds": round(result.seconds, 3), "dashboard": result.dashboard,
               "mosaics": [str(p) for p in result.mosaics],
-              "vector": str(result.vector) if result.vector else None, "notes": result.notes}
+              "vector": str(result.vector) if result.vector else None, "notes": result.notes,
+              "catalogue": str(result.catalogue) if result.catalogue else None}
     for status in ("done", "skipped", "failed"):
         record[status] = [asdict(o) for o in result.of(status)]
     tmp = result.summary.with_name(f".{result.summary.name}.partial")

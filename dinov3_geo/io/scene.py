@@ -26,6 +26,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, short_message
+from dinov3_geo.io.georef import input_note
 from dinov3_geo.io.pixels import (BandFacts, choose_bands, model_input, resolve_scaling, sample_shape, valid_pixels,
                                   valid_values)
 
@@ -140,8 +141,9 @@ class Scene:
         self.gcps = _gcps_only(src)
         self.crs = self.gcps[1] if self.gcps else src.crs
         self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
-        if self.crs is None:
-            self.warnings.append(f"{self.path}: no georeference (no CRS): outputs carry pixel coordinates only")
+        note = input_note(src, self.path)      # no CRS: what the outputs carry; a photo?
+        if note:
+            self.warnings.append(note)
         self._probe(src)
         self._warp = self._working_grid(src, gsd) if gsd is not None else self._target_grid(src, grid)
         self.resampled = self._warp is not None
