@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
+from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
 from dinov3_geo import options as opts
@@ -316,14 +317,19 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
 
 
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:
-    """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS); a point outside the
-    scene or on its nodata is an error naming ``at`` (told from one cell's pixels)."""
+    """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS; for a scene without
+    georeference, where GIS tools draw it: x = column, y = -row); a point outside the scene or on
+    its nodata is an error naming ``at`` (told from one cell's pixels)."""
+    from dinov3_geo.io.georef import vector_transform
+
     x, y = at
-    col, row = ~reader.transform @ (x, y)
+    placement = vector_transform(reader.crs, reader.transform)
+    col, row = ~placement @ (x, y)
     if not (0 <= row < reader.height and 0 <= col < reader.width):
-        left, bottom, right, top = _bounds(reader)
+        left, bottom, right, top = array_bounds(reader.height, reader.width, placement)
+        where = f"in {reader.crs}" if reader.crs is not None else "in pixels: x = column, y = -row"
         raise UsageError("at", f"point {_coord(x)},{_coord(y)} is outside {reader.path} (x {_coord(left)} to "
-                               f"{_coord(right)}, y {_coord(bottom)} to {_coord(top)} in {reader.crs})")
+                               f"{_coord(right)}, y {_coord(bottom)} to {_coord(top)} {where})")
     r, c = int(row) // PATCH, int(col) // PATCH
     window = Window(c * PATCH, r * PATCH, min(PATCH, reader.width - c * PATCH), min(PATCH, reader.height - r * PATCH))
     _, valid = reader.read(window)
@@ -343,8 +349,6 @@ def _coord(value: float) -> str:
 
 
 def _bounds(reader) -> tuple[float, float, float, float]:
-    from rasterio.transform import array_bounds
-
     return array_bounds(reader.height, reader.width, reader.transform)
 
 
