@@ -354,7 +354,6 @@ def _bounds(reader) -> tuple[float, float, float, float]:
 
 def _polygon_cells(reader, like: PathLike) -> np.ndarray:
     """Boolean cell mask of the cells the polygons of ``like`` touch, in the scene's CRS."""
-    import geopandas as gpd
     from rasterio.features import geometry_mask
 
     try:

@@ -74,8 +74,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
     (default: the one the head names): uint8 classes with the colour table and class names, 255
     nodata; with ``vector``, one polygon per region of equal class (layer ``classes``). Tiling
     defaults to 512/64 (canopy) or the head's training chip with a quarter of it as overlap; a head
-    reads bands and scaling as it was trained unless given. ``output`` defaults to
-    ``<scene>_<task>.tif`` beside the scene. A ``gsd`` that upsamples more than ``max_upsample``
+    reads bands and scaling as it was trained unless given. A ``gsd`` that upsamples more than ``max_upsample``
     times per axis is refused (``None``: no limit). With ``vector``, earlier outputs are replaced only
     once both new ones are complete. Option values ``tiling``, ``reading`` and ``settings``
     (:mod:`dinov3_geo.options`) may replace their keywords.
@@ -93,7 +92,9 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
     if dtype not in DENSE_DTYPES:
         raise UsageError("dtype", f"unsupported output dtype {dtype!r} ({', '.join(DENSE_DTYPES)})")
     check_threshold(min_height, "min_height")
-    output = Path(output) if output is not None else default_output(scene, request.task.name)
+    if output is None:
+        raise UsageError("output", "give the COG to write (every command and function names its output)")
+    output = Path(output)
     _check_outputs(scene, output, vector, overwrite)
     collected: list[str] = []
     for note in request.notes:
@@ -162,15 +163,6 @@ def classify(scene, head: PathLike, output: PathLike, *, backbone=None, tile: Op
 
 
 classify_scene = classify
-
-
-def default_output(scene, task: str) -> Path:
-    """``<scene>_<task>.tif`` beside a scene file."""
-    path = _path_of(scene)
-    if path is None or not os.path.exists(path):
-        raise UsageError("output", "give the output file (the scene is not a file to write beside)")
-    p = Path(path)
-    return p.with_name(f"{p.stem}_{task}.tif")
 
 
 def _path_of(scene) -> Optional[str]:

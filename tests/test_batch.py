@@ -243,11 +243,12 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
 def test_batch_usage_errors_name_the_flag(scenes, weights, tmp_path, capsys):
     from dinov3_geo.cli import main
 
-    assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif")]) == 2
+    assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif"), "-o", "x.tif"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--dask", "cluster"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--split-above", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/",
+    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder (a path ending "
+                   "in /)",
                    "error: --dask: expected local, local:N or a scheduler address such as tcp://host:8786, "
                    "got 'cluster'",
                    "error: --split-above: must be a positive number of pixels, got 0"]

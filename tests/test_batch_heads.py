@@ -36,7 +36,7 @@ def heads(backbone_dir, tmp_path_factory) -> dict[str, Path]:
     """A linear segmentation head trained on four Chesapeake pairs, and a probe trained on chips of
     the Chesapeake images (one class per image pair: enough to give two classes)."""
     folder = tmp_path_factory.mktemp("heads")
-    args = ["train", "segment", "--classes", LANDCOVER, "--head", "linear", "--backbone", backbone_dir,
+    args = ["train", "segment", "--classes", LANDCOVER, "--decoder", "linear", "--backbone", backbone_dir,
             "-o", folder / "head.safetensors", "--cache", folder / "cache", *FAST_SEG]
     for image in CHESAPEAKE[:4]:
         args += ["--image", image, "--labels", str(image).replace("_image", "_label")]

@@ -300,7 +300,7 @@ def test_basemap_is_the_only_thing_loaded_and_only_when_asked(page, results, ope
 @needs_browser
 def test_ungeoreferenced_scene_in_pixel_coordinates(tmp_path, open_page, backbone):
     """A benchmark chip with no georeference: pixel coordinates (y = -row, where QGIS puts it); a
-    click on pixel (col, row) is `similar --at col,row` on the chip."""
+    click on pixel (col, row) is `similar --at col,-row` on the chip, as QGIS shows it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dinov3_geo.embed(CHIP, tmp_path / "f.zarr", patch=True, backbone=backbone, tile=128, overlap=32, progress=False)
@@ -316,7 +316,7 @@ def test_ungeoreferenced_scene_in_pixel_coordinates(tmp_path, open_page, backbon
     store = page.write_features(tmp_path / "r.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dinov3_geo.similar(CHIP, tmp_path / "s.tif", at=(104.0, 120.0), features=store, backbone=backbone,
+        dinov3_geo.similar(CHIP, tmp_path / "s.tif", at=(104.0, -120.0), features=store, backbone=backbone,
                            tile=128, overlap=32, progress=False)
         with rasterio.open(tmp_path / "s.tif") as ds:
             expected = [float(ds.read(1)[int(r), int(c)]) for c, r in pixels]

@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 
 from dinov3_geo.engine import STOP
 from dinov3_geo.batch import cluster, mosaic, resume
-from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for, plan_bands,
-                                   read_grid)
+from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, check_output_folder, expand_inputs,
+                                   output_for, plan_bands, read_grid)
 from dinov3_geo.batch.progress import JobProgress
 from dinov3_geo.batch.work import (BatchJob, Runtime, UnitResult, assemble, guarded, remove_band_files,
                                    remove_temporaries, vector_path)
@@ -132,6 +132,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
                                     or split_above < 1):
         raise UsageError("split_above", f"must be a positive number of pixels, got {split_above}")
     target = cluster.dask_target(dask)
+    check_output_folder(out_dir)
     request = request_for(task, ModelSource(weights=weights, backbone_weights=backbone_weights, head=head,
                                             backbone=backbone, verify=verify),
                           tile=tile, overlap=overlap, tiling=tiling, bands=bands, scale=scale, nodata=nodata,

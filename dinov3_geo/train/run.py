@@ -85,7 +85,7 @@ def chip_normalisation(ds: ChipDataset, backbone: Backbone, choice: str) -> tupl
     return tuple(backbone.mean), tuple(backbone.std), "backbone"
 
 
-def check_options(*, epochs=None, lrs=None, c_grid=None, batch_size=None, chip=None, pooling=None, head=None,
+def check_options(*, epochs=None, lrs=None, c_grid=None, batch_size=None, chip=None, pooling=None, decoder=None,
                   normalisation=None) -> None:
     """Every training option checked before any data, backbone or feature is touched: one
     UsageError naming the option."""
@@ -103,7 +103,7 @@ def check_options(*, epochs=None, lrs=None, c_grid=None, batch_size=None, chip=N
             raise UsageError(name, f"{what} must be positive numbers, got {values!r}")
     if chip is not None:
         ds_mod.validate_chip(chip)
-    for name, value, allowed in (("pooling", pooling, ("cls", "cls+mean")), ("head", head, ("linear", "dpt")),
+    for name, value, allowed in (("pooling", pooling, ("cls", "cls+mean")), ("decoder", decoder, ("linear", "dpt")),
                                  ("normalisation", normalisation, NORMALISATIONS)):
         if value is not None and value not in allowed:
             raise UsageError(name, f"{name} must be one of {', '.join(allowed)}, not {value!r}")
@@ -186,20 +186,20 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
     return fit.probe, meta, metrics, f"C = {fit.C:.3g} chosen on val"
 
 
-def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", lrs: Sequence[float] = LR_GRID,
+def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, decoder: str = "dpt", lrs: Sequence[float] = LR_GRID,
                      epochs: int = 20, normalisation: str = "auto", seed: int = 0, device: str = "cpu",
                      batch_size: int = 8, cache=None, progress: Progress = None):
     """Train a linear or DPT segmentation head; returns (head, meta, metrics, choice)."""
     if ds.task != "segment":
         raise UsageError("task", "this training data is for classification, not segmentation")
-    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, head=head, normalisation=normalisation)
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, decoder=decoder, normalisation=normalisation)
     check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
-    feats = _features(backbone, ds, mean, std, "last" if head == "linear" else "layers", device, _cache(cache),
+    feats = _features(backbone, ds, mean, std, "last" if decoder == "linear" else "layers", device, _cache(cache),
                       batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
     k = len(ds.class_names)
-    fit = fit_segmenter(head, feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], k, backbone.embed_dim,
+    fit = fit_segmenter(decoder, feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], k, backbone.embed_dim,
                         lrs, epochs, batch_size, seed, ds.ignore_classes, progress)
     val_pred = predict_segmentation(fit.head, feats.take(va), ds.chip_size)
     metrics = {"val": scores(ds.labels[va], val_pred, k, "segment", ds.ignore_classes)}
@@ -207,8 +207,8 @@ def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", 
         te = ds.splits["test"]
         pred = predict_segmentation(fit.head, feats.take(te), ds.chip_size)
         metrics["test"] = scores(ds.labels[te], pred, k, "segment", ds.ignore_classes)
-    layers = list(backbone.dense_layers) if head == "dpt" else [backbone.depth - 1]
-    meta = {**_base_meta(ds, backbone, mean, std, source), "head": head, "layers": layers, "dropout": 0.1,
+    layers = list(backbone.dense_layers) if decoder == "dpt" else [backbone.depth - 1]
+    meta = {**_base_meta(ds, backbone, mean, std, source), "head": decoder, "layers": layers, "dropout": 0.1,
             "fit": {"lr": fit.lr, "sweep": fit.sweep, "epochs": epochs, "weight_decay": 1e-4, "seed": seed},
             "metrics": metrics}
     return fit.head, meta, metrics, f"lr = {fit.lr:g} chosen on val"
@@ -286,14 +286,14 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
 def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels: Sequence[PathLike] = (),
                     label_column: Optional[str] = None, geobench=None, torchgeo=None, root=None,
                     class_names: Optional[Sequence[str]] = None,
-                    backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, head: str = "dpt",
+                    backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, decoder: str = "dpt",
                     lrs: Sequence[float] = LR_GRID, epochs: int = 20, chip: Optional[int] = None,
                     normalisation: str = "auto", seed: int = 0, device: str = "auto", batch_size: int = 8, cache=None,
                     bands=None, scale=None, overwrite: bool = False, verify: bool = True,
                     progress: Progress = None) -> TrainResult:
     """Train a linear or DPT segmentation head and write it as a head file at ``output``."""
     t0 = time.perf_counter()
-    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, chip=chip, head=head, normalisation=normalisation)
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, chip=chip, decoder=decoder, normalisation=normalisation)
     check_output(output, overwrite)
     data = segmentation_data(images=images, labels=labels, label_column=label_column, geobench=geobench,
                              torchgeo=torchgeo, root=root, chip=chip, class_names=class_names, seed=seed,
@@ -301,11 +301,11 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
     check_classes(data, progress)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
-    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs,
+    module, meta, metrics, choice = fit_segmentation(data, bb, decoder=decoder, lrs=lrs, epochs=epochs,
                                                      normalisation=normalisation, seed=seed, device=device,
                                                      batch_size=batch_size, cache=cache, progress=progress)
     save_head(output, module, meta, overwrite)
-    return TrainResult(Path(output), "segment", head, data.class_names, metrics, data.summary(), choice,
+    return TrainResult(Path(output), "segment", decoder, data.class_names, metrics, data.summary(), choice,
                        time.perf_counter() - t0, data.notes)
 
 
