@@ -231,12 +231,18 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
     assert proc.returncode == 143, err
     assert err.splitlines()[-1].endswith("rerun the same command to resume")
     assert hidden_files(out) == []
-    assert not (out / "stars_L7_ETMs_canopy.tif").exists()
+    # every scene started says how it ended: complete, or interrupted (none left "running")
+    states = {p.name[:-len("_canopy.tif.json")] + ".tif": json.loads(p.read_text())["state"]
+              for p in out.glob("*_canopy.tif.json")}
+    complete = sorted(n for n, state in states.items() if state == "complete")
+    assert first.name[:-len("_canopy.tif.json")] + ".tif" in complete
+    assert set(states.values()) <= {"complete", "interrupted"} and "interrupted" in states.values()
+    assert all((out / n.replace(".tif", "_canopy.tif")).exists() == (n in complete) for n in states)
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary_canopy.json").read_text())
-    assert [Path(s["scene"]).name for s in summary["skipped"]] == [first.name[:-len("_canopy.tif.json")] + ".tif"]
-    assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - 1
+    assert sorted(Path(s["scene"]).name for s in summary["skipped"]) == complete
+    assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - len(complete)
     assert hidden_files(out) == []
 
 

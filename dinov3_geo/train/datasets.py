@@ -28,7 +28,6 @@ from ..io.tiling import pad_to_tile, plan_chips
 
 PathLike = Union[str, os.PathLike]
 IGNORE = 255
-TASKS = ("classify", "segment")
 #: Image file suffixes read from a chips folder (anything GDAL opens would do; these are the usual ones).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".bmp")
 
