@@ -33,14 +33,34 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
 from dinov3_geo import options as opts
-from dinov3_geo.errors import InputError, UsageError
+from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, WeightsError
 from dinov3_geo.io.features import CHIP_FORMATS, PATCH
-from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid
-from dinov3_geo.io.scene import scene_reader
+from dinov3_geo.io.georef import vector_transform
+from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid, check_patch_overlap
+from dinov3_geo.io.readers import scene_reader
 from dinov3_geo.io.sinks import COGSink, check_output
-from dinov3_geo.tasks.features import (FIT_BATCH, open_store, read_block, row_blocks, scratch_features,
-                                       valid_columns)
-from dinov3_geo.tasks.registry import DEFAULT_BACKBONE, Job, ModelSource, Request, request_for
+from dinov3_geo.io.stac import describe_output
+from dinov3_geo.io.vector import polygonize_classes
+from dinov3_geo.models import registry
+from dinov3_geo.models.load import width_without_loading
+from dinov3_geo.models.weights import resolve_weights
+from dinov3_geo.tasks.features import (
+    FIT_BATCH,
+    feature_store,
+    open_store,
+    patch_features,
+    read_block,
+    row_blocks,
+    scratch_features,
+    valid_columns,
+)
+from dinov3_geo.tasks.registry import (
+    DEFAULT_BACKBONE,
+    Job,
+    ModelSource,
+    Request,
+    request_for,
+)
 
 PathLike = Union[str, os.PathLike]
 CLASS_NODATA = 255
@@ -79,8 +99,6 @@ def _scene_path(scene) -> Optional[str]:
 def _result(output: Path, backbone: str, t0: float, stats=(), source=None, **kw) -> AnalysisResult:
     """The result of a written ``output`` (made from ``source``), once its GIS sidecars are
     written: a raster's QGIS style, the STAC Items of it and of its polygons (``vector``)."""
-    from dinov3_geo.io.stac import describe_output
-
     describe_output(output, source, vector=kw.get("vector"), properties={"backbone": backbone})
     computed = sum(s.chips_computed for s in stats)
     skipped = sum(s.chips_skipped for s in stats)
@@ -136,9 +154,6 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[i
     ``scene``, stitched seam-free at 16-px cells into a Zarr store or COG (as ``embed(patch=True)``
     does with the backbone's patch tokens). Cell ``(i, j)`` covers pixels ``16i..16i+15`` by
     ``16j..16j+15``; the map has the scene's CRS and its transform scaled by 16."""
-    from dinov3_geo.io.patchmap import check_patch_overlap
-    from dinov3_geo.tasks.features import feature_store, patch_features
-
     t0 = time.perf_counter()
     output = Path(output)
     _check_embed_output(output, True, None)
@@ -167,8 +182,6 @@ def _check_embed_output(output: Path, patch: bool, pca) -> None:
 
 def backbone_width(request: Request) -> Optional[int]:
     """The feature width of the request's backbone when it can be told without reading weights."""
-    from dinov3_geo.models.weights import width_without_loading
-
     return width_without_loading(request.source.backbone)
 
 
@@ -210,10 +223,6 @@ def _open_given_store(features: PathLike, backbone) -> "object":
 def _names_of(backbone) -> set[str]:
     """The names a loaded ``backbone`` could carry (a file's or folder's name; a registry entry's
     file and folder names), told without loading it."""
-    from dinov3_geo.errors import WeightsError
-    from dinov3_geo.models import registry
-    from dinov3_geo.models.weights import resolve_weights
-
     if not isinstance(backbone, (str, os.PathLike)):
         return {str(getattr(backbone, "name", ""))}
     names = {Path(str(backbone)).name}
@@ -320,8 +329,6 @@ def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:
     """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS; for a scene without
     georeference, where GIS tools draw it: x = column, y = -row); a point outside the scene or on
     its nodata is an error naming ``at`` (told from one cell's pixels)."""
-    from dinov3_geo.io.georef import vector_transform
-
     x, y = at
     placement = vector_transform(reader.crs, reader.transform)
     col, row = ~placement @ (x, y)
@@ -439,8 +446,6 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
             _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster", colormap=_palette(k),
                             class_names=units)
     if vector is not None:
-        from dinov3_geo.io.vector import polygonize_classes
-
         try:
             polygonize_classes(output, vector, units, layer="clusters", overwrite=overwrite)
         except BaseException:        # no half job: the same command can be rerun
@@ -528,7 +533,6 @@ def _check_overlap(first, after) -> None:
 
     from rasterio.warp import transform_bounds
 
-    from dinov3_geo.errors import DinoGeoWarning
 
     with warnings.catch_warnings():      # the second date's warnings are said once, when it is read
         warnings.simplefilter("ignore", DinoGeoWarning)

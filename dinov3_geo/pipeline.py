@@ -19,7 +19,8 @@ import torch
 from . import options as opts
 from .engine import Engine, RunSettings, RunStats, run_chips
 from .errors import UsageError
-from .io.scene import Scene, scene_reader
+from .io.readers import scene_reader
+from .io.scene import Scene
 from .io.sinks import COGSink, check_output
 from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA, StreamingStitcher

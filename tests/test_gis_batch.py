@@ -22,7 +22,7 @@ from dinov3_geo import run_batch
 from dinov3_geo.batch.mosaic import merge_vectors, write_vrts
 from dinov3_geo.io.stac import item_path
 from dinov3_geo.io.styles import class_table, layer_styles, qml_path, write_layer_style
-from dinov3_geo.io.vector import write_gpkg_layer
+from dinov3_geo.io.gpkg import write_gpkg_layer
 from test_gis_outputs import CHESAPEAKE, assert_geopackage_12, categories
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"

@@ -28,8 +28,13 @@ from typing import Optional, Sequence
 import rasterio
 import rasterio.shutil
 
+from dinov3_geo.batch import resume
+from dinov3_geo.io import stac
 from dinov3_geo.io.georef import is_pixel_grid
+from dinov3_geo.io.gpkg import write_gpkg_layer
 from dinov3_geo.io.sinks import atomic_output
+from dinov3_geo.io.stac import COLLECTION_NAME, ITEM_SUFFIX
+from dinov3_geo.io.styles import copy_layer_style, is_ours, write_raster_style
 
 #: How many file names a note lists before it says "and N more".
 NOTE_NAMES = 5
@@ -141,7 +146,6 @@ def merge_vectors(parts: Sequence[tuple[str, Path]], path: Path, layer: str,
     import pyogrio
     from rasterio.crs import CRS
 
-    from dinov3_geo.io.styles import copy_layer_style
 
     members, unplaced = [], []
     for scene, part in parts:
@@ -170,7 +174,6 @@ def _append_parts(group: Sequence[tuple[str, Path]], gpkg: Path, layer: str, nam
     (created empty when the group is empty) with a ``scene`` column; returns the feature count."""
     import geopandas as gpd
 
-    from dinov3_geo.io.vector import write_gpkg_layer
 
     total = 0
     for scene, part in group:
@@ -193,8 +196,6 @@ def write_catalogue(out_dir: Path, task: str, outputs: Sequence[tuple[Path, Path
     combined product (``combined``: mosaics, combined GeoPackage), with the QGIS style of each
     raster. An Item newer than its output is kept (a resumed job rewrites only what changed).
     Each scene's Item carries its recipe (weights' hashes, options) from the resume sidecar."""
-    from dinov3_geo.io import stac
-
     collection = stac.collection_for(out_dir, task)
     items = []
     for scene, output in outputs:
@@ -211,9 +212,6 @@ def write_catalogue(out_dir: Path, task: str, outputs: Sequence[tuple[Path, Path
 
 def _item(output: Path, source, properties: dict, collection) -> Path:
     """The Item (and for a raster, the QGIS style) of ``output``: kept when newer than the output."""
-    from dinov3_geo.io import stac
-    from dinov3_geo.io.styles import write_raster_style
-
     item = stac.item_path(output)
     if item.exists() and item.stat().st_mtime_ns >= output.stat().st_mtime_ns:
         return item
@@ -224,8 +222,6 @@ def _item(output: Path, source, properties: dict, collection) -> Path:
 
 def _recipe_properties(output: Path) -> dict:
     """The recipe of an output's resume sidecar (task, weights' SHA-256, options) as Item properties."""
-    from dinov3_geo.batch import resume
-
     record = resume.read_sidecar(output) or {}
     return {k: v for k, v in (record.get("recipe") or {}).items() if v is not None}
 
@@ -233,8 +229,6 @@ def _recipe_properties(output: Path) -> dict:
 def sidecar_names(names: set[str], task: str) -> set[str]:
     """The names of the GIS sidecars a job writes beside the files ``names`` (STAC Items, QGIS
     styles of rasters) and its Collection: files of the job, as the outputs are."""
-    from dinov3_geo.io.stac import COLLECTION_NAME, ITEM_SUFFIX
-
     styles = {Path(n).stem + ".qml" for n in names if n.lower().endswith((".tif", ".vrt"))}
     return {n + ITEM_SUFFIX for n in names} | styles | {COLLECTION_NAME.format(task=task)}
 
@@ -242,9 +236,6 @@ def sidecar_names(names: set[str], task: str) -> set[str]:
 def is_sidecar(path: Path) -> bool:
     """Whether ``path`` is a GIS sidecar of a job's output (an Item, a style, a Collection), so
     never an input scene (a glob over an output folder finds them)."""
-    from dinov3_geo.io.stac import ITEM_SUFFIX
-    from dinov3_geo.io.styles import is_ours
-
     name = path.name
     return name.endswith(ITEM_SUFFIX) or (name.startswith("collection_") and name.endswith(".json")) or \
         (name.endswith(".qml") and is_ours(path))

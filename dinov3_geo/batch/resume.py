@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dinov3_geo.batch.plan import Grid
+from dinov3_geo.errors import DinoGeoError
+from dinov3_geo.io.patchmap import cells
+from dinov3_geo.tasks.features import open_store
 
 SIDECAR_VERSION = 1
 
@@ -148,10 +151,6 @@ def parquet_problem(output: Path, grid: Grid) -> Optional[str]:
 def features_problem(output: Path, grid: Grid) -> Optional[str]:
     """None when ``output`` is a whole feature store (every chunk there) on the input's grid of
     16-px cells, else what is wrong."""
-    from dinov3_geo.errors import DinoGeoError
-    from dinov3_geo.io.patchmap import cells
-    from dinov3_geo.tasks.features import open_store
-
     try:
         store = open_store(output)
     except DinoGeoError as exc:

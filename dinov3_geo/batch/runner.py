@@ -16,16 +16,33 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from dinov3_geo.engine import STOP
 from dinov3_geo.batch import cluster, mosaic, resume
-from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, check_output_folder, expand_inputs,
-                                   output_for, plan_bands, read_grid)
+from dinov3_geo.batch.plan import (
+    Band,
+    band_count,
+    check_distinct_outputs,
+    check_output_folder,
+    expand_inputs,
+    output_for,
+    plan_bands,
+    read_grid,
+)
 from dinov3_geo.batch.progress import JobProgress
-from dinov3_geo.batch.work import (BatchJob, Runtime, UnitResult, assemble, guarded, remove_band_files,
-                                   remove_temporaries, vector_path)
+from dinov3_geo.batch.work import (
+    BatchJob,
+    Runtime,
+    UnitResult,
+    assemble,
+    guarded,
+    remove_band_files,
+    remove_temporaries,
+    vector_path,
+)
+from dinov3_geo.engine import STOP
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.models.demo import is_demo
 from dinov3_geo.options import ReadOptions, RunSettings, Tiling
 from dinov3_geo.pipeline import DENSE_DTYPES
 from dinov3_geo.tasks.registry import ModelSource, get_task, request_for, task_names
@@ -237,8 +254,6 @@ def _recipe(job: BatchJob) -> dict:
     """What decides an output's values, as resolved for this job (the device's precision, the
     tiling and reading the task takes by default or from a head), with the weights' hashes: resume
     compares it with each output's sidecar."""
-    from dinov3_geo.models.demo import is_demo
-
     request = job.request
     recipe = request.record()
     recipe["dtype"] = job.dtype

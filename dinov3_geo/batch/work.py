@@ -29,7 +29,7 @@ from dinov3_geo.batch.plan import Band
 from dinov3_geo.engine import run_chips
 from dinov3_geo.errors import DinoGeoError, DinoGeoWarning, short_message
 from dinov3_geo.io.georef import georeference_profile
-from dinov3_geo.io.scene import scene_reader
+from dinov3_geo.io.readers import scene_reader
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan

@@ -32,7 +32,12 @@ from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.explorer import render
 from dinov3_geo.explorer.grid import STAND_IN, DisplayGrid, Placement
 from dinov3_geo.io.features import PATCH
-from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid, ZarrFeatureSink, open_features
+from dinov3_geo.io.patchmap import (
+    ZARR_CHUNK_ROWS,
+    CellGrid,
+    ZarrFeatureSink,
+    open_features,
+)
 
 #: Valid cells drawn at random to fit the PCA.
 FIT_CELLS = 20_000

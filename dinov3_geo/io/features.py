@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from dinov3_geo.errors import InputError, OutputError
 from dinov3_geo.io.georef import vector_transform
+from dinov3_geo.io.gpkg import GPKG_VERSION
 from dinov3_geo.io.sinks import atomic_output
 
 PATCH = 16
@@ -133,8 +134,6 @@ class ChipEmbeddingWriter:
     def _write_ogr(self, frame: gpd.GeoDataFrame, path: Path, driver: str) -> None:
         """``frame`` with the embeddings as BLOBs of little-endian float32, as layer ``chips`` of a
         GeoPackage (the version :func:`~dinov3_geo.io.vector.write_gpkg_layer` writes) or FlatGeobuf."""
-        from dinov3_geo.io.vector import GPKG_VERSION
-
         table = pa.table(frame.to_arrow(geometry_encoding="WKB"))
         for name, vectors in zip(EMBEDDINGS, (self.cls, self.mean)):
             table = table.append_column(name, pa.array([v.astype("<f4").tobytes() for v in vectors], pa.binary()))

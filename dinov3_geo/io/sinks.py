@@ -32,8 +32,8 @@ import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np

@@ -32,8 +32,18 @@ from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
+from dinov3_geo.io.georef import is_pixel_grid
+from dinov3_geo.io.patchmap import open_features
+from dinov3_geo.io.scene import pixel_size_m
 from dinov3_geo.io.sinks import atomic_output
-from dinov3_geo.io.styles import hex_colour
+from dinov3_geo.io.styles import (
+    STYLES_TABLE,
+    hex_colour,
+    raster_classes,
+    write_raster_style,
+)
+from dinov3_geo.models.backbone import Backbone
+from dinov3_geo.models.identity import backbone_id, weights_fingerprint
 
 ITEM_SUFFIX = ".stac.json"
 #: Media types of the outputs, by suffix.
@@ -86,9 +96,6 @@ def raster_facts(path) -> dict:
     import rasterio
     from rasterio.transform import from_gcps
 
-    from dinov3_geo.io.georef import is_pixel_grid
-    from dinov3_geo.io.scene import pixel_size_m
-    from dinov3_geo.io.styles import raster_classes
 
     with rasterio.open(path) as ds:
         gcps, gcp_crs = ds.gcps
@@ -130,7 +137,6 @@ def vector_facts(path) -> dict:
     import shapely
     from rasterio.crs import CRS
 
-    from dinov3_geo.io.styles import STYLES_TABLE
 
     layers, shapes, codes = [], [], set()
     infos = [_parquet_info(path)] if Path(path).suffix.lower() == ".parquet" else \
@@ -171,8 +177,6 @@ def _parquet_info(path) -> dict:
 
 def zarr_facts(path) -> dict:
     """What the Item of a Zarr feature map says: its CRS, transform, shape and bands."""
-    from dinov3_geo.io.patchmap import open_features
-
     feats = open_features(path)
     crs, transform = feats.rio.crs, feats.rio.transform()
     bands, height, width = (int(n) for n in feats.shape)
@@ -323,9 +327,6 @@ def _write_json(record: dict, path: Path) -> None:
 def model_properties(model) -> dict:
     """What made an output, as Item properties: the backbone id and the weights' fingerprint of
     the model's DINOv3 backbone (cheap: a hash of a sample of every tensor)."""
-    from dinov3_geo.models.backbone import Backbone
-    from dinov3_geo.models.identity import backbone_id, weights_fingerprint
-
     backbone = model if isinstance(model, Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, Backbone):
         return {}
@@ -387,8 +388,6 @@ def describe_output(output, source=None, model=None, vector=None,
     (:func:`~dinov3_geo.io.styles.write_raster_style`) and its STAC Item, with ``model``'s
     backbone (:func:`model_properties`) and ``properties``; with ``vector`` (the polygons made
     from it), that file's Item too, derived from the output. Returns the files written."""
-    from dinov3_geo.io.styles import write_raster_style
-
     output = Path(output)
     written = []
     if output.is_file() and output.suffix.lower() in (".tif", ".tiff", ".vrt"):

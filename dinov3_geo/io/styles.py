@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import rasterio
 
+from dinov3_geo.io.gpkg import write_gpkg_layer
 from dinov3_geo.io.sinks import atomic_output
 
 QGIS_VERSION = "3.22.16-Białowieża"
@@ -276,7 +277,6 @@ def _add_style_row(gpkg, layer: str, qml: str, description: str, geometry_column
     """Append the default style ``qml`` of ``layer`` to the ``layer_styles`` table of ``gpkg``."""
     import pandas as pd
 
-    from dinov3_geo.io.vector import write_gpkg_layer
 
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
     row = {"f_table_catalog": "", "f_table_schema": "", "f_table_name": layer, "f_geometry_column": geometry_column,

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 
 import geopandas as gpd
 import numpy as np
-import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -30,6 +29,7 @@ from scipy import ndimage
 from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io import styles
 from dinov3_geo.io.georef import area_column, vector_transform
+from dinov3_geo.io.gpkg import write_gpkg_layer
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -209,17 +209,6 @@ def georeference(ds) -> tuple:
 #: The GeoPackage version written: 1.2 (``PRAGMA user_version`` 10200, the R-tree triggers of
 #: GeoPackage 1.2), what GDAL 3.6 writes itself. GDAL 3.7+ writes 1.4 by default, whose files GDAL
 #: 3.6 and QGIS 3.22 open with a warning and GDAL 3.6's validate_gpkg.py rejects (Req 75).
-GPKG_VERSION = "1.2"
-
-
-def write_gpkg_layer(frame, path, layer: str, append: bool = False, **options) -> None:
-    """Write ``frame`` (a GeoDataFrame, or a DataFrame for a table without geometry) as layer
-    ``layer`` of the GeoPackage ``path`` (created as GeoPackage :data:`GPKG_VERSION` unless
-    ``append``); ``options`` go to ``pyogrio.write_dataframe``."""
-    dataset = {} if append else {"dataset_options": {"VERSION": GPKG_VERSION}}
-    pyogrio.write_dataframe(frame, str(path), layer=layer, driver="GPKG", append=append, **dataset, **options)
-
-
 def _in_units(ds, values: np.ndarray) -> np.ndarray:
     """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
     metres), unchanged when there are none."""

@@ -16,10 +16,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..engine import resolve_device
 from ..errors import InputError, UsageError
+from .fit import C_GRID, LR_GRID
 from .geobench_data import geobench_task
 from .model_card import MODEL_CARD
-from ..engine import resolve_device
 from .run import check_options, fit_classifier, fit_segmentation, resolve_backbone
 
 PathLike = Union[str, os.PathLike]
@@ -109,8 +110,6 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
                       verify: bool = True, progress=None) -> GeoBenchReport:
     """Run the protocol on every requested task under ``root`` (``classification_v1.0/<task>``,
     ``segmentation_v1.0/<task>``); returns the report (test metrics in %)."""
-    from .fit import C_GRID, LR_GRID
-
     check_options(epochs=epochs, batch_size=batch_size, c_grid=c_grid, lrs=lrs)
     if root is None:
         raise UsageError("root", "give GEO-Bench's root folder (with classification_v1.0/ and segmentation_v1.0/)")
