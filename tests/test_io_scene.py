@@ -1,7 +1,7 @@
 """Opening scenes: band choice, scaling, masks, resampling, errors, threads."""
 import threading
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
