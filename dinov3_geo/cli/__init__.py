@@ -90,7 +90,7 @@ def _run(parser: Parser, params: set[str], argv: list[str]) -> int:
         if debug:
             traceback.print_exc()
         print(f"error: {in_flags(exc, params)}", file=sys.stderr)
-        return exc.exit_code
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt as exc:
         if debug:
             traceback.print_exc()

@@ -19,9 +19,7 @@ null. A batch adds a Collection (:func:`write_collection`) linking its Items.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -43,7 +41,7 @@ from dinov3_geo.io.styles import (
     write_raster_style,
 )
 from dinov3_geo.models.backbone import Backbone
-from dinov3_geo.models.identity import backbone_id, weights_fingerprint
+from dinov3_geo.models.identity import backbone_id, file_sha256, weights_fingerprint
 
 ITEM_SUFFIX = ".stac.json"
 #: Media types of the outputs, by suffix.
@@ -193,10 +191,7 @@ def _checksum(path: Path) -> Optional[str]:
     """SHA-256 of a file as a multihash (``1220`` + hex digest), None for a folder (Zarr)."""
     if path.is_dir():
         return None
-    if path.stat().st_size == 0:
-        return "1220" + hashlib.sha256().hexdigest()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        return "1220" + hashlib.sha256(view).hexdigest()      # hashed from the page cache, not copied
+    return "1220" + file_sha256(path)
 
 
 def _size(path: Path) -> int:

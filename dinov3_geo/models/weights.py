@@ -8,7 +8,6 @@ names the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -22,6 +21,7 @@ import torch
 
 from ..errors import WeightsError, WeightsNotFoundError, short_message
 from . import registry
+from .identity import file_sha256
 
 StateDict = dict[str, torch.Tensor]
 
@@ -485,11 +485,7 @@ def verify_official_hash(path: os.PathLike | str) -> bool:
     stamp = cache_dir() / "verified" / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}"
     if stamp.exists():
         return True
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if not actual.startswith(expected):
         raise WeightsError(path, f"SHA-256 {actual[:8]}… does not match the {expected} in the file name "
                                  "(damaged or renamed download); pass `verify=False` to load it anyway")
