@@ -14,7 +14,7 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
   (:mod:`dinov3_geo.options`); ``get_task``/``TASKS``: the task registry
   (:mod:`dinov3_geo.tasks.registry`).
 - ``explore(scene, *outputs)``: the scene and its results as one self-contained interactive web page
-  (:mod:`dinov3_geo.explore`), with similarity search on click.
+  (:mod:`dinov3_geo.explorer`), with similarity search on click.
 - ``da.dinov3`` on xarray DataArrays: ``import dinov3_geo.xarray`` registers it (as ``import
   rioxarray`` registers ``da.rio``); ``import dinov3_geo`` changes nothing in other libraries.
 """
@@ -54,7 +54,7 @@ _EXPORTS = {
     "cluster": "dinov3_geo.analysis",
     "change": "dinov3_geo.analysis",
     "patch_map": "dinov3_geo.analysis",
-    "explore": "dinov3_geo.explore",
+    "explore": "dinov3_geo.explorer",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -29,17 +29,38 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
+from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
 from dinov3_geo import options as opts
-from dinov3_geo.errors import InputError, UsageError
-from dinov3_geo.io.features import PATCH
-from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid
-from dinov3_geo.io.scene import scene_reader
+from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, WeightsError
+from dinov3_geo.io.features import CHIP_FORMATS, PATCH
+from dinov3_geo.io.georef import vector_transform
+from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid, check_patch_overlap
+from dinov3_geo.io.readers import scene_reader
 from dinov3_geo.io.sinks import COGSink, check_output
-from dinov3_geo.tasks.features import (FIT_BATCH, open_store, read_block, row_blocks, scratch_features,
-                                       valid_columns)
-from dinov3_geo.tasks.registry import DEFAULT_BACKBONE, Job, ModelSource, Request, request_for
+from dinov3_geo.io.stac import describe_output
+from dinov3_geo.io.vector import polygonize_classes
+from dinov3_geo.models import registry
+from dinov3_geo.models.load import width_without_loading
+from dinov3_geo.models.weights import resolve_weights
+from dinov3_geo.tasks.features import (
+    FIT_BATCH,
+    feature_store,
+    open_store,
+    patch_features,
+    read_block,
+    row_blocks,
+    scratch_features,
+    valid_columns,
+)
+from dinov3_geo.tasks.registry import (
+    DEFAULT_BACKBONE,
+    Job,
+    ModelSource,
+    Request,
+    request_for,
+)
 
 PathLike = Union[str, os.PathLike]
 CLASS_NODATA = 255
@@ -75,7 +96,10 @@ def _scene_path(scene) -> Optional[str]:
     return getattr(scene, "path", None) or getattr(scene, "encoding", {}).get("source")
 
 
-def _result(output: Path, backbone: str, t0: float, stats=(), **kw) -> AnalysisResult:
+def _result(output: Path, backbone: str, t0: float, stats=(), source=None, **kw) -> AnalysisResult:
+    """The result of a written ``output`` (made from ``source``), once its GIS sidecars are
+    written: a raster's QGIS style, the STAC Items of it and of its polygons (``vector``)."""
+    describe_output(output, source, vector=kw.get("vector"), properties={"backbone": backbone})
     computed = sum(s.chips_computed for s in stats)
     skipped = sum(s.chips_skipped for s in stats)
     return AnalysisResult(output, backbone, time.perf_counter() - t0, computed, skipped, **kw)
@@ -117,7 +141,8 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
         model = request.load_model()
         written = request.task.write(request, reader, model, output, Job(pca=pca, overwrite=overwrite,
                                                                         progress=progress))
-    return _result(output, _model_id(model), t0, [written.stats], warnings=list(reader.warnings))
+    return _result(output, _model_id(model), t0, [written.stats], _scene_path(scene),
+                   warnings=list(reader.warnings))
 
 
 def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[int] = None,
@@ -129,9 +154,6 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[i
     ``scene``, stitched seam-free at 16-px cells into a Zarr store or COG (as ``embed(patch=True)``
     does with the backbone's patch tokens). Cell ``(i, j)`` covers pixels ``16i..16i+15`` by
     ``16j..16j+15``; the map has the scene's CRS and its transform scaled by 16."""
-    from dinov3_geo.io.patchmap import check_patch_overlap
-    from dinov3_geo.tasks.features import feature_store, patch_features
-
     t0 = time.perf_counter()
     output = Path(output)
     _check_embed_output(output, True, None)
@@ -145,22 +167,21 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[i
         attrs = dict(backbone=f"model:{type(model).__name__}", tile=chips.tile, overlap=chips.overlap, patch_size=PATCH)
         with feature_store(output, CellGrid.of(reader), channels, attrs, overwrite, _scene_path(reader)) as sink:
             stats = patch_features(reader, sink, model, chips, run, progress, channels)
-    return _result(output, "none", t0, [stats])
+    return _result(output, "none", t0, [stats], _scene_path(scene))
 
 
 def _check_embed_output(output: Path, patch: bool, pca) -> None:
     if pca is not None and not patch:
         raise UsageError("pca", "pca reduces patch features: use it with `patch`")
-    if not patch and output.suffix.lower() != ".parquet":
-        raise UsageError("output", f"chip embeddings go to a GeoParquet file (.parquet), not {output.name}")
+    if not patch and output.suffix.lower() not in CHIP_FORMATS:
+        raise UsageError("output", f"chip embeddings go to GeoParquet (.parquet), GeoPackage (.gpkg) or "
+                                   f"FlatGeobuf (.fgb), not {output.name}")
     if patch and output.suffix.lower() not in (".zarr", ".tif", ".tiff"):
         raise UsageError("output", f"patch features go to a Zarr store (.zarr) or a GeoTIFF (.tif), not {output.name}")
 
 
 def backbone_width(request: Request) -> Optional[int]:
     """The feature width of the request's backbone when it can be told without reading weights."""
-    from dinov3_geo.models.weights import width_without_loading
-
     return width_without_loading(request.source.backbone)
 
 
@@ -202,10 +223,6 @@ def _open_given_store(features: PathLike, backbone) -> "object":
 def _names_of(backbone) -> set[str]:
     """The names a loaded ``backbone`` could carry (a file's or folder's name; a registry entry's
     file and folder names), told without loading it."""
-    from dinov3_geo.errors import WeightsError
-    from dinov3_geo.models import registry
-    from dinov3_geo.models.weights import resolve_weights
-
     if not isinstance(backbone, (str, os.PathLike)):
         return {str(getattr(backbone, "name", ""))}
     names = {Path(str(backbone)).name}
@@ -230,11 +247,12 @@ def _check_store_grid(store, grid: CellGrid) -> None:
 
 
 def _write_on_scene(output: Path, reader, blocks: Iterator[tuple[int, np.ndarray]], dtype: str, nodata,
-                    overwrite: bool, description: str, colormap=None) -> None:
+                    overwrite: bool, description: str, colormap=None, class_names=None) -> None:
     """Write cell values ``(cell row, [rows, width])`` on the scene's own grid: each cell fills its
     16 x 16 pixels, and pixels the scene has no valid data for are ``nodata`` (as in every output)."""
+    tags = {f"CLASS_{i}": name for i, name in enumerate(class_names or [])}
     with COGSink(output, reader, count=1, dtype=dtype, nodata=nodata, overwrite=overwrite, colormap=colormap,
-                 band_descriptions=[description]) as sink:
+                 band_descriptions=[description], tags=tags) as sink:
         for r0, values in blocks:
             pixels = np.repeat(np.repeat(values, PATCH, axis=0), PATCH, axis=1)
             rows = min(pixels.shape[0], reader.height - r0 * PATCH)
@@ -304,18 +322,21 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
                       for r0, block in row_blocks(feats, where=features))
             _write_on_scene(output, reader, blocks, "float32", float("nan"), overwrite, "cosine_similarity")
     reduced = {"similarity over": f"{store.pca} PCA components"} if store is not None and store.pca else {}
-    return _result(output, made_by, t0, stats, warnings=list(reader.warnings), extra=reduced)
+    return _result(output, made_by, t0, stats, _scene_path(scene), warnings=list(reader.warnings), extra=reduced)
 
 
 def _point_cells(reader, at: tuple[float, float]) -> np.ndarray:
-    """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS); a point outside the
-    scene or on its nodata is an error naming ``at`` (told from one cell's pixels)."""
+    """Boolean cell mask of the cell under ``at`` (x, y in the scene's CRS; for a scene without
+    georeference, where GIS tools draw it: x = column, y = -row); a point outside the scene or on
+    its nodata is an error naming ``at`` (told from one cell's pixels)."""
     x, y = at
-    col, row = ~reader.transform @ (x, y)
+    placement = vector_transform(reader.crs, reader.transform)
+    col, row = ~placement @ (x, y)
     if not (0 <= row < reader.height and 0 <= col < reader.width):
-        left, bottom, right, top = _bounds(reader)
+        left, bottom, right, top = array_bounds(reader.height, reader.width, placement)
+        where = f"in {reader.crs}" if reader.crs is not None else "in pixels: x = column, y = -row"
         raise UsageError("at", f"point {_coord(x)},{_coord(y)} is outside {reader.path} (x {_coord(left)} to "
-                               f"{_coord(right)}, y {_coord(bottom)} to {_coord(top)} in {reader.crs})")
+                               f"{_coord(right)}, y {_coord(bottom)} to {_coord(top)} {where})")
     r, c = int(row) // PATCH, int(col) // PATCH
     window = Window(c * PATCH, r * PATCH, min(PATCH, reader.width - c * PATCH), min(PATCH, reader.height - r * PATCH))
     _, valid = reader.read(window)
@@ -335,18 +356,15 @@ def _coord(value: float) -> str:
 
 
 def _bounds(reader) -> tuple[float, float, float, float]:
-    from rasterio.transform import array_bounds
-
     return array_bounds(reader.height, reader.width, reader.transform)
 
 
 def _polygon_cells(reader, like: PathLike) -> np.ndarray:
     """Boolean cell mask of the cells the polygons of ``like`` touch, in the scene's CRS."""
-    import geopandas as gpd
     from rasterio.features import geometry_mask
 
     try:
-        shapes = gpd.read_file(like)
+        shapes = _spatial_layers(like)
     except Exception as exc:  # pyogrio's DataSourceError and friends
         raise InputError(like, f"not a readable vector file ({exc})") from None
     shapes = shapes[shapes.geometry.notna() & ~shapes.geometry.is_empty]
@@ -362,6 +380,20 @@ def _polygon_cells(reader, like: PathLike) -> np.ndarray:
     if not mask.any():
         raise UsageError("like", f"the polygons of {like} lie outside {reader.path}")
     return mask
+
+
+def _spatial_layers(path):
+    """Every layer with geometries of a vector file, in one frame in the first one's CRS (a
+    GeoPackage's ``layer_styles`` table and other plain tables left out)."""
+    import geopandas as gpd
+    import pandas as pd
+    import pyogrio
+
+    names = [name for name, kind in pyogrio.list_layers(path) if kind is not None]
+    frames = [gpd.read_file(path, layer=name) for name in names] or [gpd.read_file(path)]
+    crs = frames[0].crs
+    frames = [f.to_crs(crs) if f.crs is not None and crs is not None and f.crs != crs else f for f in frames]
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
 
 
 def _mean_feature(feats, cellmask: np.ndarray, where, store=None) -> np.ndarray:
@@ -405,22 +437,22 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
         if Path(vector).resolve() == output.resolve():
             raise UsageError("vector", "the vector output must differ from the raster output")
         check_output(vector, overwrite, inputs=[_scene_path(scene), output])
+    units = [f"unit {i}" for i in range(k)]        # the class names in the COG and the polygons
     with scene_reader(scene, request.reading) as reader:
         _check_enough_cells(reader, k, "k")
         with _cell_features(None if store else request, store, reader, output, progress) as (feats, made_by, stats):
             kmeans = _fit_kmeans(feats, k, seed, features)
             blocks = ((r0, _predict_block(kmeans, block)) for r0, block in row_blocks(feats, where=features))
-            _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster", colormap=_palette(k))
+            _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster", colormap=_palette(k),
+                            class_names=units)
     if vector is not None:
-        from dinov3_geo.io.vector import polygonize_classes
-
         try:
-            polygonize_classes(output, vector, [f"unit {i}" for i in range(k)], layer="clusters", overwrite=overwrite)
+            polygonize_classes(output, vector, units, layer="clusters", overwrite=overwrite)
         except BaseException:        # no half job: the same command can be rerun
             output.unlink(missing_ok=True)
             raise
-    return _result(output, made_by, t0, stats, vector=Path(vector) if vector is not None else None,
-                   warnings=list(reader.warnings))
+    return _result(output, made_by, t0, stats, _scene_path(scene),
+                   vector=Path(vector) if vector is not None else None, warnings=list(reader.warnings))
 
 
 def _fit_kmeans(feats, k: int, seed: int, where=None):
@@ -491,7 +523,8 @@ def change(before, after, output: PathLike, *, backbone=None, tile: Optional[int
                 blocks = ((r0, 1.0 - np.sum(_unit(a) * _unit(b), axis=0))
                           for (r0, a), (_, b) in zip(row_blocks(f1), row_blocks(f2)))
                 _write_on_scene(output, first, blocks, "float32", float("nan"), overwrite, "cosine_distance")
-    return _result(output, _model_id(model), t0, [s1, s2], warnings=list(first.warnings) + list(second.warnings))
+    return _result(output, _model_id(model), t0, [s1, s2], [_scene_path(before), _scene_path(after)],
+                   warnings=list(first.warnings) + list(second.warnings))
 
 
 def _check_overlap(first, after) -> None:
@@ -500,7 +533,6 @@ def _check_overlap(first, after) -> None:
 
     from rasterio.warp import transform_bounds
 
-    from dinov3_geo.errors import DinoGeoWarning
 
     with warnings.catch_warnings():      # the second date's warnings are said once, when it is read
         warnings.simplefilter("ignore", DinoGeoWarning)

@@ -18,8 +18,10 @@ from typing import Optional, Sequence, Union
 
 from .engine import RunStats
 from .errors import DinoGeoWarning, UsageError
-from .io.scene import MAX_UPSAMPLE, scene_reader
+from .io.readers import scene_reader
+from .io.scene import MAX_UPSAMPLE
 from .io.sinks import check_output
+from .io.stac import describe_output
 from .options import ReadOptions, RunSettings, Tiling, check_threshold
 from .pipeline import DENSE_DTYPES, summary_lines
 from .tasks.registry import Job, ModelSource, request_for
@@ -73,8 +75,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
     (default: the one the head names): uint8 classes with the colour table and class names, 255
     nodata; with ``vector``, one polygon per region of equal class (layer ``classes``). Tiling
     defaults to 512/64 (canopy) or the head's training chip with a quarter of it as overlap; a head
-    reads bands and scaling as it was trained unless given. ``output`` defaults to
-    ``<scene>_<task>.tif`` beside the scene. A ``gsd`` that upsamples more than ``max_upsample``
+    reads bands and scaling as it was trained unless given. A ``gsd`` that upsamples more than ``max_upsample``
     times per axis is refused (``None``: no limit). With ``vector``, earlier outputs are replaced only
     once both new ones are complete. Option values ``tiling``, ``reading`` and ``settings``
     (:mod:`dinov3_geo.options`) may replace their keywords.
@@ -92,7 +93,9 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
     if dtype not in DENSE_DTYPES:
         raise UsageError("dtype", f"unsupported output dtype {dtype!r} ({', '.join(DENSE_DTYPES)})")
     check_threshold(min_height, "min_height")
-    output = Path(output) if output is not None else default_output(scene, request.task.name)
+    if output is None:
+        raise UsageError("output", "give the COG to write (every command and function names its output)")
+    output = Path(output)
     _check_outputs(scene, output, vector, overwrite)
     collected: list[str] = []
     for note in request.notes:
@@ -108,6 +111,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
         if written.stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata", collected)
         area = area_km2(sc)
+    describe_output(output, _path_of(scene), model, job.vector, {"task": request.task.name})   # style, STAC
     return SegmentResult(output, job.vector, written.polygons, written.stats, area, time.perf_counter() - t0,
                          str(request.settings.device), request.settings.precision, collected, request.task.name)
 
@@ -154,20 +158,12 @@ def classify(scene, head: PathLike, output: PathLike, *, backbone=None, tile: Op
         model = request.load_model()
         written = request.task.write(request, sc, model, output, Job(overwrite=overwrite, progress=progress))
         notes = list(sc.warnings)
+    describe_output(output, _path_of(scene), model, properties={"task": "classify"})     # STAC Item
     return ClassifyResult(output, written.extra["chips"], written.extra["counts"], written.stats,
                           time.perf_counter() - t0, notes)
 
 
 classify_scene = classify
-
-
-def default_output(scene, task: str) -> Path:
-    """``<scene>_<task>.tif`` beside a scene file."""
-    path = _path_of(scene)
-    if path is None or not os.path.exists(path):
-        raise UsageError("output", "give the output file (the scene is not a file to write beside)")
-    p = Path(path)
-    return p.with_name(f"{p.stem}_{task}.tif")
 
 
 def _path_of(scene) -> Optional[str]:

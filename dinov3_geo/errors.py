@@ -1,7 +1,8 @@
 """Exception types of dinov3-geo.
 
 Every expected failure is a :class:`DinoGeoError` carrying the file (or option) it concerns and the
-cause in words, so the command line can print one line ``error: <file>: <problem>`` and exit.
+cause in words, so the command line can print one line ``error: <file>: <problem>`` and exit (the
+exit codes are the command line's: 2 for a usage error, 1 for any other).
 """
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ def short_message(exc: BaseException) -> str:
 class DinoGeoError(Exception):
     """Base of all expected failures: ``where`` names the file or option, ``problem`` the cause."""
 
-    exit_code = 1
-
     def __init__(self, where: Optional[os.PathLike | str], problem: str):
         self.where = None if where is None else str(where)
         self.problem = problem
@@ -30,9 +29,7 @@ class DinoGeoError(Exception):
 
 
 class UsageError(DinoGeoError):
-    """A wrong option or argument (exit code 2)."""
-
-    exit_code = 2
+    """A wrong option or argument (``where`` names the parameter)."""
 
 
 class InputError(DinoGeoError):

@@ -19,9 +19,11 @@ import torch
 from . import options as opts
 from .engine import Engine, RunSettings, RunStats, engine_for, run_chips
 from .errors import UsageError
-from .io.scene import Scene, scene_reader
+from .io.readers import scene_reader
+from .io.scene import Scene
 from .io.sinks import COGSink, check_output
 from .io.shards import make_stitcher
+from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA
 from .io.tiling import ChipPlan
 from .tasks import DENSE_OUTPUTS, TaskInfo, describe
@@ -170,6 +172,7 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
         stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
                                       progress=progress, mean=mean, std=std)
         notes = list(sc.warnings)
+    describe_output(output, getattr(sc, "path", None), model)      # QGIS style, STAC Item
     return PredictResult(output, stats, time.perf_counter() - t0, str(settings.device), settings.precision,
                          channels, notes)
 

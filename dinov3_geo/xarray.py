@@ -26,7 +26,11 @@ from typing import Optional, Sequence
 
 import xarray as xr
 
+from dinov3_geo.analysis import cluster, embed, similar
+from dinov3_geo.api import classify, segment
 from dinov3_geo.io.dataarray import DataArrayScene
+from dinov3_geo.io.features import read_chip_embeddings
+from dinov3_geo.io.patchmap import open_features
 
 
 @contextlib.contextmanager
@@ -57,10 +61,6 @@ class Dinov3Accessor:
     def embed(self, patch: bool = True, backbone=None, pca: Optional[int] = None, **options):
         """Patch features ``(band, y, x)`` at 16-px cells (``patch=True``, see
         :func:`dinov3_geo.analysis.embed`), or the chip embeddings as a GeoDataFrame."""
-        from dinov3_geo.analysis import embed
-        from dinov3_geo.io.features import read_chip_embeddings
-        from dinov3_geo.io.patchmap import open_features
-
         with _workdir() as work:
             out = work / ("features.zarr" if patch else "chips.parquet")
             embed(self._da, out, backbone=backbone, patch=patch, pca=pca, **options)
@@ -69,16 +69,12 @@ class Dinov3Accessor:
     def similar(self, at=None, like=None, backbone=None, **options) -> xr.DataArray:
         """Cosine similarity to a reference point or polygons, on this array's grid
         (:func:`dinov3_geo.analysis.similar`)."""
-        from dinov3_geo.analysis import similar
-
         with _workdir() as work:
             similar(self._da, work / "similar.tif", at=at, like=like, backbone=backbone, **options)
             return _load_raster(work / "similar.tif")
 
     def cluster(self, k: int = 8, backbone=None, **options) -> xr.DataArray:
         """k-means land units on this array's grid (:func:`dinov3_geo.analysis.cluster`)."""
-        from dinov3_geo.analysis import cluster
-
         with _workdir() as work:
             cluster(self._da, work / "clusters.tif", k=k, backbone=backbone, **options)
             return _load_raster(work / "clusters.tif")
@@ -87,8 +83,6 @@ class Dinov3Accessor:
         """A dense map on this array's grid (:func:`dinov3_geo.segment`): ``head="canopy"`` (CHMv2
         heights in metres from ``weights``) or a segmentation head file from training (uint8 classes,
         255 nodata)."""
-        from dinov3_geo.api import segment
-
         with _workdir() as work:
             out = work / "segment.tif"
             if str(head) == "canopy":
@@ -106,7 +100,6 @@ class Dinov3Accessor:
         :func:`dinov3_geo.classify`)."""
         import geopandas as gpd
 
-        from dinov3_geo.api import classify
 
         with _workdir() as work:
             classify(self._da, head, work / "chips.gpkg", **options)

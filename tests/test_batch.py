@@ -120,9 +120,12 @@ def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_clus
             window = from_bounds(*part.bounds, transform=mosaic.transform).round_offsets().round_lengths()
             np.testing.assert_array_equal(mosaic.read(1, window=window), part.read(1))
     assert summary["mosaics"] == [str(out / "mosaic_canopy.vrt"), str(out / "mosaic_canopy_EPSG-26914.vrt")]
-    polygons = gpd.read_file(tmp_path / "all.gpkg", layer="canopy")
+    # the same CRS rule for the polygons: a layer per CRS, the most common one plain
+    layers = {layer: gpd.read_file(tmp_path / "all.gpkg", layer=layer) for layer in ("canopy", "canopy_EPSG-26914")}
+    assert layers["canopy"].crs.to_epsg() == 32612 and layers["canopy_EPSG-26914"].crs.to_epsg() == 26914
     per_scene = {n: len(gpd.read_file(out / f"{n}_canopy.gpkg", layer="canopy")) for n in CROPS}
-    assert polygons.groupby("scene").size().to_dict() == {f"{n}.tif": k for n, k in per_scene.items() if k}
+    counts = {**layers["canopy"].groupby("scene").size(), **layers["canopy_EPSG-26914"].groupby("scene").size()}
+    assert counts == {f"{n}.tif": k for n, k in per_scene.items() if k}
     assert hidden_files(out) == []
 
 
@@ -230,23 +233,30 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
     assert proc.returncode == 143, err
     assert err.splitlines()[-1].endswith("rerun the same command to resume")
     assert hidden_files(out) == []
-    assert not (out / "stars_L7_ETMs_canopy.tif").exists()
+    # every scene started says how it ended: complete, or interrupted (none left "running")
+    states = {p.name[:-len("_canopy.tif.json")] + ".tif": json.loads(p.read_text())["state"]
+              for p in out.glob("*_canopy.tif.json")}
+    complete = sorted(n for n, state in states.items() if state == "complete")
+    assert first.name[:-len("_canopy.tif.json")] + ".tif" in complete
+    assert set(states.values()) <= {"complete", "interrupted"} and "interrupted" in states.values()
+    assert all((out / n.replace(".tif", "_canopy.tif")).exists() == (n in complete) for n in states)
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary_canopy.json").read_text())
-    assert [Path(s["scene"]).name for s in summary["skipped"]] == [first.name[:-len("_canopy.tif.json")] + ".tif"]
-    assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - 1
+    assert sorted(Path(s["scene"]).name for s in summary["skipped"]) == complete
+    assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - len(complete)
     assert hidden_files(out) == []
 
 
 def test_batch_usage_errors_name_the_flag(scenes, weights, tmp_path, capsys):
     from dinov3_geo.cli import main
 
-    assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif")]) == 2
+    assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif"), "-o", "x.tif"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--dask", "cluster"]) == 2
     assert main(["segment", str(scenes / "*.tif"), "-o", f"{tmp_path}/", "--split-above", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder: -o OUT_DIR/",
+    assert err == ["error: --output: many scenes (or --dask, --split-above) need an output folder (a path ending "
+                   "in /)",
                    "error: --dask: expected local, local:N or a scheduler address such as tcp://host:8786, "
                    "got 'cluster'",
                    "error: --split-above: must be a positive number of pixels, got 0"]

@@ -343,7 +343,8 @@ def test_library_warnings_do_not_reach_the_user(cli, models, tmp_path):
               "--vector", tmp_path / "plain.gpkg", *FAST)
     assert_ok(res, out)
     assert [ln for ln in res.lines if ln.startswith("warning:")] == [
-        f"warning: {scene}: no georeference (no CRS): outputs carry pixel coordinates only"], res.stderr
+        f"warning: {scene}: no georeference (no CRS, no geotransform): outputs carry none either (GIS tools "
+        "place them on the input); polygons are in pixel units, areas in pixels (area_px)"], res.stderr
     assert all(ln.startswith(("warning:", "done in", "wrote ")) for ln in res.lines), res.stderr
 
 
@@ -392,7 +393,7 @@ def test_no_command_is_usage_error(cli):
 
 
 def test_unknown_argument(cli, good_scene):
-    assert_failed(cli("segment", good_scene, "--colour", "red"), 2, "--colour")
+    assert_failed(cli("segment", good_scene, "-o", "out.tif", "--colour", "red"), 2, "--colour")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
@@ -601,6 +602,6 @@ def test_python_m_entry_point(models, tmp_path):
 
 @pytest.mark.skipif(shutil.which("dinov3geo") is None, reason="console script not installed")
 def test_console_script(tmp_path):
-    p = subprocess.run(["dinov3geo", "segment", "none.tif", "--tile", "60"], capture_output=True, text=True,
+    p = subprocess.run(["dinov3geo", "segment", "none.tif", "-o", "out.tif", "--tile", "60"], capture_output=True, text=True,
                        cwd=tmp_path, env=_env(), timeout=120)
     assert_failed(Result(p.returncode, p.stdout, p.stderr), 2, "--tile", "60")

@@ -5,25 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from dinov3_geo.cli import build_parser, main, with_config
+from dinov3_geo.cli import main, parse
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_parse(path):
-    parser = build_parser()
-    argv = ["segment", "scene.tif", "--config", str(path)]
-    args = parser.parse_args(with_config(argv, str(path), parser))
+    args = parse(["segment", "scene.tif", "-o", "out.tif", "--config", str(path)])
     assert args.task == "canopy" and args.tile % 16 == 0 and args.overlap < args.tile // 2
 
 
 def test_command_line_wins_over_the_file(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tile: 256\nbands: [3, 2, 1]\nprogress: false\noverwrite: true\n")
-    parser = build_parser()
-    argv = ["segment", "scene.tif", "--tile", "128", "--config", str(cfg)]
-    args = parser.parse_args(with_config(argv, str(cfg), parser))
+    args = parse(["segment", "scene.tif", "-o", "out.tif", "--tile", "128", "--config", str(cfg)])
     assert args.tile == 128 and args.bands == [3, 2, 1] and args.progress is False and args.overwrite
 
 
@@ -45,5 +41,5 @@ def test_bad_config_is_one_usage_error(tmp_path, capsys, text, message):
 
 
 def test_missing_config_file(tmp_path, capsys):
-    assert main(["segment", "x.tif", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert main(["segment", "x.tif", "-o", "y.tif", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -25,8 +25,8 @@ from rasterio.control import GroundControlPoint
 
 import dinov3_geo
 from dinov3_geo.cli import main
-from dinov3_geo.explore.render import ramp_colours, ramp_index
-from dinov3_geo.explore.similarity import reduce_features
+from dinov3_geo.explorer.render import ramp_colours, ramp_index
+from dinov3_geo.explorer.similarity import reduce_features
 from dinov3_geo.io.patchmap import open_features
 from dinov3_geo.testing.tiled_scene import tiled_vrt
 
@@ -252,7 +252,7 @@ def test_a_click_draws_the_similarity_python_computes(page, results, open_page, 
 
 @pytest.mark.slow
 @needs_browser
-def test_a_polygon_shows_its_attributes_on_click(results, open_page):
+def test_a_polygon_shows_its_attributes_on_click(page, results, open_page):
     import geopandas as gpd
 
     opened = open_page(results / "explore.html")
@@ -274,7 +274,7 @@ def test_a_polygon_shows_its_attributes_on_click(results, open_page):
 
 @pytest.mark.slow
 @needs_browser
-def test_basemap_is_the_only_thing_loaded_and_only_when_asked(results, open_page, backbone, tmp_path):
+def test_basemap_is_the_only_thing_loaded_and_only_when_asked(page, results, open_page, backbone, tmp_path):
     assert "img-src data: ;" in (results / "explore.html").read_text()     # no basemap: data: images only
     path = tmp_path / "basemap.html"
     with warnings.catch_warnings():
@@ -300,7 +300,7 @@ def test_basemap_is_the_only_thing_loaded_and_only_when_asked(results, open_page
 @needs_browser
 def test_ungeoreferenced_scene_in_pixel_coordinates(tmp_path, open_page, backbone):
     """A benchmark chip with no georeference: pixel coordinates (y = -row, where QGIS puts it); a
-    click on pixel (col, row) is `similar --at col,row` on the chip."""
+    click on pixel (col, row) is `similar --at col,-row` on the chip, as QGIS shows it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dinov3_geo.embed(CHIP, tmp_path / "f.zarr", patch=True, backbone=backbone, tile=128, overlap=32, progress=False)
@@ -316,7 +316,7 @@ def test_ungeoreferenced_scene_in_pixel_coordinates(tmp_path, open_page, backbon
     store = page.write_features(tmp_path / "r.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dinov3_geo.similar(CHIP, tmp_path / "s.tif", at=(104.0, 120.0), features=store, backbone=backbone,
+        dinov3_geo.similar(CHIP, tmp_path / "s.tif", at=(104.0, -120.0), features=store, backbone=backbone,
                            tile=128, overlap=32, progress=False)
         with rasterio.open(tmp_path / "s.tif") as ds:
             expected = [float(ds.read(1)[int(r), int(c)]) for c, r in pixels]
@@ -408,7 +408,7 @@ def test_a_vector_layer_over_the_cap_keeps_its_largest_features(tmp_path):
     import geopandas as gpd
     import shapely
 
-    from dinov3_geo.explore.vectors import MAX_FEATURES, MAX_VERTICES
+    from dinov3_geo.explorer.vectors import MAX_FEATURES, MAX_VERTICES
 
     rng = np.random.default_rng(0)
     n = MAX_VERTICES // 5 + 2000                      # a square has 5 vertices
@@ -501,7 +501,7 @@ def test_the_page_holds_its_libraries_and_their_licences(scene_page):
     page = scene_page
     from importlib import resources
 
-    vendor = resources.files("dinov3_geo.explore") / "vendor"
+    vendor = resources.files("dinov3_geo.explorer") / "vendor"
     assert "Leaflet 1.9.4" in page.html and "sourceMappingURL" not in page.html
     assert "BSD 2-Clause License" in (vendor / "leaflet" / "LICENSE").read_text()
     assert "Permission is hereby granted" in (vendor / "proj4" / "LICENSE.md").read_text()

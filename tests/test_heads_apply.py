@@ -79,7 +79,7 @@ def test_chesapeake_pairs_train_then_map_another_pair(tmp_path, backbone_dir, ca
     table and class names (255 nodata) and class polygons; its mIoU against the fifth label is
     scikit-learn's."""
     train = CHESAPEAKE[:4]
-    args = ["train", "segment", "--classes", LANDCOVER, "--head", "linear", "--backbone", backbone_dir,
+    args = ["train", "segment", "--classes", LANDCOVER, "--decoder", "linear", "--backbone", backbone_dir,
             "-o", tmp_path / "head.safetensors", "--cache", tmp_path / "cache", *FAST_SEG]
     for image in train:
         args += ["--image", image, "--labels", str(image).replace("_image", "_label")]
@@ -113,7 +113,7 @@ def test_geobench_dpt_head_maps_a_georeferenced_scene(tmp_path, backbone_dir, ca
     """A DPT head trained on a GEO-Bench-format task maps a real scene of data_samples: the class COG
     is on the scene's grid, nodata where the scene is, polygons carry class names and area_m2."""
     folder = geobench_segmentation(tmp_path / "m-chesapeake-landcover", size=64)
-    code, err = cli(["train", "segment", "--geobench", folder, "--head", "dpt", "--backbone", backbone_dir,
+    code, err = cli(["train", "segment", "--geobench", folder, "--decoder", "dpt", "--backbone", backbone_dir,
                      "-o", tmp_path / "dpt.safetensors", "--cache", tmp_path / "cache", *FAST_SEG], capsys)
     assert code == 0, err
     scene = SAMPLES / "rasterio_RGB.byte.tif"

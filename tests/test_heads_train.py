@@ -198,7 +198,7 @@ def test_geobench_segmentation_heads(tmp_path, backbone_dir, capsys, kind):
     folder = geobench_segmentation(tmp_path / "m-chesapeake-landcover")
     outs = [tmp_path / f"{kind}{i}.safetensors" for i in range(2)]
     for out in outs:
-        code, err = run_cli(["train", "segment", "--geobench", folder, "--head", kind, "--backbone", backbone_dir,
+        code, err = run_cli(["train", "segment", "--geobench", folder, "--decoder", kind, "--backbone", backbone_dir,
                              "-o", out, "--cache", tmp_path / "cache", *FAST_SEG], capsys)
         assert code == 0, err
         assert "epoch 1/1" in err and "val mIoU" in err
@@ -255,7 +255,7 @@ def test_geopackage_polygons(tmp_path, backbone_dir, capsys):
     frame.to_file(tmp_path / "labels.gpkg", driver="GPKG")
     out = tmp_path / "head.safetensors"
     code, err = run_cli(["train", "segment", "--labels", tmp_path / "labels.gpkg", "--label-column", "cover",
-                         "--image", scene, "--head", "linear", "--backbone", backbone_dir, "-o", out,
+                         "--image", scene, "--decoder", "linear", "--backbone", backbone_dir, "-o", out,
                          "--cache", tmp_path / "cache", *FAST_SEG], capsys)
     assert code == 0, err
     head = load_head(out)
@@ -438,7 +438,7 @@ def test_torchgeo_raster_pairs(tmp_path, backbone_dir, capsys):
     with rasterio.open(tmp_path / "tg" / "labels" / "classes.tif", "w", **profile) as dst:
         dst.write(classes, 1)
     out = tmp_path / "head.safetensors"
-    code, err = run_cli(["train", "segment", "--torchgeo", "RasterDataset", "--root", tmp_path / "tg", "--head", "linear",
+    code, err = run_cli(["train", "segment", "--torchgeo", "RasterDataset", "--root", tmp_path / "tg", "--decoder", "linear",
                          "--backbone", backbone_dir, "-o", out, "--cache", tmp_path / "cache", *FAST_SEG], capsys)
     assert code == 0, err
     head = load_head(out)
@@ -484,7 +484,7 @@ def test_label_grid_reprojected_onto_the_image(tmp_path, backbone_dir, capsys):
     for value in (0, 1):
         assert (back == value).sum() == pytest.approx((classes == value).sum(), rel=0.03)
     out = tmp_path / "h.safetensors"
-    code, err = run_cli(["train", "segment", "--image", scene, "--labels", tmp_path / "labels_3857.tif", "--head",
+    code, err = run_cli(["train", "segment", "--image", scene, "--labels", tmp_path / "labels_3857.tif", "--decoder",
                          "linear", "--backbone", backbone_dir, "-o", out, "--cache", tmp_path / "c", *FAST_SEG], capsys)
     assert code == 0, err
 

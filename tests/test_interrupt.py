@@ -169,7 +169,7 @@ def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(chm, tmp_path
 
 def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
     """A run stopped while polygonising leaves neither output, so the same command can be rerun."""
-    import dinov3_geo.io.vector as vector
+    import dinov3_geo.tasks.registry as tasks    # the dense tasks' writer polygonises through it
     from dinov3_geo.api import segment
 
     scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
@@ -179,7 +179,7 @@ def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     kw = dict(weights=chm, vector=vec, device="cpu", tile=64, overlap=16, readers=1)
-    monkeypatch.setattr(vector, "polygonize_threshold", interrupted)
+    monkeypatch.setattr(tasks, "polygonize_threshold", interrupted)
     with pytest.raises(KeyboardInterrupt):
         segment(scene, output=out, **kw)
     assert not out.exists() and not vec.exists() and hidden(tmp_path) == []

@@ -1,6 +1,7 @@
 """Opening scenes: band choice, scaling, masks, resampling, errors, threads."""
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,12 +214,20 @@ def test_reads_from_threads_match_serial(sample):
 
         with ThreadPoolExecutor(4) as pool:
             parallel = list(pool.map(read, range(len(wins))))
-        assert len(s._handles) >= 5                     # this thread's and one per pool thread
+        assert opened(sample(NAIP)) >= 5                # this thread's handle and one per pool thread
         for (a, va), (b, vb) in zip(serial, parallel):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(va, vb)
+    assert opened(sample(NAIP)) == 0                    # every thread's handle closed with the scene
     with pytest.raises(InputError):
         s.read(wins[0])
+
+
+def opened(path) -> int:
+    """How many times this process has ``path`` open (each GDAL handle opens the file)."""
+    import psutil
+
+    return sum(Path(f.path) == Path(path).resolve() for f in psutil.Process().open_files())
 
 
 @pytest.mark.parametrize("name", ["rasterio_RGB.byte.tif", "landsat7_saltlake_truecolor_utm12n.tif",

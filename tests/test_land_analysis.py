@@ -164,7 +164,7 @@ def test_accessor_segment_with_a_trained_head_is_the_commands(sample, tmp_path, 
     chips = sorted(sample("chesapeake").glob("*_image.tif"))[:2]
     head = tmp_path / "head.safetensors"
     train_segmenter(head, images=chips, labels=[p.with_name(p.name.replace("_image", "_label")) for p in chips],
-                    backbone=backbone_file, head="linear", lrs=[1e-3], epochs=2, device="cpu")
+                    backbone=backbone_file, decoder="linear", lrs=[1e-3], epochs=2, device="cpu")
     scene, out = sample("stars_L7_ETMs.tif"), tmp_path / "classes.tif"
     segment_with_head(scene, head, out, backbone=backbone_file, device="cpu")
     da = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": 128, "x": 128})

@@ -84,4 +84,24 @@ def test_features_from_another_backbone(sample, tmp_path, backbones, capsys):
     rc = main(["cluster", str(scene), "-o", str(tmp_path / "c.tif"), "--features", str(feats),
                "--backbone", str(b), *FAST])
     assert f"{feats}: features made with backbone" in one_error_line(capsys, 1, rc)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.zarr", "feats.zarr.stac.json"]
+
+
+def test_point_on_a_scene_without_georeference_is_where_gis_tools_draw_it(sample, tmp_path, backbones, capsys):
+    """A scene without CRS or geotransform (a Chesapeake chip) lies at x = column, y = -row in QGIS
+    and in the explorer: ``--at`` takes that placement, and a point below the x axis's mirror is
+    outside."""
+    import rasterio
+
+    scene = sample("chesapeake/id_000367_image.tif")
+    out = tmp_path / "sim.tif"
+    row, col = 100, 200                                    # the cell (6, 12)
+    rc = main(["similar", str(scene), "-o", str(out), f"--at={col + 0.5},{-(row + 0.5)}", "--backbone",
+               str(backbones[0]), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    with rasterio.open(out) as ds:
+        sim = ds.read(1)
+    assert sim[row, col] == pytest.approx(1.0, abs=1e-5) and sim[row // 16 * 16, col // 16 * 16] == sim[row, col]
+    rc = main(["similar", str(scene), "-o", str(tmp_path / "no.tif"), f"--at={col},{row}", "--backbone",
+               str(backbones[0]), *FAST])
+    assert "y -256 to 0 in pixels: x = column, y = -row" in one_error_line(capsys, 2, rc)

@@ -17,9 +17,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def untracked(root: Path) -> set[str]:
-    """Untracked and modified files of the repository (git's view)."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, text=True,
-                         capture_output=True, check=True).stdout
+    """Untracked and modified files where a notebook could write (its own folder and the data it
+    reads; git's view): other tests running beside it write elsewhere, so no race."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "notebooks", "data_samples"],
+                         cwd=root, text=True, capture_output=True, check=True).stdout
     return set(out.splitlines())
 
 

@@ -267,9 +267,10 @@ def test_landsat_bands_without_names_are_not_silently_taken_as_rgb():
         assert len(scene.warnings) == 1
         text = scene.warnings[0]
     assert str(STARS) in text and "1,2,3" in text and "`bands` 3,2,1" in text and "blue" in text
-    from dinov3_geo.cli import build_parser, option_names, text_in_flags
+    from dinov3_geo.cli import build_parser, parameters
+    from dinov3_geo.cli.messages import text_in_flags
 
-    assert "choose them with --bands 3,2,1" in text_in_flags(text, option_names(build_parser()))   # as printed
+    assert "choose them with --bands 3,2,1" in text_in_flags(text, parameters(build_parser()))   # as printed
     with open_scene(STARS, bands=[3, 2, 1]) as scene:
         assert scene.bands == [3, 2, 1] and scene.warnings == []
 
@@ -337,9 +338,12 @@ def test_cli_restores_warning_hooks_after_main():
     assert warnings.showwarning is show and warnings.filters == filters
 
 
-def test_fp8_help_says_it_runs_emulated_on_the_cpu():
-    from dinov3_geo.cli import build_parser
+def test_fp8_help_says_it_runs_emulated_on_the_cpu(capsys):
+    from dinov3_geo.cli import main
 
-    seg = build_parser()._subparsers._group_actions[0].choices["segment"]
-    text = " ".join(next(a for a in seg._actions if a.dest == "precision").help.split())
-    assert "emulated" in text and "CPU" in text
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = text[text.index("options:"):]
+    precision = options[options.index("--precision PRECISION"):options.index("--tile")]
+    assert "emulated on the CPU" in precision

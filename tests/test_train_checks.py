@@ -28,7 +28,7 @@ SAMPLES = ROOT / "data_samples"
 CHESAPEAKE = sorted((SAMPLES / "chesapeake").glob("*_image.tif"))
 NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 NO_BACKBONE = "/nonexistent/backbone.pth"       # a check that loads it first fails on this, not on its subject
-FAST = ["--head", "linear", "--epochs", "1", "--lrs", "1e-3", "--chip", "64", "--batch-size", "4", "--device", "cpu"]
+FAST = ["--decoder", "linear", "--epochs", "1", "--lrs", "1e-3", "--chip", "64", "--batch-size", "4", "--device", "cpu"]
 
 
 def cli(args: list, capsys) -> tuple[int, str]:

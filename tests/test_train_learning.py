@@ -64,7 +64,7 @@ def test_segmentation_head_beats_the_majority_class_on_a_held_out_pair(tmp_path,
     scikit-learn's confusion matrix gives for the reloaded head on the validation chips."""
     train = [p for p in CHESAPEAKE if p != HELD_OUT]
     head_path = tmp_path / f"{kind}.safetensors"
-    args = ["train", "segment", "--classes", LANDCOVER, "--head", kind, "--backbone", "standin", "-o", head_path,
+    args = ["train", "segment", "--classes", LANDCOVER, "--decoder", kind, "--backbone", "standin", "-o", head_path,
             "--chip", "64", "--epochs", "10" if kind == "linear" else "6", "--lrs", "3e-3",
             "--batch-size", "4" if kind == "linear" else "8",
             "--device", "cpu", "--cache", tmp_path / "cache"]

@@ -23,6 +23,27 @@ from dinov3_geo.tasks.registry import get_task
 GLOB_CHARS = set("*?[")
 
 
+def is_batch(scenes: Sequence[str], output=None, dask: Optional[str] = None,
+             split_above: Optional[int] = None) -> bool:
+    """Whether a request runs as a batch (:func:`~dinov3_geo.batch.run_batch`): several scenes, a
+    glob or ``@list.txt``, an output folder (a path ending in ``/``, or an existing folder that is
+    not a Zarr store), or Dask or row bands asked for."""
+    out = None if output is None else str(output)
+    folder = out is not None and (out.endswith(("/", os.sep)) or
+                                  (os.path.isdir(out) and not out.lower().endswith(".zarr")))
+    named = any(str(s).startswith("@") or GLOB_CHARS & set(str(s)) for s in scenes)
+    return len(scenes) > 1 or named or folder or bool(dask or split_above)
+
+
+def check_output_folder(out_dir) -> None:
+    """A batch writes into a folder: ``out_dir`` must end in ``/``, be a folder, or have no file
+    extension (a new folder); a UsageError naming ``output`` otherwise."""
+    out = str(out_dir)
+    if not out.endswith(("/", os.sep)) and not os.path.isdir(out) and os.path.splitext(out)[1]:
+        raise UsageError("output", "many scenes (or `dask`, `split_above`) need an output folder "
+                                   "(a path ending in /)")
+
+
 def expand_inputs(items: Sequence[str]) -> list[Path]:
     """The scene paths named by ``items`` (globs, paths, ``@list.txt``), in order, without repeats.
 

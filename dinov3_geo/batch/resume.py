@@ -11,13 +11,16 @@ a sidecar is never overwritten (unless ``overwrite``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from dinov3_geo.batch.plan import Grid
+from dinov3_geo.models.identity import tree_sha256
+from dinov3_geo.errors import DinoGeoError
+from dinov3_geo.io.patchmap import cells
+from dinov3_geo.tasks.features import open_store
 
 SIDECAR_VERSION = 1
 
@@ -33,18 +36,8 @@ def file_stamp(path: Path) -> dict[str, int]:
 
 
 def weights_hash(path: Optional[os.PathLike]) -> Optional[str]:
-    """SHA-256 of a weights file, or of a folder's files (names and contents, in name order)."""
-    if path is None:
-        return None
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(16 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a weights file or folder (:func:`~dinov3_geo.models.identity.tree_sha256`)."""
+    return None if path is None else tree_sha256(path)
 
 
 def write_sidecar(output: Path, state: str, scene: Path, recipe: dict[str, Any],
@@ -148,10 +141,6 @@ def parquet_problem(output: Path, grid: Grid) -> Optional[str]:
 def features_problem(output: Path, grid: Grid) -> Optional[str]:
     """None when ``output`` is a whole feature store (every chunk there) on the input's grid of
     16-px cells, else what is wrong."""
-    from dinov3_geo.errors import DinoGeoError
-    from dinov3_geo.io.patchmap import cells
-    from dinov3_geo.tasks.features import open_store
-
     try:
         store = open_store(output)
     except DinoGeoError as exc:

@@ -16,16 +16,33 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from dinov3_geo.engine import STOP
 from dinov3_geo.batch import cluster, mosaic, resume
-from dinov3_geo.batch.plan import (Band, band_count, check_distinct_outputs, expand_inputs, output_for, plan_bands,
-                                   read_grid)
+from dinov3_geo.batch.plan import (
+    Band,
+    band_count,
+    check_distinct_outputs,
+    check_output_folder,
+    expand_inputs,
+    output_for,
+    plan_bands,
+    read_grid,
+)
 from dinov3_geo.batch.progress import JobProgress
-from dinov3_geo.batch.work import (BatchJob, Runtime, UnitResult, assemble, guarded, remove_band_files,
-                                   remove_temporaries, vector_path)
+from dinov3_geo.batch.work import (
+    BatchJob,
+    Runtime,
+    UnitResult,
+    assemble,
+    guarded,
+    remove_band_files,
+    remove_temporaries,
+    vector_path,
+)
+from dinov3_geo.engine import STOP
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.models.demo import is_demo
 from dinov3_geo.options import ReadOptions, RunSettings, Tiling
 from dinov3_geo.pipeline import DENSE_DTYPES
 from dinov3_geo.tasks.registry import ModelSource, get_task, request_for, task_names
@@ -63,6 +80,7 @@ class BatchResult:
     summary: Path
     mosaics: list[Path] = field(default_factory=list)
     vector: Optional[Path] = None
+    catalogue: Optional[Path] = None        # the STAC Collection
     dashboard: Optional[str] = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -80,7 +98,7 @@ class BatchResult:
         lines = [f"{len(self.of('done'))} done, {len(self.of('skipped'))} skipped (complete), "
                  f"{len(self.of('failed'))} failed in {self.seconds:.1f} s"]
         lines += [f"failed: {o.reason}" for o in self.of("failed")]
-        lines += [f"wrote {p}" for p in (*self.mosaics, self.vector, self.summary) if p is not None]
+        lines += [f"wrote {p}" for p in (*self.mosaics, self.vector, self.catalogue, self.summary) if p is not None]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -131,6 +149,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
                                     or split_above < 1):
         raise UsageError("split_above", f"must be a positive number of pixels, got {split_above}")
     target = cluster.dask_target(dask)
+    check_output_folder(out_dir)
     request = request_for(task, ModelSource(weights=weights, backbone_weights=backbone_weights, head=head,
                                             backbone=backbone, verify=verify),
                           tile=tile, overlap=overlap, tiling=tiling, bands=bands, scale=scale, nodata=nodata,
@@ -185,7 +204,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
 def _not_outputs(scenes: list[Path]) -> tuple[list[Path], int]:
     """The scenes that are not outputs of a job (a glob over the output folder would find those),
     and how many were left out. UsageError when none is left."""
-    kept = [s for s in scenes if not resume.is_ours(s)]
+    kept = [s for s in scenes if not resume.is_ours(s) and not mosaic.is_sidecar(s)]
     if not kept:
         raise UsageError("scene", "every input is an output of a dinov3geo job")
     return kept, len(scenes) - len(kept)
@@ -201,7 +220,7 @@ def _our_files(scenes: list[Path], out_dir: Path, task: str, vector: Optional[Pa
     names |= {p.name for p in out_dir.glob(f"mosaic_{task}*.vrt")} | {f"mosaic_{task}.vrt", f"mosaic_{task}.gpkg"}
     if vector is not None and vector.parent == out_dir:
         names.add(vector.name)
-    return names
+    return names | mosaic.sidecar_names(names, task)
 
 
 def _output_folder(out_dir) -> Path:
@@ -235,8 +254,6 @@ def _recipe(job: BatchJob) -> dict:
     """What decides an output's values, as resolved for this job (the device's precision, the
     tiling and reading the task takes by default or from a head), with the weights' hashes: resume
     compares it with each output's sidecar."""
-    from dinov3_geo.models.demo import is_demo
-
     request = job.request
     recipe = request.record()
     recipe["dtype"] = job.dtype
@@ -410,29 +427,35 @@ def _in_input_order(outcomes: list[SceneOutcome], scenes: list[Path]) -> list[Sc
 
 
 def _combined_products(result: BatchResult, out_dir: Path, spec, vector: Optional[Path], overwrite: bool) -> None:
-    """What the task's batch files combine into: the VRT mosaic of every complete COG and, when
-    asked, the combined GeoPackage (``mosaic``), or every scene's rows in one layer (``layer``)."""
+    """What the task's batch files combine into, by one CRS rule (:mod:`~dinov3_geo.batch.mosaic`):
+    the VRT mosaic of every complete COG and, when asked, the combined GeoPackage (``mosaic``), or
+    every scene's rows in one layer (``layer``); and the STAC Collection of every output."""
     complete = [o for o in result.outcomes if o.status in ("done", "skipped")]
-    files = spec.batch
-    if not complete or files.combine is None:        # embeddings, feature maps: one file per scene
+    if not complete:
         return
+    files = spec.batch
     if files.combine == "layer":
         result.vector = out_dir / f"mosaic_{spec.name}.gpkg"
-        mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete], result.vector,
-                             layer=files.layer, overwrite=True)
-        return
-    result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete], out_dir / f"mosaic_{spec.name}.vrt")
-    result.notes += notes
-    if vector is not None:
-        parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
-        mosaic.merge_vectors(parts, vector, layer=files.layer, overwrite=True)     # checked by _check_vector
-        result.vector = vector
+        result.notes += mosaic.merge_vectors([(Path(o.scene).name, Path(o.output)) for o in complete],
+                                             result.vector, layer=files.layer, overwrite=True)[2]
+    elif files.combine is not None:
+        result.mosaics, notes = mosaic.write_vrts([Path(o.output) for o in complete],
+                                                  out_dir / f"mosaic_{spec.name}.vrt")
+        result.notes += notes
+        if vector is not None:
+            parts = [(Path(o.scene).name, vector_path(Path(o.output))) for o in complete]
+            # (an existing file was checked by _check_vector)
+            result.notes += mosaic.merge_vectors(parts, vector, layer=files.layer, overwrite=True)[2]
+            result.vector = vector
+    result.catalogue = mosaic.write_catalogue(out_dir, spec.name, [(Path(o.scene), Path(o.output)) for o in complete],
+                                              [*result.mosaics, result.vector])      # STAC Items, QGIS styles
 
 
 def _write_summary(result: BatchResult, task: str) -> None:
     record = {"task": task, "seconds": round(result.seconds, 3), "dashboard": result.dashboard,
               "mosaics": [str(p) for p in result.mosaics],
-              "vector": str(result.vector) if result.vector else None, "notes": result.notes}
+              "vector": str(result.vector) if result.vector else None, "notes": result.notes,
+              "catalogue": str(result.catalogue) if result.catalogue else None}
     for status in ("done", "skipped", "failed"):
         record[status] = [asdict(o) for o in result.of(status)]
     tmp = result.summary.with_name(f".{result.summary.name}.partial")

@@ -28,7 +28,8 @@ from rasterio.windows import Window
 from dinov3_geo.batch.plan import Band
 from dinov3_geo.engine import keep_engine, run_chips
 from dinov3_geo.errors import DinoGeoError, DinoGeoWarning, short_message
-from dinov3_geo.io.scene import scene_reader
+from dinov3_geo.io.georef import georeference_profile
+from dinov3_geo.io.readers import scene_reader
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
@@ -243,9 +244,12 @@ class BandSink:
         self.path, self.band = path, band
         self.height = band.own_stop - band.own_start
         count = 1 if spec.kind == "classes" else channels
+        georef = georeference_profile(scene.crs, scene.transform)     # none for a scene without any
+        if georef:
+            georef["transform"] = georef["transform"] * Affine.translation(0, band.own_start)
         self.profile = dict(driver="GTiff", width=scene.width, height=self.height, count=count, dtype=spec.sink_dtype(),
-                            crs=scene.crs, tiled=True, blockxsize=BLOCK, blockysize=BLOCK, nodata=spec.nodata(),
-                            transform=scene.transform * Affine.translation(0, band.own_start), bigtiff="IF_SAFER")
+                            tiled=True, blockxsize=BLOCK, blockysize=BLOCK, nodata=spec.nodata(),
+                            bigtiff="IF_SAFER", **georef)
         self._stack = contextlib.ExitStack()
         self._ds = None
         self.rows = 0

@@ -17,8 +17,18 @@ from dinov3_geo.errors import InputError
 
 if TYPE_CHECKING:
     import xarray
-from dinov3_geo.io.pixels import (BandFacts, choose_bands, model_input, present_bands, resolve_scaling, sample_index,
-                                  sample_shape, valid_pixels, valid_values)
+from dinov3_geo.io.pixels import (
+    BandFacts,
+    choose_bands,
+    model_input,
+    present_bands,
+    resolve_scaling,
+    sample_index,
+    sample_shape,
+    valid_pixels,
+    valid_values,
+)
+from dinov3_geo.io.scene import MIN_SIZE, pixel_size_m, stats_sample
 
 
 class DataArrayScene:
@@ -36,8 +46,6 @@ class DataArrayScene:
 
     def __init__(self, da: "xarray.DataArray", bands: Optional[Sequence[int]] = None, scale=None,
                  nodata: Optional[float] = None):
-        from dinov3_geo.io.scene import MIN_SIZE, pixel_size_m
-
         da = da if "band" in da.dims else da.expand_dims("band")
         if da.ndim != 3:
             raise InputError(self._name(da), f"expected dims (band, y, x), got {da.dims}")
@@ -205,8 +213,6 @@ class _SourceFile:
 
     def stats_sample(self, positions: list[int], nodata: Optional[float]) -> list[np.ndarray]:
         """The file's decimated sample of the bands at ``positions``, as a scene of it takes it."""
-        from dinov3_geo.io.scene import stats_sample
-
         return stats_sample(self._src(), [self.bands[p] for p in positions], nodata, self.path)
 
     def close(self) -> None:

@@ -173,10 +173,11 @@ class ZarrFeatureSink:
     """Streams cell rows into a Zarr store readable as a georeferenced xarray DataArray.
 
     The store holds ``features`` (band, y, x) float32 with NaN nodata, coordinates ``x``/``y`` (cell
-    centres), ``spatial_ref`` (CRS and GeoTransform, rioxarray's convention) and the attributes
-    given (backbone id, ...). Rows are buffered into whole chunks of ``ZARR_CHUNK_ROWS`` rows. It is
-    written under a hidden temporary name and moved onto ``path`` by a clean ``__exit__``; an
-    exception removes it. Open with :func:`open_features`.
+    centres), ``spatial_ref`` (CRS and GeoTransform, rioxarray's convention), GDAL's ``_CRS``
+    attribute on ``features`` (:func:`gdal_crs_attribute`) and the attributes given (backbone id,
+    ...). Rows are buffered into whole chunks of ``ZARR_CHUNK_ROWS`` rows. It is written under a
+    hidden temporary name and moved onto ``path`` by a clean ``__exit__``; an exception removes it.
+    Open with :func:`open_features`.
     """
 
     def __init__(self, path, grid: CellGrid, channels: int, attrs: dict, overwrite: bool = False,
@@ -209,6 +210,8 @@ class ZarrFeatureSink:
                                       self.grid, self.band_names)
         ds = template.to_dataset(name=FEATURES_VAR)
         ds.attrs.update(self.attrs)
+        if self.grid.crs is not None:
+            ds[FEATURES_VAR].attrs["_CRS"] = gdal_crs_attribute(self.grid.crs)
         # Zarr v2 with consolidated metadata: what GDAL, QGIS and older xarray read too
         ds.to_zarr(self._tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT)
         array = zarr.open_group(self._tmp, mode="r+", zarr_format=ZARR_FORMAT)[FEATURES_VAR]
@@ -258,6 +261,20 @@ class ZarrFeatureSink:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def gdal_crs_attribute(crs) -> dict:
+    """GDAL's Zarr ``_CRS`` attribute of ``crs`` (WKT2, PROJJSON and, with an EPSG code, its OGC
+    URL): GDAL and QGIS before 3.8 read the CRS of a Zarr array from it, not from the CF
+    ``grid_mapping`` variable (``spatial_ref``) that xarray and rioxarray use."""
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(crs)
+    attribute = {"wkt": crs.to_wkt(), "projjson": crs.to_json_dict()}
+    epsg = crs.to_epsg()
+    if epsg is not None:
+        attribute["url"] = f"http://www.opengis.net/def/crs/EPSG/0/{epsg}"
+    return attribute
 
 
 def _remove_tree(path: Path) -> None:

@@ -6,12 +6,9 @@ threads (each thread gets its own rasterio handle).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +22,17 @@ from rasterio.transform import from_gcps
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, short_message
-from dinov3_geo.io.pixels import (BandFacts, choose_bands, model_input, resolve_scaling, sample_shape, valid_pixels,
-                                  valid_values)
+from dinov3_geo.errors import InputError, UsageError, short_message
+from dinov3_geo.io.georef import input_note
+from dinov3_geo.io.pixels import (
+    BandFacts,
+    choose_bands,
+    model_input,
+    resolve_scaling,
+    sample_shape,
+    valid_pixels,
+    valid_values,
+)
 
 MIN_SIZE = 16
 #: Largest upsampling per axis that ``gsd`` may ask for unless the caller raises ``max_upsample``.
@@ -140,8 +145,9 @@ class Scene:
         self.gcps = _gcps_only(src)
         self.crs = self.gcps[1] if self.gcps else src.crs
         self.input_profile = _Grid(src.crs, src.transform, src.width, src.height).as_dict()
-        if self.crs is None:
-            self.warnings.append(f"{self.path}: no georeference (no CRS): outputs carry pixel coordinates only")
+        note = input_note(src, self.path)      # no CRS: what the outputs carry; a photo?
+        if note:
+            self.warnings.append(note)
         self._probe(src)
         self._warp = self._working_grid(src, gsd) if gsd is not None else self._target_grid(src, grid)
         self.resampled = self._warp is not None
@@ -355,48 +361,3 @@ def open_scene(path, bands: Sequence[int] | None = None, scale: tuple[float, flo
     Raises :class:`InputError` for unusable files, :class:`UsageError` for bad arguments.
     """
     return Scene(path, bands=bands, scale=scale, gsd=gsd, nodata=nodata, max_upsample=max_upsample, grid=grid)
-
-
-def is_dataarray(scene) -> bool:
-    """Whether ``scene`` is an xarray DataArray (without importing xarray)."""
-    xr = sys.modules.get("xarray")
-    return xr is not None and isinstance(scene, xr.DataArray)
-
-
-@contextlib.contextmanager
-def scene_reader(scene, reading=None, grid: dict | None = None):
-    """An open scene reader for ``scene`` read as ``reading`` (a
-    :class:`~dinov3_geo.options.ReadOptions`) says: a path is opened with :func:`open_scene`, a
-    rioxarray DataArray is read through the same pixel contract
-    (:class:`~dinov3_geo.io.dataarray.DataArrayScene`), and an object that reads already (a
-    :class:`Scene`, or anything with ``read(window)``, ``height``, ``width``, ``crs`` and
-    ``transform``) is used as it is. The reader's warnings (band choice, no georeference...) are
-    issued once, here, as :class:`DinoGeoWarning`; what this opened is closed after. ``grid``:
-    another scene's ``input_profile`` to read this one on (see :func:`open_scene`)."""
-    options = reading.scene_options() if reading is not None else {}
-    given = sorted(k for k, v in options.items() if v is not None and k != "max_upsample")
-    if hasattr(scene, "read") and hasattr(scene, "height"):
-        if given:
-            raise UsageError(given[0], f"{', '.join(given)} are set when a scene is opened; pass a path")
-        yield scene
-        return
-    if is_dataarray(scene):
-        from dinov3_geo.io.dataarray import DataArrayScene
-
-        if options.get("gsd") is not None:
-            raise UsageError("gsd", "resampling to a gsd needs a file; resample the DataArray first (rio.reproject)")
-        opened = DataArrayScene(scene, options.get("bands"), options.get("scale"), options.get("nodata"))
-        if grid is not None and not _same_grid(opened.input_profile, grid):
-            opened.close()
-            raise InputError(opened.path, "not on the first scene's grid: reproject it first (rio.reproject_match)")
-    else:
-        opened = open_scene(scene, grid=grid, **options)
-    with contextlib.closing(opened):
-        for text in opened.warnings:          # band choice, no georeference, ...: said once, here
-            warnings.warn(text, DinoGeoWarning, stacklevel=3)
-        yield opened
-
-
-def _same_grid(a: dict, b: dict) -> bool:
-    return a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"]) and \
-        Affine(*tuple(a["transform"])[:6]).almost_equals(Affine(*tuple(b["transform"])[:6]))

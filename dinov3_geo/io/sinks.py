@@ -32,8 +32,8 @@ import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from rasterio.windows import Window
 from dinov3_geo.errors import DinoGeoError, OutputError, short_message
 from dinov3_geo.hostmem import usable_cores
 from dinov3_geo.io import cog as blocks
+from dinov3_geo.io.georef import georeference_profile
 
 BLOCK = blocks.BLOCK        # 512: the COG's block size, either way it is written
 
@@ -668,9 +669,9 @@ class COGSink:
                     self._ovr_paths.append(temp_path(self.path, "ovr"))
                     self._ovr_ds.append(rasterio.open(
                         self._ovr_paths[-1], "w", driver="GTiff", width=w, height=h, count=self.count,
-                        dtype=self.dtype, crs=self.scene.crs, nodata=self.nodata,
-                        transform=_scaled(self.scene.transform, 2 ** k), tiled=True, blockxsize=BLOCK,
-                        blockysize=BLOCK, bigtiff="IF_SAFER", **comp))
+                        dtype=self.dtype, nodata=self.nodata, tiled=True, blockxsize=BLOCK,
+                        blockysize=BLOCK, bigtiff="IF_SAFER", **comp,
+                        **georeference_profile(self.scene.crs, _scaled(self.scene.transform, 2 ** k))))
                 self._ovr_worker = _StripWorker("cog-overviews")
         except BaseException:
             self.abort()
@@ -710,9 +711,9 @@ class COGSink:
 
     def _georeferenced_profile(self) -> dict:
         """Bands, type, nodata and georeferencing of the result: the scene's GCPs (unless it was
-        resampled onto a working grid), else its CRS and transform."""
+        resampled onto a working grid), else its CRS and transform (none when it has none)."""
         gcps = None if getattr(self.scene, "resampled", False) else getattr(self.scene, "gcps", None)
-        georef = dict(crs=self.scene.crs, transform=self.scene.transform) if gcps is None else dict(gcps=gcps)
+        georef = georeference_profile(self.scene.crs, self.scene.transform) if gcps is None else dict(gcps=gcps)
         return dict(count=self.count, dtype=self.dtype, nodata=self.nodata, **georef)
 
     def write(self, row_off: int, array: np.ndarray) -> None:

@@ -8,7 +8,6 @@ them. Memory does not grow with scene height.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 
 import geopandas as gpd
 import numpy as np
-import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -28,6 +27,9 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from dinov3_geo.errors import InputError, short_message
+from dinov3_geo.io import styles
+from dinov3_geo.io.georef import area_column, vector_transform
+from dinov3_geo.io.gpkg import write_gpkg_layer
 from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -128,20 +130,22 @@ class _StripMerger:
 
 
 class _Areas:
-    """True areas in m² of geometries in ``crs``, via Lambert azimuthal equal-area at the scene centre."""
+    """Areas of components: true m² of their polygons in ``crs``, via Lambert azimuthal equal-area
+    at the scene centre; without a CRS, their pixel counts (column ``area_px``)."""
 
     def __init__(self, crs, transform: Affine, width: int, height: int) -> None:
         self.crs = crs
+        self.column = area_column(crs)
         self.laea = None
         if crs is not None:
             cx, cy = transform @ (width / 2, height / 2)
             (lon,), (lat,) = warp_transform(crs, "EPSG:4326", [cx], [cy])
             self.laea = CRS.from_proj4(f"+proj=laea +lat_0={lat:.8f} +lon_0={lon:.8f} +datum=WGS84 +units=m")
 
-    def __call__(self, geoms: np.ndarray) -> np.ndarray:
-        """Areas of ``geoms`` (planar map units² when the raster has no CRS)."""
+    def __call__(self, geoms: np.ndarray, comps: list[_Component]) -> np.ndarray:
+        """Areas of the components ``comps`` whose map polygons are ``geoms``."""
         if self.laea is None:
-            return shapely.area(geoms)
+            return np.array([c.count for c in comps], np.float64)
         return gpd.GeoSeries(geoms, crs=self.crs).to_crs(self.laea).area.to_numpy()
 
 
@@ -181,24 +185,30 @@ class _LayerWriter:
             return
         pixel = [shapely.union_all(c.pieces) if len(c.pieces) > 1 else c.pieces[0] for c in self.buffer]
         geoms = shapely.transform(np.array(pixel, dtype=object), self._to_map)
-        frame = gpd.GeoDataFrame({"area_m2": self.areas(geoms) if pixel else np.zeros(0), **self.columns(self.buffer)},
+        areas = self.areas(geoms, self.buffer) if pixel else np.zeros(0)
+        frame = gpd.GeoDataFrame({self.areas.column: areas, **self.columns(self.buffer)},
                                  geometry=gpd.GeoSeries(list(geoms), crs=self.crs), crs=self.crs)
-        pyogrio.write_dataframe(frame, self.path, layer=self.layer, driver="GPKG", append=self.started,
-                                geometry_type="Polygon", promote_to_multi=False)
+        write_gpkg_layer(frame, self.path, self.layer, append=self.started, geometry_type="Polygon",
+                         promote_to_multi=False)
         self.started = True
         self.count += len(self.buffer)
         self.buffer = []
 
 
 def georeference(ds) -> tuple:
-    """``(crs, transform)`` of an open raster; for one georeferenced by ground control points only,
-    their CRS and the affine transform fitted to them (``rasterio.transform.from_gcps``)."""
+    """``(crs, transform)`` of an open raster for its vectors; for one georeferenced by ground
+    control points only, their CRS and the affine transform fitted to them
+    (``rasterio.transform.from_gcps``); for one without any georeference, where GIS tools draw it
+    (x = column, y = -row: :func:`~dinov3_geo.io.georef.vector_transform`)."""
     gcps, gcp_crs = ds.gcps
     if ds.crs is None and gcps and gcp_crs is not None:
         return gcp_crs, from_gcps(gcps)
-    return ds.crs, ds.transform
+    return ds.crs, vector_transform(ds.crs, ds.transform)
 
 
+#: The GeoPackage version written: 1.2 (``PRAGMA user_version`` 10200, the R-tree triggers of
+#: GeoPackage 1.2), what GDAL 3.6 writes itself. GDAL 3.7+ writes 1.4 by default, whose files GDAL
+#: 3.6 and QGIS 3.22 open with a warning and GDAL 3.6's validate_gpkg.py rejects (Req 75).
 def _in_units(ds, values: np.ndarray) -> np.ndarray:
     """Band 1's values in their unit: the band's scale and offset applied (uint16 decimetres ->
     metres), unchanged when there are none."""
@@ -214,11 +224,11 @@ def polygonize_threshold(raster_path, out_path, threshold: float, layer: str = "
     ``raster_path`` as layer ``layer`` of the GeoPackage ``out_path``; return the polygon count.
 
     Values are taken in the band's unit (its scale and offset applied). Polygons are 4-connected
-    pixel components in the raster's CRS, never split at strip borders,
-    with attributes ``area_m2`` (true m², equal-area projection at the scene centre),
-    ``mean_height_m`` and ``max_height_m`` (of the raster values). Written atomically: no file at
-    ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time and appends polygons to
-    the file ``batch`` at a time.
+    pixel components in the raster's CRS, never split at strip borders, with attributes
+    ``area_m2`` (true m², equal-area projection at the scene centre; ``area_px``, pixels, for a
+    raster without CRS), ``mean_height_m`` and ``max_height_m`` (of the raster values). Written
+    atomically: no file at ``out_path`` unless it succeeded. Reads ``strip_rows`` rows at a time
+    and appends polygons to the file ``batch`` at a time; the layer gets its QGIS style.
     """
     def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return (values >= threshold) & np.isfinite(values) & valid
@@ -231,8 +241,9 @@ def polygonize_classes(raster_path, out_path, class_names: Sequence[str], layer:
                        batch: int = 5000) -> int:
     """Write one polygon per 4-connected region of equal class of band 1 of the class raster
     ``raster_path`` (``nodata`` excluded) as layer ``layer`` of the GeoPackage ``out_path``, with
-    ``class`` (value), ``class_name`` and ``area_m2``; regions are never split at strip (or chip)
-    borders. Atomic like :func:`polygonize_threshold`; returns the polygon count."""
+    ``class`` (value), ``class_name`` and ``area_m2`` (``area_px`` without CRS); regions are never
+    split at strip (or chip) borders. Atomic like :func:`polygonize_threshold`; returns the
+    polygon count."""
     names = list(class_names)
 
     def select(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -243,13 +254,16 @@ def polygonize_classes(raster_path, out_path, class_names: Sequence[str], layer:
         return {"class": np.array(values, np.int32),
                 "class_name": [names[v] if v < len(names) else str(v) for v in values]}
 
-    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch, columns=columns)
+    return _polygonize(raster_path, out_path, layer, select, overwrite, strip_rows, batch, columns=columns,
+                       class_names=names)
 
 
 def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, strip_rows: int, batch: int,
-                columns: Callable[[list[_Component]], dict] | None = None) -> int:
+                columns: Callable[[list[_Component]], dict] | None = None,
+                class_names: Sequence[str] | None = None) -> int:
     """Strips of band 1 -> ``select(values, valid)`` -> components (of equal values when
-    ``columns`` is given, i.e. classes) merged across strips -> the GeoPackage layer."""
+    ``columns`` is given, i.e. classes) merged across strips -> the GeoPackage layer, with its
+    default QGIS style (graduated heights, or the raster's class colours and ``class_names``)."""
     try:
         ds = rasterio.open(raster_path)
     except RasterioError as exc:
@@ -271,4 +285,9 @@ def _polygonize(raster_path, out_path, layer: str, select, overwrite: bool, stri
                                               f"({short_message(exc)})") from None
             writer.add(merger.add(row_off, values, sel, last=row_off + rows >= ds.height))
         writer.flush(force=True)
+        if columns is None:
+            styles.write_layer_style(tmp, layer, "canopy")
+        else:
+            classes = styles.raster_classes(ds, class_names) or styles.class_table(class_names or [])
+            styles.write_layer_style(tmp, layer, "classes", classes)
         return writer.count

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import InputError, WeightsError
 from . import registry
-from .weights import (Checkpoint, ViTArch, checkpoint_from_state, key_list)
+from .fp8 import linears_to_fp8
+from .weights import Checkpoint, ViTArch, checkpoint_from_state, key_list
 
 Features = dict[str, torch.Tensor]
 
@@ -118,8 +119,6 @@ class Backbone(nn.Module):
     def use_fp8_matmuls(self) -> int:
         """Run the blocks' linear layers as float8 products (see :mod:`.fp8`), in place; returns
         how many layers were converted. The model must already be in bf16."""
-        from .fp8 import linears_to_fp8
-
         return linears_to_fp8(self.vit.blocks)
 
     def compile_regions(self) -> list[nn.Module]:

@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError, WeightsNotFoundError
-from .backbone import normalise_rgb
+from . import registry
+from .backbone import backbone_from_state_dict, normalise_rgb
+from .demo import demo_backbone, seeded
 from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_weights
+from .heads.dpt import DPTHeadConfig
+from .load import load_backbone
 from .registry import CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, even_layers
+from .weights import search_dirs
 
 PathLike = Union[str, os.PathLike]
 
@@ -81,9 +86,6 @@ class CanopyModel(nn.Module):
 def get_chmv2_help(target: Optional[PathLike] = None) -> str:
     """Where to get the gated CHMv2 weights, where to put them (``target``, else the first search
     folder) and the ``demo`` alternative: the text of a missing-weights error."""
-    from . import registry
-    from .weights import search_dirs
-
     target = target or search_dirs()[0] / registry.CHMV2_HF_REPO.split("/")[1]
     return (f"request the gated CHMv2 weights at https://huggingface.co/{registry.CHMV2_HF_REPO} (or Meta's "
             f"{registry.CHMV2_HEAD_FILENAME} with the SAT ViT-L backbone from {registry.GATED_WEIGHTS_URL}) "
@@ -94,9 +96,6 @@ def get_chmv2_help(target: Optional[PathLike] = None) -> str:
 def find_chmv2() -> Path:
     """The CHMv2 weights in the search folders: the HF folder, or Meta's head file; a
     WeightsNotFoundError saying where to get them otherwise."""
-    from . import registry
-    from .weights import search_dirs
-
     names = (registry.CHMV2_HF_REPO.split("/")[1], registry.CHMV2_HEAD_FILENAME)
     for folder in search_dirs():
         for name in names:
@@ -108,9 +107,6 @@ def find_chmv2() -> Path:
 def find_backbone_beside(head: Path) -> Optional[Path]:
     """Meta's head file needs the SAT ViT-L backbone: the official file if it lies beside it or in
     a search folder."""
-    from . import registry
-    from .weights import search_dirs
-
     info = registry.BACKBONES["dinov3-vitl16-sat493m"]
     for folder in [Path(head).parent, *search_dirs()]:
         if (folder / info.filename).exists():
@@ -141,9 +137,6 @@ def load_canopy_model(weights: PathLike, backbone_weights: Optional[PathLike] = 
 def _load_backbone_for(head_weights: CHMv2Weights, backbone_weights: Optional[PathLike],
                        device: Union[str, torch.device], dtype: torch.dtype, verify: bool = True) -> nn.Module:
     """The backbone given explicitly, else the one inside the HF folder."""
-    from .backbone import backbone_from_state_dict
-    from .load import load_backbone
-
     if backbone_weights is not None:
         return load_backbone(backbone_weights, device=device, dtype=dtype, verify=verify).eval()
     if head_weights.backbone_state is None:
@@ -164,3 +157,15 @@ def _check_compatible(head_weights: CHMv2Weights, backbone: nn.Module, layers: S
     depth = getattr(backbone, "depth", None)
     if depth is not None and max(layers) >= int(depth):
         raise WeightsError(where, f"backbone has {depth} blocks, the head reads blocks {list(layers)}")
+
+
+def demo_canopy_model(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0):
+    """A :class:`~dinov3_geo.models.canopy.CanopyModel` with random weights (seeded, so repeatable):
+    :func:`demo_backbone` and a CHMv2 head with 32 bins. Eval mode, on ``device``."""
+    backbone = demo_backbone(device, dtype, seed)
+    with seeded(seed + 1):
+        head = CHMv2Head(DPTHeadConfig(in_channels=64, channels=32, post_process_channels=(16, 32, 64, 64),
+                                       n_hidden_channels=16, n_output_channels=32))
+    model = CanopyModel(backbone, head.to(device, dtype), backbone.dense_layers)
+    return model.eval()

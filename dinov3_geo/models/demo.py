@@ -12,6 +12,10 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from . import registry
+from .backbone import Backbone
+from .weights import ViTArch
+
 DEMO_WEIGHTS = "demo"
 DEMO_NOTE = ("`weights` demo: a small random canopy model built in memory; its heights are meaningless "
              "(for trying the tool; real CHMv2 weights: see the README's Weights section)")
@@ -32,7 +36,7 @@ DEMO_ARCH = dict(embed_dim=64, depth=4, num_heads=4, mlp_hidden=256, gated_mlp=F
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Torch's global random stream seeded inside the block and put back as it was after it."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -47,27 +51,8 @@ def demo_backbone(device: Union[str, torch.device] = "cpu", dtype: torch.dtype =
     4 blocks, 4 registers, patch 16, CHMv2 normalisation), seeded; ``load_backbone("demo")``."""
     from timm.models.eva import Eva
 
-    from . import registry
-    from .backbone import Backbone
-    from .weights import ViTArch
 
     arch = ViTArch(**DEMO_ARCH)
-    with _seeded(seed):
+    with seeded(seed):
         vit = Eva(**arch.timm_kwargs())
     return Backbone(vit, arch, registry.CHMV2_MEAN, registry.CHMV2_STD, name=DEMO_WEIGHTS).to(device, dtype).eval()
-
-
-def demo_canopy_model(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                      seed: int = 0):
-    """A :class:`~dinov3_geo.models.canopy.CanopyModel` with random weights (seeded, so repeatable):
-    :func:`demo_backbone` and a CHMv2 head with 32 bins. Eval mode, on ``device``."""
-    from .canopy import CanopyModel
-    from .heads.chmv2 import CHMv2Head
-    from .heads.dpt import DPTHeadConfig
-
-    backbone = demo_backbone(device, dtype, seed)
-    with _seeded(seed + 1):
-        head = CHMv2Head(DPTHeadConfig(in_channels=64, channels=32, post_process_channels=(16, 32, 64, 64),
-                                       n_hidden_channels=16, n_output_channels=32))
-    model = CanopyModel(backbone, head.to(device, dtype), backbone.dense_layers)
-    return model.eval()

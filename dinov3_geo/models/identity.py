@@ -1,14 +1,18 @@
-"""One identity of a backbone's weights, used wherever outputs must be tied to the backbone that
-made them: head files (a head loads only onto its backbone), feature stores and chip embeddings
-(features of different backbones are not comparable), the feature cache of training.
+"""One identity of weights and files, used wherever an output must be tied to what made it.
 
-:func:`weights_fingerprint` hashes every tensor's name and shape and a sample of its values (fast
-even for the 7B, different for any two real checkpoints); :func:`backbone_identity` is what a head
-file records; :func:`backbone_id` is the short string feature stores carry.
+Of a loaded backbone: :func:`weights_fingerprint` hashes every tensor's name and shape and a sample
+of its values (fast even for the 7B, different for any two real checkpoints), what head files and
+the training feature cache record (:func:`backbone_identity`); :func:`backbone_id` is the short
+string feature stores and chip embeddings carry. Of files on disk: :func:`file_sha256` (official
+checkpoints against the hash in their names, STAC checksums) and :func:`tree_sha256` (a weights
+file or folder, as batch resume records it).
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
+from pathlib import Path
 
 import torch
 
@@ -38,3 +42,24 @@ def backbone_id(backbone) -> str:
     weight = backbone.vit.patch_embed.proj.weight.detach().to(torch.float32).cpu().contiguous()
     digest = hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:12]
     return f"{backbone.name}:d{backbone.embed_dim}:l{backbone.depth}:{digest}"
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """The SHA-256 of one file (hex), read through the page cache without copying it."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return hashlib.sha256(view).hexdigest()
+
+
+def tree_sha256(path: os.PathLike) -> str:
+    """The SHA-256 of a file, or of a folder's files (each one's relative name and contents, in name
+    order): one value for a weights file or a Hugging Face folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + b"\0" + bytes.fromhex(file_sha256(f)))
+    return digest.hexdigest()

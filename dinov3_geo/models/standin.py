@@ -28,6 +28,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from . import registry
+from .backbone import Backbone
+from .weights import ViTArch
+
 STANDIN = "standin"
 STANDIN_NOTE = ("`backbone` standin: a stand-in built in memory whose features are hand-set colour and texture "
                 "statistics per 16 px cell, not DINOv3 (for trying the tools; real DINOv3 weights: see the "
@@ -179,9 +183,6 @@ def standin_backbone(device: Union[str, torch.device] = "cpu", dtype: torch.dtyp
     4 registers, patch 16, SAT normalisation); ``load_backbone("standin")``. Deterministic."""
     from timm.models.eva import Eva
 
-    from . import registry
-    from .backbone import Backbone
-    from .weights import ViTArch
 
     arch = ViTArch(**STANDIN_ARCH)
     vit = Eva(**arch.timm_kwargs())

@@ -8,7 +8,6 @@ names the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -22,6 +21,7 @@ import torch
 
 from ..errors import WeightsError, WeightsNotFoundError, short_message
 from . import registry
+from .identity import file_sha256
 
 StateDict = dict[str, torch.Tensor]
 
@@ -457,37 +457,6 @@ def resolve_weights(name_or_path: os.PathLike | str, allow_download: Optional[bo
         f"in {search_dirs()[0]} (or set DINOV3GEO_WEIGHTS), or pass its path")
 
 
-def width_without_loading(backbone) -> Optional[int]:
-    """The embedding width of a backbone told without reading its weights: a loaded one, an in-memory one,
-    a registry name or official file name, a Hugging Face folder (``config.json``) or a safetensors
-    file (its header); ``None`` when only loading would tell (a ``.pth``)."""
-    from .builtin import builtin_backbone
-
-    if hasattr(backbone, "embed_dim"):
-        return int(backbone.embed_dim)
-    if builtin_backbone(backbone) is not None:
-        return builtin_backbone(backbone).width
-    if backbone is None:
-        return None
-    path = Path(str(backbone)).expanduser()
-    info = registry.find_by_name(path.name if path.exists() else str(backbone))
-    if info is not None:
-        return registry.WIDTHS[info.arch]
-    try:
-        if path.is_dir() and (path / "config.json").is_file():
-            return int(json.loads((path / "config.json").read_text())["hidden_size"])
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                key = next((k for k in fh.keys() if k.endswith("patch_embed.proj.weight")
-                            or k.endswith("patch_embeddings.weight")), None)
-                return None if key is None else int(fh.get_slice(key).get_shape()[0])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return None
-
-
 def _looks_like_path(text: str) -> bool:
     return os.sep in text or text.endswith((".pth", ".pt", ".safetensors", ".bin"))
 
@@ -516,11 +485,7 @@ def verify_official_hash(path: os.PathLike | str) -> bool:
     stamp = cache_dir() / "verified" / f"{path.name}.{stat.st_size}.{int(stat.st_mtime)}"
     if stamp.exists():
         return True
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(16 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if not actual.startswith(expected):
         raise WeightsError(path, f"SHA-256 {actual[:8]}… does not match the {expected} in the file name "
                                  "(damaged or renamed download); pass `verify=False` to load it anyway")

@@ -14,6 +14,11 @@ import numpy as np
 import torch
 from rasterio.windows import Window, bounds
 
+from ..io import styles
+from ..io.georef import vector_transform
+from ..io.gpkg import write_gpkg_layer
+from ..io.sinks import atomic_output
+from ..pipeline import run_chips
 from .segment_head import HeadTaskModel
 
 PathLike = Union[str, os.PathLike]
@@ -71,15 +76,11 @@ def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, o
                 progress: Optional[bool] = None):
     """Classify the chips of ``plan`` over the open ``scene`` into the GeoPackage ``output`` (layer
     ``chips``, written atomically); returns the run's stats and the chips' frame."""
-    import pyogrio
-
-    from ..io.sinks import atomic_output
-    from ..pipeline import run_chips
-
     collector = ChipCollector()
     stats = run_chips(scene, model, collector, plan, settings, progress=progress)
-    frame = chip_frame(collector, model.class_names, scene.transform, scene.crs)
+    frame = chip_frame(collector, model.class_names, vector_transform(scene.crs, scene.transform), scene.crs)
     with atomic_output(output, overwrite, inputs=[scene.path]) as tmp:
         os.unlink(tmp)      # the GPKG driver creates the file itself
-        pyogrio.write_dataframe(frame, str(tmp), layer="chips", driver="GPKG")
+        write_gpkg_layer(frame, tmp, "chips")
+        styles.write_layer_style(tmp, "chips", "chips", styles.class_table(model.class_names, model.colormap))
     return stats, frame

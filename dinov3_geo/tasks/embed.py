@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dinov3_geo.io.features import ChipEmbeddingWriter
 from dinov3_geo.models.backbone import Backbone
 from dinov3_geo.models.identity import backbone_id
+from dinov3_geo.pipeline import run_chips
 
 
 class _BackboneTask(nn.Module):
@@ -67,9 +69,6 @@ def write_chip_embeddings(scene, model: ChipTokens, output, plan, settings, *, o
                           progress=None):
     """One GeoParquet row per non-empty chip of ``plan`` over ``scene`` (CLS and mean patch
     embedding, the footprint), stamped with the backbone and tiling; returns the run's stats."""
-    from dinov3_geo.io.features import ChipEmbeddingWriter
-    from dinov3_geo.pipeline import run_chips
-
     attrs = dict(backbone=model.backbone_id, tile=plan.tile, overlap=plan.overlap)
     writer = ChipEmbeddingWriter(output, scene, plan.windows, model.embed_dim, attrs, overwrite)
     return run_chips(scene, model, writer, plan, settings, progress=progress)

@@ -19,8 +19,14 @@ import numpy as np
 
 from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.io.features import PATCH
-from dinov3_geo.io.patchmap import (ZARR_CHUNK_ROWS, CellGrid, CellPaddedScene, PatchStitcher, ZarrFeatureSink,
-                                    open_features)
+from dinov3_geo.io.patchmap import (
+    ZARR_CHUNK_ROWS,
+    CellGrid,
+    CellPaddedScene,
+    PatchStitcher,
+    ZarrFeatureSink,
+    open_features,
+)
 from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import run_chips

@@ -14,6 +14,7 @@ feature map), and the land analyses over patch features ``similar``, ``cluster``
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,13 +22,36 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from dinov3_geo import options as opts
 from dinov3_geo.engine import RunSettings
 from dinov3_geo.errors import UsageError, WeightsError, WeightsNotFoundError
+from dinov3_geo.io.patchmap import check_patch_overlap
 from dinov3_geo.io.scene import MAX_UPSAMPLE
+from dinov3_geo.io.sinks import outputs_together
+from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
+from dinov3_geo.models.backbone import Backbone
+from dinov3_geo.models.builtin import builtin_backbone
+from dinov3_geo.models.canopy import (
+    demo_canopy_model,
+    find_backbone_beside,
+    find_chmv2,
+    get_chmv2_help,
+    load_canopy_model,
+)
+from dinov3_geo.models.demo import DEMO_NOTE, is_demo
+from dinov3_geo.models.heads.io import load_head
 from dinov3_geo.models.heads.meta import HeadMeta, read_head_meta
-from dinov3_geo import options as opts
+from dinov3_geo.models.load import load_backbone
+from dinov3_geo.models.registry import CHMV2_TRAINING_GSD
+from dinov3_geo.models.weights import resolve_weights, verify_official_hash
 from dinov3_geo.options import ReadOptions, Tiling
-from dinov3_geo.tasks import OUTPUTS
+from dinov3_geo.pipeline import DenseOutput, write_dense
+from dinov3_geo.tasks import OUTPUTS, describe
+from dinov3_geo.tasks.classify import ChipClassifier, write_chips
+from dinov3_geo.tasks.embed import ChipTokens, PatchTokens, write_chip_embeddings
+from dinov3_geo.tasks.features import write_patch_features
+from dinov3_geo.tasks.segment_head import SegmentHeadModel
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_BACKBONE = "dinov3-vitl16-sat493m"
@@ -180,8 +204,6 @@ def resolve_request(task: str, source: ModelSource, settings: RunSettings, tilin
     if tiling is None:
         tiling = Tiling.complete(tile, overlap, spec.default_tiling(head), spec.default_overlap)
     if spec.output == "patches":
-        from dinov3_geo.io.patchmap import check_patch_overlap
-
         check_patch_overlap(tiling.overlap)
     reading = _head_reading(reading or ReadOptions(), head)
     return Request(spec, source, head, tiling, reading, settings, spec.notes(source))
@@ -224,10 +246,6 @@ def resolve_backbone_source(backbone: Any) -> Any:
     """A backbone as the model loaders take it: a loaded one, an in-memory name (``demo``, ``standin``),
     a path made absolute, or a registry name found locally; anything else fails here (a missing
     file, an unknown name, gated weights not downloaded), before any work."""
-    from dinov3_geo.models.backbone import Backbone
-    from dinov3_geo.models.builtin import builtin_backbone
-    from dinov3_geo.models.weights import resolve_weights
-
     if isinstance(backbone, Backbone) or builtin_backbone(backbone) is not None:
         return backbone
     name = DEFAULT_BACKBONE if backbone is None else backbone
@@ -239,9 +257,6 @@ def resolve_backbone_source(backbone: Any) -> Any:
 
 def load_backbone_for(request: "Request", settings: RunSettings):
     """The request's backbone, loaded (kept on the CPU in fp32: the engine places the task model)."""
-    from dinov3_geo.models.backbone import Backbone
-    from dinov3_geo.models.load import load_backbone
-
     backbone = request.source.backbone
     if isinstance(backbone, Backbone):
         return backbone
@@ -279,9 +294,6 @@ def _head_source(task: str) -> Callable[[ModelSource], tuple[ModelSource, HeadMe
 def _canopy_source(source: ModelSource) -> tuple[ModelSource, None]:
     """Canopy weights checked (``demo``, or an existing path, else the CHMv2 weights found in the
     search folders) and made absolute; a head or a backbone do not go with them."""
-    from dinov3_geo.models.canopy import find_chmv2, find_backbone_beside, get_chmv2_help
-    from dinov3_geo.models.demo import is_demo
-
     if source.head is not None:
         raise UsageError("head", "the canopy task takes CHMv2 `weights`, not a head (a head runs as the segment task)")
     if source.backbone is not None:
@@ -302,8 +314,6 @@ def _canopy_source(source: ModelSource) -> tuple[ModelSource, None]:
 
 
 def _demo_note(source: ModelSource) -> tuple[str, ...]:
-    from dinov3_geo.models.demo import DEMO_NOTE, is_demo
-
     return (DEMO_NOTE,) if is_demo(source.weights) else ()
 
 
@@ -312,8 +322,6 @@ def _demo_note(source: ModelSource) -> tuple[str, ...]:
 def resampling_notes(scene, tiling: Tiling) -> list[str]:
     """When ``gsd`` changes the grid a lot (2x or more per axis): the factor, the chips and the
     working grid's size."""
-    from dinov3_geo.io.tiling import ChipPlan
-
     factor = getattr(scene, "resampling_factor", 1.0)
     if not getattr(scene, "resampled", False) or 0.5 < factor < 2.0:
         return []
@@ -327,10 +335,6 @@ def resampling_notes(scene, tiling: Tiling) -> list[str]:
 def canopy_notes(request: "Request", scene) -> list[str]:
     """CHMv2 was trained near 0.6 m per pixel: far from that, say so and point to ``gsd``; a
     geographic CRS's pixel size is an estimate; then the resampling note."""
-    import math
-
-    from dinov3_geo.models.registry import CHMV2_TRAINING_GSD
-
     notes = []
     size = scene.pixel_size_m
     if size is not None:
@@ -348,10 +352,6 @@ def canopy_notes(request: "Request", scene) -> list[str]:
 # -- models ---------------------------------------------------------------------------------------
 
 def _load_canopy(request: Request, settings: RunSettings) -> torch.nn.Module:
-    from dinov3_geo.models.canopy import load_canopy_model
-    from dinov3_geo.models.demo import demo_canopy_model, is_demo
-    from dinov3_geo.models.weights import verify_official_hash
-
     source = request.source
     if is_demo(source.weights):
         return demo_canopy_model(settings.device, settings.dtype)
@@ -365,10 +365,6 @@ def _load_canopy(request: Request, settings: RunSettings) -> torch.nn.Module:
 
 def _load_head_model(kind: str) -> Callable[[Request, RunSettings], torch.nn.Module]:
     def load(request: Request, settings: RunSettings) -> torch.nn.Module:
-        from dinov3_geo.models.heads.io import load_head
-        from dinov3_geo.tasks.classify import ChipClassifier
-        from dinov3_geo.tasks.segment_head import SegmentHeadModel
-
         head = load_head(request.source.head)
         cls = SegmentHeadModel if kind == "segment" else ChipClassifier
         return cls(load_backbone_for(request, settings), head)
@@ -377,8 +373,6 @@ def _load_head_model(kind: str) -> Callable[[Request, RunSettings], torch.nn.Mod
 
 def _load_tokens(kind: str) -> Callable[[Request, RunSettings], torch.nn.Module]:
     def load(request: Request, settings: RunSettings) -> torch.nn.Module:
-        from dinov3_geo.tasks.embed import ChipTokens, PatchTokens
-
         return (ChipTokens if kind == "tokens" else PatchTokens)(load_backbone_for(request, settings))
     return load
 
@@ -396,12 +390,6 @@ def _head_tiling(head: Optional[HeadMeta]) -> Tiling:
 def write_dense_task(request: Request, scene, model, output: Path, job: Job) -> Written:
     """A dense task's COG on the scene's grid and, with ``job.vector``, its polygons (canopy above
     ``job.min_height``; one polygon per region of equal class), replaced together or not at all."""
-    from dinov3_geo.io.sinks import outputs_together
-    from dinov3_geo.io.tiling import ChipPlan
-    from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
-    from dinov3_geo.pipeline import DenseOutput, write_dense
-    from dinov3_geo.tasks import describe
-
     info = describe(model)
     classes = request.task.output == "classes"
     spec = DenseOutput(request.task.output, "uint8" if classes else job.dtype, info.band_names, info.class_names,
@@ -421,8 +409,6 @@ def write_dense_task(request: Request, scene, model, output: Path, job: Job) -> 
 
 
 def _write_chip_classes(request: Request, scene, model, output: Path, job: Job) -> Written:
-    from dinov3_geo.tasks.classify import write_chips
-
     stats, frame = write_chips(scene, model, output, _plan(request, scene), request.settings,
                                overwrite=job.overwrite, progress=job.progress)
     counts = {name: int((frame["class"] == name).sum()) for name in model.class_names}
@@ -430,22 +416,16 @@ def _write_chip_classes(request: Request, scene, model, output: Path, job: Job) 
 
 
 def _write_chip_embeddings(request: Request, scene, model, output: Path, job: Job) -> Written:
-    from dinov3_geo.tasks.embed import write_chip_embeddings
-
     return Written(write_chip_embeddings(scene, model, output, _plan(request, scene), request.settings,
                                          overwrite=job.overwrite, progress=job.progress))
 
 
 def _write_patch_features(request: Request, scene, model, output: Path, job: Job) -> Written:
-    from dinov3_geo.tasks.features import write_patch_features
-
     return Written(write_patch_features(scene, model, output, request.tiling, request.settings, pca=job.pca,
                                         overwrite=job.overwrite, progress=job.progress))
 
 
 def _plan(request: Request, scene):
-    from dinov3_geo.io.tiling import ChipPlan
-
     return ChipPlan.build(scene.height, scene.width, request.tiling.tile, request.tiling.overlap)
 
 

@@ -33,6 +33,7 @@ class HeadTaskModel(nn.Module):
         self.channels = len(self.class_names)
         self.chip_size = info.chip_size
         self.layers = info.layers
+        self.colormap = info.colormap()         # classes' colours: class rasters, styles of chip layers
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
         """0..1 chips normalised as the head was trained."""
@@ -47,7 +48,6 @@ class SegmentHeadModel(HeadTaskModel):
 
     def __init__(self, backbone: Backbone, head: HeadFile):
         super().__init__(backbone, head)
-        self.colormap = head.info.colormap()
         self.dense_layers = self.layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

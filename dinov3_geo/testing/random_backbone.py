@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dinov3_geo.models.weights import hf_to_meta_backbone_state
+
 
 def write_random_backbone(out: Path, seed: int = 0, layout: str = "hf", hidden: int = 32) -> Path:
     """Save a random toy DINOv3ViTModel (``hidden`` wide, 4 blocks, 4 registers) to ``out``."""
     import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-    from dinov3_geo.models.weights import hf_to_meta_backbone_state
 
     cfg = DINOv3ViTConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
                           num_attention_heads=2, num_register_tokens=4, layerscale_value=0.5,

@@ -23,12 +23,13 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from ..errors import InputError, UsageError, short_message
-from ..io.scene import open_scene
+from ..io.pixels import check_scale, stretch
+from ..io.scene import open_scene, stats_sample
 from ..io.tiling import pad_to_tile, plan_chips
+from .labels import classes_for_codes, nodata_note, parse_class_names, text_classes
 
 PathLike = Union[str, os.PathLike]
 IGNORE = 255
-TASKS = ("classify", "segment")
 #: Image file suffixes read from a chips folder (anything GDAL opens would do; these are the usual ones).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".bmp")
 
@@ -148,9 +149,6 @@ def dataset_scaling(images: Sequence[PathLike], bands=None, scale=None, seed: in
     uint8; else the 2-98 % stretch of the valid values of all images' decimated samples pooled per
     band. Returns the per-band ``[[low, high], ...]`` (what the head file records and inference
     applies) and the band-choice warnings, one line per kind of warning."""
-    from ..io.pixels import check_scale, stretch
-    from ..io.scene import stats_sample
-
     rng = np.random.default_rng(seed)
     pooled: list[list[np.ndarray]] = []
     warnings: dict[str, list[str]] = {}
@@ -238,8 +236,6 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
     their nodata becomes 255 (ignored; how many pixels it removes is noted). A label grid that
     differs from its image is reprojected nearest onto it when both are georeferenced, else refused.
     """
-    from .labels import classes_for_codes, parse_class_names
-
     validate_chip(chip)
     given = parse_class_names(class_names)
     if len(images) != len(labels) or not images:
@@ -263,8 +259,6 @@ def raster_pairs(images: Sequence[PathLike], labels: Sequence[PathLike], chip: i
 
 def label_nodata_note(path: PathLike) -> Optional[str]:
     """How many pixels the label raster's nodata value takes out of training (None: none)."""
-    from .labels import nodata_note
-
     with _open_labels(path) as src:
         nodata = src.nodata
         if nodata is None:
@@ -387,7 +381,6 @@ def column_classes(values, class_names, where: PathLike) -> tuple[list[str], Opt
     attribute column."""
     import pandas as pd
 
-    from .labels import classes_for_codes, parse_class_names, text_classes
 
     given = parse_class_names(class_names)
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):

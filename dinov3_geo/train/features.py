@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..models.backbone import Backbone
+from ..models.backbone import Backbone, normalise_rgb
 from ..models.identity import backbone_identity, weights_fingerprint  # noqa: F401  (one identity, see there)
 from ..models.weights import cache_dir
 
@@ -119,8 +119,6 @@ def _store(feats: Features, path: Path) -> None:
 @torch.inference_mode()
 def _compute(backbone: Backbone, images: np.ndarray, mean, std, kind: str, layers: tuple, batch_size: int,
              device: torch.device, progress) -> Features:
-    from ..models.backbone import normalise_rgb
-
     backbone = backbone.to(device).eval()
     parts: dict[str, list] = {}
     n = len(images)

@@ -16,10 +16,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError
+from ..engine import resolve_device
+from ..errors import InputError, UsageError
+from .fit import C_GRID, LR_GRID
 from .geobench_data import geobench_task
 from .model_card import MODEL_CARD
-from ..engine import resolve_device
 from .run import check_options, fit_classifier, fit_segmentation, resolve_backbone
 
 PathLike = Union[str, os.PathLike]
@@ -109,9 +110,9 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
                       verify: bool = True, progress=None) -> GeoBenchReport:
     """Run the protocol on every requested task under ``root`` (``classification_v1.0/<task>``,
     ``segmentation_v1.0/<task>``); returns the report (test metrics in %)."""
-    from .fit import C_GRID, LR_GRID
-
     check_options(epochs=epochs, batch_size=batch_size, c_grid=c_grid, lrs=lrs)
+    if root is None:
+        raise UsageError("root", "give GEO-Bench's root folder (with classification_v1.0/ and segmentation_v1.0/)")
     picked = find_tasks(Path(root), tasks)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
@@ -130,7 +131,7 @@ def evaluate_geobench(root: PathLike, tasks: Optional[Sequence[str]] = None, bac
             ours, metric = ((metrics["test"]["micro_f1"], "micro-F1") if data.multilabel else
                             (metrics["test"]["accuracy"], "accuracy"))
         else:
-            _, _, metrics, choice = fit_segmentation(data, bb, head="dpt", lrs=lrs or LR_GRID, epochs=epochs, seed=seed,
+            _, _, metrics, choice = fit_segmentation(data, bb, decoder="dpt", lrs=lrs or LR_GRID, epochs=epochs, seed=seed,
                                                      device=device, batch_size=batch_size, cache=cache, progress=progress)
             ours, metric = metrics["test"]["miou"], "mIoU"
         card = MODEL_CARD.get(name)

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError, short_message
 from .datasets import ChipDataset, resize_chips, resize_labels, validate_chip
+from .labels import CHESAPEAKE_LEGEND
 
 PathLike = Union[str, os.PathLike]
 #: Modules whose class references a GEO-Bench pickle may hold (rebuilt as records, never imported).
@@ -266,6 +267,4 @@ def _labels(read: list, segment: bool, specs: dict, folder: Path, size: int) -> 
 def legend_for(folder: Path) -> Optional[list[str]]:
     """The class names of a task whose files do not carry them: Chesapeake land cover (its
     task_specs.pkl names none; the legend is the dataset's, see :data:`.labels.CHESAPEAKE_LEGEND`)."""
-    from .labels import CHESAPEAKE_LEGEND
-
     return list(CHESAPEAKE_LEGEND) if "chesapeake" in folder.name.lower() else None

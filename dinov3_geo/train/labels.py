@@ -174,3 +174,17 @@ def report_classes(task: str, class_names: Sequence[str], labels: np.ndarray, sp
             warnings.warn(f"class {i} '{name}' has no examples in {where}: the head will never predict it",
                           DinoGeoWarning, stacklevel=2)
     return {s: counts[s].tolist() for s in order}
+
+
+def report_labels(ds, progress=None) -> dict:
+    """Chips carrying each label, per split, shown before any feature is computed; a set where
+    fewer than two labels occur in training is refused."""
+    order = [s for s in ("train", "val", "test") if s in ds.splits]
+    counts = {s: ds.labels[ds.splits[s]].sum(0).astype(np.int64) for s in order}
+    if progress:
+        progress(f"labels: {len(ds.class_names)} (multi-label), chips carrying each ({' / '.join(order)}):")
+        for i, name in enumerate(ds.class_names):
+            progress(f"  {i} {name}: " + " / ".join(f"{int(counts[s][i]):,}" for s in order))
+    if np.count_nonzero(counts["train"]) < 2:
+        raise InputError(ds.source, "fewer than two labels occur in the training chips: nothing to learn")
+    return {s: counts[s].tolist() for s in order}

@@ -12,24 +12,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
 from .datasets import ChipDataset
+from .steps import backbone_features, check_classes, chip_normalisation
 
 Progress = Optional[Callable[[str], None]]
-
-
-def report_labels(ds: ChipDataset, progress: Progress = None) -> dict:
-    """Chips carrying each label, per split, shown before any feature is computed; a set where
-    fewer than two labels occur in training is refused."""
-    order = [s for s in ("train", "val", "test") if s in ds.splits]
-    counts = {s: ds.labels[ds.splits[s]].sum(0).astype(np.int64) for s in order}
-    if progress:
-        progress(f"labels: {len(ds.class_names)} (multi-label), chips carrying each ({' / '.join(order)}):")
-        for i, name in enumerate(ds.class_names):
-            progress(f"  {i} {name}: " + " / ".join(f"{int(counts[s][i]):,}" for s in order))
-    if np.count_nonzero(counts["train"]) < 2:
-        raise InputError(ds.source, "fewer than two labels occur in the training chips: nothing to learn")
-    return {s: counts[s].tolist() for s in order}
 
 
 def _one_vs_rest(x: np.ndarray, y: np.ndarray, C: float, seed: int):
@@ -71,11 +57,9 @@ def fit_multilabel(ds: ChipDataset, backbone, *, pooling: str, Cs: Sequence[floa
                    device: str, batch_size: int, cache, progress: Progress = None):
     """The one-vs-rest probe on a multi-label set; returns (model, meta, metrics, choice) as
     :func:`.run.fit_classifier` does (``metrics[split]["micro_f1"]``)."""
-    from .run import _features, check_classes, chip_normalisation
-
     check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
-    feats = _features(backbone, ds, mean, std, "vector", device, cache, batch_size, progress)
+    feats = backbone_features(backbone, ds, mean, std, "vector", device, cache, batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
     model, C, val_f1, sweep = fit_multilabel_probe(feats.take(tr).vectors(pooling), ds.labels[tr],
                                                    feats.take(va).vectors(pooling), ds.labels[va], Cs, seed, progress)

@@ -11,27 +11,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..engine import resolve_device
-from ..errors import InputError, UsageError
+from ..errors import UsageError
 from ..io.sinks import check_output
-from ..models import registry
 from ..models.backbone import Backbone
-from ..models.load import load_backbone
 from ..models.heads.io import default_colors, save_head
 from . import datasets as ds_mod
 from .datasets import ChipDataset
-from .features import Features, backbone_identity, default_cache, extract_features
+from .features import backbone_identity
 from .fit import C_GRID, LR_GRID, fit_probe, fit_segmenter, predict_segmentation
-from .labels import report_classes
+from .geobench_data import geobench_task
 from .metrics import scores
+from .multilabel import fit_multilabel
+from .steps import (  # noqa: F401
+    DEFAULT_BACKBONE,
+    NORMALISATIONS,
+    backbone_features,
+    check_classes,
+    check_options,
+    chip_normalisation,
+    feature_cache,
+    resolve_backbone,
+)
+from .torchgeo_source import torchgeo_dataset
 
 PathLike = Union[str, os.PathLike]
 Progress = Optional[Callable[[str], None]]
-DEFAULT_BACKBONE = "dinov3-vitl16-sat493m"
-NORMALISATIONS = ("auto", "dataset", "backbone", "imagenet")
 
 
 @dataclass
@@ -64,82 +71,6 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def resolve_backbone(backbone: Union[str, PathLike, Backbone], device: str = "cpu", verify: bool = True) -> Backbone:
-    """A loaded backbone from a registry name, a path, or an already loaded one."""
-    if isinstance(backbone, Backbone):
-        return backbone.to(device)
-    return load_backbone(backbone, device=device, verify=verify)
-
-
-def chip_normalisation(ds: ChipDataset, backbone: Backbone, choice: str) -> tuple[tuple, tuple, str]:
-    """(mean, std, source) of the chips: the dataset's own statistics (``dataset``; GEO-Bench's
-    protocol), the backbone's (SAT), ImageNet's, or ``auto`` (the dataset's when it has them)."""
-    if choice not in NORMALISATIONS:
-        raise UsageError("normalisation", f"unknown normalisation {choice!r} ({', '.join(NORMALISATIONS)})")
-    if choice in ("auto", "dataset") and ds.mean is not None:
-        return tuple(ds.mean), tuple(ds.std), "dataset"
-    if choice == "dataset":
-        raise UsageError("normalisation", "this training source has no band statistics; use backbone or imagenet")
-    if choice == "imagenet":
-        return registry.IMAGENET_MEAN, registry.IMAGENET_STD, "imagenet"
-    return tuple(backbone.mean), tuple(backbone.std), "backbone"
-
-
-def check_options(*, epochs=None, lrs=None, c_grid=None, batch_size=None, chip=None, pooling=None, head=None,
-                  normalisation=None) -> None:
-    """Every training option checked before any data, backbone or feature is touched: one
-    UsageError naming the option."""
-    def whole(name: str, value, least: int, what: str) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least):
-            raise UsageError(name, f"{what} must be a whole number of at least {least}, got {value!r}")
-
-    whole("epochs", epochs, 1, "the number of epochs")
-    whole("batch_size", batch_size, 1, "the batch size")
-    for name, grid, what in (("lrs", lrs, "learning rates"), ("c_grid", c_grid, "C values")):
-        if grid is None:
-            continue
-        values = list(grid)
-        if not values or not all(isinstance(v, (int, float, np.number)) and np.isfinite(v) and v > 0 for v in values):
-            raise UsageError(name, f"{what} must be positive numbers, got {values!r}")
-    if chip is not None:
-        ds_mod.validate_chip(chip)
-    for name, value, allowed in (("pooling", pooling, ("cls", "cls+mean")), ("head", head, ("linear", "dpt")),
-                                 ("normalisation", normalisation, NORMALISATIONS)):
-        if value is not None and value not in allowed:
-            raise UsageError(name, f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-
-def check_classes(ds: ChipDataset, progress: Progress = None) -> dict:
-    """Count, show and check the examples per class (once per dataset; see :func:`.labels.report_classes`)."""
-    if ds.counts is None:
-        if ds.multilabel:
-            from .multilabel import report_labels
-            ds.counts = report_labels(ds, progress)
-        else:
-            ds.counts = report_classes(ds.task, ds.class_names, ds.labels, ds.splits, ds.source, ds.notes, progress)
-    return ds.counts
-
-
-def _features(backbone, ds, mean, std, kind, device, cache, batch_size, progress) -> Features:
-    computed = []
-
-    def report(done: int, total: int) -> None:
-        computed.append(done)
-        if progress and (done == total or done % max(1, total // 10) < batch_size):
-            progress(f"features: {done}/{total} chips")
-
-    if progress:
-        progress(f"features: {len(ds.images)} chips of {ds.chip_size} px through {backbone.name} "
-                 f"({'CLS and mean patch' if kind == 'vector' else 'patch tokens'})")
-    feats = extract_features(backbone, ds.images, mean, std, kind=kind, batch_size=batch_size, device=device,
-                             cache=cache, progress=report)
-    if progress and not computed:
-        progress(f"features: read from the cache {cache}")
-    if not all(bool(torch.isfinite(t).all()) for t in feats.to_tensors().values()):
-        raise InputError(ds.source, "the backbone's features hold NaN or infinite values (NaN pixels in the chips?)")
-    return feats
-
-
 def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str) -> dict:
     """Metadata every head file carries, whatever the head."""
     return {"task": ds.task, "class_names": list(ds.class_names),
@@ -151,12 +82,6 @@ def _base_meta(ds: ChipDataset, backbone: Backbone, mean, std, norm_source: str)
             **({"class_codes": list(ds.codes)} if ds.codes is not None else {})}
 
 
-def _cache(cache: Union[None, bool, PathLike]) -> Optional[Path]:
-    if cache is False:
-        return None
-    return default_cache() if cache in (None, True) else Path(cache)
-
-
 def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls", Cs: Sequence[float] = C_GRID,
                    normalisation: str = "auto", seed: int = 0, device: str = "cpu", batch_size: int = 16,
                    cache=None, progress: Progress = None):
@@ -165,12 +90,11 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
         raise UsageError("task", "this training data is for segmentation, not classification")
     check_options(c_grid=Cs, batch_size=batch_size, pooling=pooling, normalisation=normalisation)
     if ds.multilabel:
-        from .multilabel import fit_multilabel
         return fit_multilabel(ds, backbone, pooling=pooling, Cs=Cs, normalisation=normalisation, seed=seed,
-                              device=device, batch_size=batch_size, cache=_cache(cache), progress=progress)
+                              device=device, batch_size=batch_size, cache=feature_cache(cache), progress=progress)
     check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
-    feats = _features(backbone, ds, mean, std, "vector", device, _cache(cache), batch_size, progress)
+    feats = backbone_features(backbone, ds, mean, std, "vector", device, feature_cache(cache), batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
     fit = fit_probe(feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], len(ds.class_names),
                     pooling, Cs, seed, refit=True, progress=progress)
@@ -186,20 +110,20 @@ def fit_classifier(ds: ChipDataset, backbone: Backbone, *, pooling: str = "cls",
     return fit.probe, meta, metrics, f"C = {fit.C:.3g} chosen on val"
 
 
-def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", lrs: Sequence[float] = LR_GRID,
+def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, decoder: str = "dpt", lrs: Sequence[float] = LR_GRID,
                      epochs: int = 20, normalisation: str = "auto", seed: int = 0, device: str = "cpu",
                      batch_size: int = 8, cache=None, progress: Progress = None):
     """Train a linear or DPT segmentation head; returns (head, meta, metrics, choice)."""
     if ds.task != "segment":
         raise UsageError("task", "this training data is for classification, not segmentation")
-    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, head=head, normalisation=normalisation)
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, decoder=decoder, normalisation=normalisation)
     check_classes(ds, progress)
     mean, std, source = chip_normalisation(ds, backbone, normalisation)
-    feats = _features(backbone, ds, mean, std, "last" if head == "linear" else "layers", device, _cache(cache),
+    feats = backbone_features(backbone, ds, mean, std, "last" if decoder == "linear" else "layers", device, feature_cache(cache),
                       batch_size, progress)
     tr, va = ds.splits["train"], ds.splits["val"]
     k = len(ds.class_names)
-    fit = fit_segmenter(head, feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], k, backbone.embed_dim,
+    fit = fit_segmenter(decoder, feats.take(tr), ds.labels[tr], feats.take(va), ds.labels[va], k, backbone.embed_dim,
                         lrs, epochs, batch_size, seed, ds.ignore_classes, progress)
     val_pred = predict_segmentation(fit.head, feats.take(va), ds.chip_size)
     metrics = {"val": scores(ds.labels[va], val_pred, k, "segment", ds.ignore_classes)}
@@ -207,8 +131,8 @@ def fit_segmentation(ds: ChipDataset, backbone: Backbone, *, head: str = "dpt", 
         te = ds.splits["test"]
         pred = predict_segmentation(fit.head, feats.take(te), ds.chip_size)
         metrics["test"] = scores(ds.labels[te], pred, k, "segment", ds.ignore_classes)
-    layers = list(backbone.dense_layers) if head == "dpt" else [backbone.depth - 1]
-    meta = {**_base_meta(ds, backbone, mean, std, source), "head": head, "layers": layers, "dropout": 0.1,
+    layers = list(backbone.dense_layers) if decoder == "dpt" else [backbone.depth - 1]
+    meta = {**_base_meta(ds, backbone, mean, std, source), "head": decoder, "layers": layers, "dropout": 0.1,
             "fit": {"lr": fit.lr, "sweep": fit.sweep, "epochs": epochs, "weight_decay": 1e-4, "seed": seed},
             "metrics": metrics}
     return fit.head, meta, metrics, f"lr = {fit.lr:g} chosen on val"
@@ -222,9 +146,7 @@ def classification_data(*, chips: Optional[PathLike] = None, geobench: Optional[
     if chips is not None:
         return ds_mod.chips_from_folder(chips, chip or 224, seed=seed, bands=bands, scale=scale)
     if geobench is not None:
-        from .geobench_data import geobench_task
         return geobench_task(geobench, chip)
-    from .torchgeo_source import torchgeo_dataset
     return torchgeo_dataset(torchgeo, root, task="classify", chip=chip, seed=seed)
 
 
@@ -238,10 +160,8 @@ def segmentation_data(*, images: Sequence[PathLike] = (), labels: Sequence[PathL
     if class_names is not None and (geobench is not None or torchgeo is not None):
         raise UsageError("class_names", "GEO-Bench and torchgeo sources name their own classes")
     if geobench is not None:
-        from .geobench_data import geobench_task
         return geobench_task(geobench, chip)
     if torchgeo is not None:
-        from .torchgeo_source import torchgeo_dataset
         return torchgeo_dataset(torchgeo, root, task="segment", chip=chip, seed=seed)
     if label_column is not None:
         if len(labels) != 1 or len(images) != 1:
@@ -286,14 +206,14 @@ def train_classifier(output: PathLike, *, chips=None, geobench=None, torchgeo=No
 def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels: Sequence[PathLike] = (),
                     label_column: Optional[str] = None, geobench=None, torchgeo=None, root=None,
                     class_names: Optional[Sequence[str]] = None,
-                    backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, head: str = "dpt",
+                    backbone: Union[str, PathLike, Backbone] = DEFAULT_BACKBONE, decoder: str = "dpt",
                     lrs: Sequence[float] = LR_GRID, epochs: int = 20, chip: Optional[int] = None,
                     normalisation: str = "auto", seed: int = 0, device: str = "auto", batch_size: int = 8, cache=None,
                     bands=None, scale=None, overwrite: bool = False, verify: bool = True,
                     progress: Progress = None) -> TrainResult:
     """Train a linear or DPT segmentation head and write it as a head file at ``output``."""
     t0 = time.perf_counter()
-    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, chip=chip, head=head, normalisation=normalisation)
+    check_options(epochs=epochs, lrs=lrs, batch_size=batch_size, chip=chip, decoder=decoder, normalisation=normalisation)
     check_output(output, overwrite)
     data = segmentation_data(images=images, labels=labels, label_column=label_column, geobench=geobench,
                              torchgeo=torchgeo, root=root, chip=chip, class_names=class_names, seed=seed,
@@ -301,11 +221,11 @@ def train_segmenter(output: PathLike, *, images: Sequence[PathLike] = (), labels
     check_classes(data, progress)
     device = str(resolve_device(device))
     bb = resolve_backbone(backbone, device, verify)
-    module, meta, metrics, choice = fit_segmentation(data, bb, head=head, lrs=lrs, epochs=epochs,
+    module, meta, metrics, choice = fit_segmentation(data, bb, decoder=decoder, lrs=lrs, epochs=epochs,
                                                      normalisation=normalisation, seed=seed, device=device,
                                                      batch_size=batch_size, cache=cache, progress=progress)
     save_head(output, module, meta, overwrite)
-    return TrainResult(Path(output), "segment", head, data.class_names, metrics, data.summary(), choice,
+    return TrainResult(Path(output), "segment", decoder, data.class_names, metrics, data.summary(), choice,
                        time.perf_counter() - t0, data.notes)
 
 

@@ -15,7 +15,14 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import InputError, UsageError, short_message
-from .datasets import ChipDataset, check_classes_have_examples, random_split, resize_chips, resize_labels, validate_chip
+from .datasets import (
+    ChipDataset,
+    check_classes_have_examples,
+    random_split,
+    resize_chips,
+    resize_labels,
+    validate_chip,
+)
 
 PathLike = Union[str, os.PathLike]
 SPLITS = ("train", "val", "test")

@@ -23,8 +23,14 @@ import torch.nn.functional as F
 
 from ...errors import WeightsError
 from ..registry import CHMV2_MAX_DEPTH, CHMV2_MIN_DEPTH
-from ..weights import key_list
-from .dpt import DPTHead, DPTHeadConfig, Features, config_from_state_dict, hf_to_meta_head_state
+from ..weights import key_list, read_hf_directory, read_tensors
+from .dpt import (
+    DPTHead,
+    DPTHeadConfig,
+    Features,
+    config_from_state_dict,
+    hf_to_meta_head_state,
+)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -162,7 +168,6 @@ def read_chmv2_weights(path: os.PathLike | str) -> CHMv2Weights:
         raise WeightsError(path, "not found")
     if path.is_dir():
         return _read_hf_folder(path)
-    from ..weights import read_tensors
 
     state = read_tensors(path)
     check_meta_head_keys(state, path)
@@ -199,8 +204,6 @@ def _config_of(state: StateDict, path: os.PathLike | str) -> DPTHeadConfig:
 
 def _read_hf_folder(path: Path) -> CHMv2Weights:
     """Head (renamed to Meta's keys), backbone tensors and configs of a CHMv2 HF folder."""
-    from ..weights import read_hf_directory
-
     config, tensors = read_hf_directory(path)
     if config.get("model_type") != "chmv2":
         what = config.get("model_type")

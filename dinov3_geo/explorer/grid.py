@@ -20,7 +20,12 @@ from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import array_bounds, from_gcps
-from rasterio.warp import calculate_default_transform, reproject, transform, transform_bounds
+from rasterio.warp import (
+    calculate_default_transform,
+    reproject,
+    transform,
+    transform_bounds,
+)
 
 from dinov3_geo.errors import InputError, UsageError
 

@@ -21,7 +21,7 @@ BASEMAP = {"name": "OpenStreetMap", "url": "https://tile.openstreetmap.org/{z}/{
 
 @cache
 def _asset(path: str) -> bytes:
-    return resources.files("dinov3_geo.explore").joinpath(path).read_bytes()
+    return resources.files("dinov3_geo.explorer").joinpath(path).read_bytes()
 
 
 def _text(path: str) -> str:

@@ -8,8 +8,8 @@
 - other rasters of three or more bands (another date): a colour picture, by the same rules as the
   scene;
 - feature maps (``embed --patch``: a Zarr store, or a COG on the scene's 16-px cells): the
-  similarity layer (:mod:`dinov3_geo.explore.similarity`);
-- vector files (GeoPackage layers, GeoParquet, ...): :mod:`dinov3_geo.explore.vectors`.
+  similarity layer (:mod:`dinov3_geo.explorer.similarity`);
+- vector files (GeoPackage layers, GeoParquet, ...): :mod:`dinov3_geo.explorer.vectors`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioError
 
 from dinov3_geo.errors import DinoGeoWarning, InputError, short_message
-from dinov3_geo.explore import render
-from dinov3_geo.explore.grid import DisplayGrid, read_onto
+from dinov3_geo.explorer import render
+from dinov3_geo.explorer.grid import DisplayGrid, read_onto
 from dinov3_geo.io.pixels import to_unit
 from dinov3_geo.io.scene import open_scene
 

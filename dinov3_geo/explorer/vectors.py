@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 
 from dinov3_geo.errors import InputError, short_message
-from dinov3_geo.explore import render
-from dinov3_geo.explore.grid import WGS84, DisplayGrid, Placement
-from dinov3_geo.explore.layers import Layer
+from dinov3_geo.explorer import render
+from dinov3_geo.explorer.grid import WGS84, DisplayGrid, Placement
+from dinov3_geo.explorer.layers import Layer
 
 #: Features and vertices per layer the page holds (the largest features first).
 MAX_FEATURES = 20_000
@@ -27,7 +27,8 @@ OUTLINES = ("#00e5ff", "#ff4081", "#ffd740", "#69f0ae", "#e040fb", "#ff6e40")
 
 
 def read_layers(path: Path) -> list[tuple[Optional[str], object]]:
-    """``(layer name, GeoDataFrame)`` of every layer of a vector file (one ``None`` for GeoParquet)."""
+    """``(layer name, GeoDataFrame)`` of every layer with geometries of a vector file (one ``None``
+    for GeoParquet)."""
     import geopandas as gpd
     import pyogrio
 
@@ -36,7 +37,7 @@ def read_layers(path: Path) -> list[tuple[Optional[str], object]]:
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
             return [(None, gpd.read_parquet(path))]
-        names = [str(n) for n in pyogrio.list_layers(path)[:, 0]]
+        names = [str(n) for n, kind in pyogrio.list_layers(path) if kind is not None]   # not tables (layer_styles)
         return [(n, gpd.read_file(path, layer=n)) for n in names]
     except Exception as exc:  # pyogrio's DataSourceError, pyarrow's errors...
         raise InputError(path, f"not a readable vector file ({short_message(exc)})") from None

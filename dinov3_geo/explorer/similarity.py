@@ -29,10 +29,15 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from dinov3_geo.errors import InputError, UsageError
-from dinov3_geo.explore import render
-from dinov3_geo.explore.grid import STAND_IN, DisplayGrid, Placement
+from dinov3_geo.explorer import render
+from dinov3_geo.explorer.grid import STAND_IN, DisplayGrid, Placement
 from dinov3_geo.io.features import PATCH
-from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid, ZarrFeatureSink, open_features
+from dinov3_geo.io.patchmap import (
+    ZARR_CHUNK_ROWS,
+    CellGrid,
+    ZarrFeatureSink,
+    open_features,
+)
 
 #: Valid cells drawn at random to fit the PCA.
 FIT_CELLS = 20_000

@@ -13,12 +13,25 @@ from typing import Optional, Sequence, Union
 from rasterio.errors import NotGeoreferencedWarning
 
 from dinov3_geo.errors import UsageError
-from dinov3_geo.explore import page as pages
-from dinov3_geo.explore.grid import DisplayGrid, Placement
-from dinov3_geo.explore.layers import (Layer, colour_layer, is_feature_raster, kind_of, open_raster, raster_layer,
-                                       unique_names)
-from dinov3_geo.explore.similarity import PageFeatures, check_components, open_on_scene, reduce_features, similarity_page
-from dinov3_geo.explore.vectors import vector_layers
+from dinov3_geo.explorer import page as pages
+from dinov3_geo.explorer.grid import DisplayGrid, Placement
+from dinov3_geo.explorer.layers import (
+    Layer,
+    colour_layer,
+    is_feature_raster,
+    kind_of,
+    open_raster,
+    raster_layer,
+    unique_names,
+)
+from dinov3_geo.explorer.similarity import (
+    PageFeatures,
+    check_components,
+    open_on_scene,
+    reduce_features,
+    similarity_page,
+)
+from dinov3_geo.explorer.vectors import vector_layers
 from dinov3_geo.io.patchmap import CellGrid
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.sinks import atomic_output, check_output
