@@ -38,7 +38,7 @@ _EXPORTS = {
     "ChipPlan": "dinov3_geo.pipeline",
     "RunSettings": "dinov3_geo.options",
     "run_chips": "dinov3_geo.pipeline",
-    "TaskModel": "dinov3_geo.tasks",
+    "TaskModel": "dinov3_geo.task_model",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",
     "DinoGeoWarning": "dinov3_geo.errors",

@@ -26,7 +26,7 @@ from .io.shards import make_stitcher
 from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA
 from .io.tiling import ChipPlan
-from .tasks import DENSE_OUTPUTS, TaskInfo, describe
+from .task_model import DENSE_OUTPUTS, TaskInfo, describe
 
 PathLike = Union[str, os.PathLike]
 #: Output data types of continuous results: floats with NaN nodata, or uint16 counting ``quantum``

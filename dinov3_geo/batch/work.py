@@ -34,7 +34,7 @@ from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import DenseOutput, output_channels
-from dinov3_geo.tasks import describe
+from dinov3_geo.task_model import describe
 from dinov3_geo.tasks.registry import Job, Request
 
 ChipReport = Callable[[str, int], None]

@@ -40,7 +40,7 @@ class CanopyModel(nn.Module):
     ``x`` must be normalised with :attr:`mean` / :attr:`std` (CHMv2's statistics). Sizes that are
     not multiples of the patch size are zero-padded centrally (as the references do) and the
     prediction is cropped back; the output is float32 whatever the model dtype. A task model
-    (:mod:`dinov3_geo.tasks`): one band of blended values, ``canopy_height_m``.
+    (:mod:`dinov3_geo.task_model`): one band of blended values, ``canopy_height_m``.
     """
 
     output = "continuous"

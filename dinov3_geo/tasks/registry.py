@@ -47,7 +47,7 @@ from dinov3_geo.models.registry import CHMV2_TRAINING_GSD
 from dinov3_geo.models.weights import resolve_weights, verify_official_hash
 from dinov3_geo.options import ReadOptions, Tiling
 from dinov3_geo.pipeline import DenseOutput, write_dense
-from dinov3_geo.tasks import OUTPUTS, describe
+from dinov3_geo.task_model import OUTPUTS, describe
 from dinov3_geo.tasks.classify import ChipClassifier, write_chips
 from dinov3_geo.tasks.embed import ChipTokens, PatchTokens, write_chip_embeddings
 from dinov3_geo.tasks.features import write_patch_features
