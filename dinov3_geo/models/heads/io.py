@@ -111,7 +111,7 @@ def save_head(path: PathLike, head: nn.Module, meta: dict, overwrite: bool = Fal
     atomically; a head with NaN or infinite weights is refused and nothing is written."""
     from safetensors.torch import save_file
 
-    from ...io.sinks import atomic_output
+    from ...io.atomic import atomic_output
 
     meta = {"format": FORMAT, "version": VERSION, **meta}
     if isinstance(head, DPTSegHead):
