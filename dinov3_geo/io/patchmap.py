@@ -26,6 +26,7 @@ from rasterio.windows import Window
 from dinov3_geo.errors import InputError, OutputError, UsageError
 from dinov3_geo.io.atomic import check_output
 from dinov3_geo.io.features import PATCH, cell_valid
+from dinov3_geo.io.shards import make_stitcher
 
 #: Cell rows per Zarr chunk (all bands and columns of those rows in one chunk).
 ZARR_CHUNK_ROWS = 64
@@ -147,8 +148,6 @@ class PatchStitcher:
     """
 
     def __init__(self, sink, plan, channels: int):
-        from dinov3_geo.io.shards import make_stitcher
-
         self.plan = CellPlan(plan)
         self.blender = make_stitcher(sink, self.plan, channels)     # many channels: over several threads
 
