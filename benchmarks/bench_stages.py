@@ -41,8 +41,8 @@ import torch
 
 import bench_pipeline as bp
 from dinov3_geo.hostmem import keep_freed_memory
+from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan, pad_to_tile
 

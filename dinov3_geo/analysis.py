@@ -34,11 +34,12 @@ from rasterio.windows import Window
 
 from dinov3_geo import options as opts
 from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, WeightsError
+from dinov3_geo.io.atomic import check_output
+from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.features import CHIP_FORMATS, PATCH
 from dinov3_geo.io.georef import vector_transform
 from dinov3_geo.io.patchmap import ZARR_CHUNK_ROWS, CellGrid, check_patch_overlap
 from dinov3_geo.io.readers import scene_reader
-from dinov3_geo.io.sinks import COGSink, check_output
 from dinov3_geo.io.stac import describe_output
 from dinov3_geo.io.vector import polygonize_classes
 from dinov3_geo.models import registry

@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Union
 
 from .engine import RunStats
 from .errors import DinoGeoWarning, UsageError
+from .io.atomic import check_output
 from .io.readers import scene_reader
 from .io.scene import MAX_UPSAMPLE
-from .io.sinks import check_output
 from .io.stac import describe_output
 from .options import ReadOptions, RunSettings, Tiling, check_threshold
 from .pipeline import DENSE_DTYPES, summary_lines

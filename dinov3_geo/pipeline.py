@@ -21,7 +21,8 @@ from .engine import Engine, RunSettings, RunStats, engine_for, run_chips
 from .errors import UsageError
 from .io.readers import scene_reader
 from .io.scene import Scene
-from .io.sinks import COGSink, check_output
+from .io.atomic import check_output
+from .io.cog import COGSink
 from .io.shards import make_stitcher
 from .io.stac import describe_output
 from .io.stitch import CLASS_NODATA

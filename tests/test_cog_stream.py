@@ -8,8 +8,8 @@ from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
 from conftest import stream
+from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.sinks import COGSink
 
 RGB = "rasterio_RGB.byte.tif"           # 791 x 718: odd sides
 SALT = "landsat7_saltlake_truecolor_utm12n.tif"
@@ -246,7 +246,7 @@ def test_half_floats_are_cut_as_gdal_stores_them(tmp_path):
     tifffile) on float32 patterns across every exponent: normal, subnormal, beyond range, NaN."""
     import tifffile
 
-    from dinov3_geo.io.cog import truncated_half
+    from dinov3_geo.io.cog.encoder import truncated_half
 
     rng = np.random.default_rng(0)
     bits = np.concatenate([np.arange(0, 2 ** 32, 8191, dtype=np.uint64).astype(np.uint32),

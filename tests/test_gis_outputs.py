@@ -25,9 +25,9 @@ from rasterio.windows import Window
 import dinov3_geo
 from dinov3_geo import analysis
 from dinov3_geo.errors import UsageError
+from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.features import read_chip_embeddings
 from dinov3_geo.io.patchmap import open_features
-from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.stac import item_path
 from dinov3_geo.io.styles import layer_styles, qml_path

@@ -32,7 +32,7 @@ from dinov3_geo.batch import resume
 from dinov3_geo.io import stac
 from dinov3_geo.io.georef import is_pixel_grid
 from dinov3_geo.io.gpkg import write_gpkg_layer
-from dinov3_geo.io.sinks import atomic_output
+from dinov3_geo.io.atomic import atomic_output
 from dinov3_geo.io.stac import COLLECTION_NAME, ITEM_SUFFIX
 from dinov3_geo.io.styles import copy_layer_style, is_ours, write_raster_style
 

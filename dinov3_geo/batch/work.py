@@ -30,7 +30,8 @@ from dinov3_geo.engine import keep_engine, run_chips
 from dinov3_geo.errors import DinoGeoError, DinoGeoWarning, short_message
 from dinov3_geo.io.georef import georeference_profile
 from dinov3_geo.io.readers import scene_reader
-from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
+from dinov3_geo.io.atomic import atomic_output
+from dinov3_geo.io.cog import BLOCK, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import DenseOutput, output_channels
@@ -301,7 +302,7 @@ def remove_band_files(output: Path) -> None:
             p.unlink()
 
 
-#: Hidden temporaries beside a target: ``.NAME.<tag>-XXXX`` (io.sinks.temp_path), ``.NAME.band-...``.
+#: Hidden temporaries beside a target: ``.NAME.<tag>-XXXX`` (io.atomic.temp_path), ``.NAME.band-...``.
 _TEMPORARY = re.compile(r"^\.(?P<target>.+?)\.(?:partial\d*|cog|ovr|vrt|probe|band|empty\d*|features)(?:-.*)?$")
 
 

@@ -32,9 +32,9 @@ from dinov3_geo.explorer.similarity import (
     similarity_page,
 )
 from dinov3_geo.explorer.vectors import vector_layers
+from dinov3_geo.io.atomic import atomic_output, check_output
 from dinov3_geo.io.patchmap import CellGrid
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.sinks import atomic_output, check_output
 
 PathLike = Union[str, os.PathLike]
 #: Longest side of the rasters the page holds, in pixels: about what a screen shows at once.

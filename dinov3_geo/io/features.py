@@ -28,9 +28,9 @@ from affine import Affine
 from rasterio.windows import Window
 
 from dinov3_geo.errors import InputError, OutputError
+from dinov3_geo.io.atomic import atomic_output
 from dinov3_geo.io.georef import vector_transform
 from dinov3_geo.io.gpkg import GPKG_VERSION
-from dinov3_geo.io.sinks import atomic_output
 
 PATCH = 16
 #: Key of the GeoDataFrame attributes (``gdf.attrs``) that describe how the embeddings were made

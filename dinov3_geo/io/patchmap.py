@@ -8,7 +8,7 @@ multiple of 16; then every chip offset is a multiple of 16. :class:`PatchStitche
 ``[D, t, t]`` tokens into a cell window, blends overlapping chips with the dense outputs' cosine
 weights averaged over each cell, and streams finished cell rows to a sink: :class:`ZarrFeatureSink`
 (xarray/rioxarray conventions: ``features(band, y, x)``, ``spatial_ref`` with CRS and transform),
-or a COG through :class:`~dinov3_geo.io.sinks.COGSink` on a :class:`CellGrid`.
+or a COG through :class:`~dinov3_geo.io.cog.COGSink` on a :class:`CellGrid`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from affine import Affine
 from rasterio.windows import Window
 
 from dinov3_geo.errors import InputError, OutputError, UsageError
+from dinov3_geo.io.atomic import check_output
 from dinov3_geo.io.features import PATCH, cell_valid
-from dinov3_geo.io.sinks import check_output
+from dinov3_geo.io.shards import make_stitcher
 
 #: Cell rows per Zarr chunk (all bands and columns of those rows in one chunk).
 ZARR_CHUNK_ROWS = 64
@@ -40,7 +41,7 @@ def cells(pixels: int) -> int:
 
 @dataclass(frozen=True)
 class CellGrid:
-    """The grid of 16-px cells of a scene: what a :class:`~dinov3_geo.io.sinks.COGSink` needs."""
+    """The grid of 16-px cells of a scene: what a :class:`~dinov3_geo.io.cog.COGSink` needs."""
 
     crs: Any
     transform: Affine
@@ -147,8 +148,6 @@ class PatchStitcher:
     """
 
     def __init__(self, sink, plan, channels: int):
-        from dinov3_geo.io.shards import make_stitcher
-
         self.plan = CellPlan(plan)
         self.blender = make_stitcher(sink, self.plan, channels)     # many channels: over several threads
 

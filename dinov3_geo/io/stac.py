@@ -30,10 +30,10 @@ from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
+from dinov3_geo.io.atomic import atomic_output
 from dinov3_geo.io.georef import is_pixel_grid
 from dinov3_geo.io.patchmap import open_features
 from dinov3_geo.io.scene import pixel_size_m
-from dinov3_geo.io.sinks import atomic_output
 from dinov3_geo.io.styles import (
     STYLES_TABLE,
     hex_colour,

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import rasterio
 
+from dinov3_geo.io.atomic import atomic_output
 from dinov3_geo.io.gpkg import write_gpkg_layer
-from dinov3_geo.io.sinks import atomic_output
 
 QGIS_VERSION = "3.22.16-Białowieża"
 #: Marks the files written here: a QML without it is the user's own and is never replaced.

@@ -28,9 +28,10 @@ from scipy import ndimage
 
 from dinov3_geo.errors import InputError, short_message
 from dinov3_geo.io import styles
+from dinov3_geo.io.atomic import atomic_output
+from dinov3_geo.io.cog import bounded_gdal_cache
 from dinov3_geo.io.georef import area_column, vector_transform
 from dinov3_geo.io.gpkg import write_gpkg_layer
-from dinov3_geo.io.sinks import atomic_output, bounded_gdal_cache
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 

@@ -15,9 +15,9 @@ import torch
 from rasterio.windows import Window, bounds
 
 from ..io import styles
+from ..io.atomic import atomic_output
 from ..io.georef import vector_transform
 from ..io.gpkg import write_gpkg_layer
-from ..io.sinks import atomic_output
 from ..pipeline import run_chips
 from .segment_head import HeadTaskModel
 

@@ -27,7 +27,7 @@ from dinov3_geo.io.patchmap import (
     ZarrFeatureSink,
     open_features,
 )
-from dinov3_geo.io.sinks import COGSink
+from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import run_chips
 

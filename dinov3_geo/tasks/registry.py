@@ -25,9 +25,9 @@ import torch
 from dinov3_geo import options as opts
 from dinov3_geo.engine import RunSettings
 from dinov3_geo.errors import UsageError, WeightsError, WeightsNotFoundError
+from dinov3_geo.io.atomic import outputs_together
 from dinov3_geo.io.patchmap import check_patch_overlap
 from dinov3_geo.io.scene import MAX_UPSAMPLE
-from dinov3_geo.io.sinks import outputs_together
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
 from dinov3_geo.models.backbone import Backbone

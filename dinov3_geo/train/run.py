@@ -15,7 +15,7 @@ import torch
 
 from ..engine import resolve_device
 from ..errors import UsageError
-from ..io.sinks import check_output
+from ..io.atomic import check_output
 from ..models.backbone import Backbone
 from ..models.heads.io import default_colors, save_head
 from . import datasets as ds_mod

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import WeightsError, short_message
+from ...io.atomic import atomic_output
 from .dpt import DPTHeadConfig
 from .linear import DPTSegHead, LinearProbe, LinearSegHead
 from .meta import FORMAT, META_KEY, VERSION, HeadMeta, read_head_meta
@@ -110,8 +111,6 @@ def save_head(path: PathLike, head: nn.Module, meta: dict, overwrite: bool = Fal
     """Write ``head``'s tensors and ``meta`` (with their checksum) as one safetensors file,
     atomically; a head with NaN or infinite weights is refused and nothing is written."""
     from safetensors.torch import save_file
-
-    from ...io.sinks import atomic_output
 
     meta = {"format": FORMAT, "version": VERSION, **meta}
     if isinstance(head, DPTSegHead):

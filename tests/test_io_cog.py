@@ -1,4 +1,4 @@
-"""COG sink: layout, georeference, dtypes, resampling back, atomicity and early checks."""
+"""COG sink: layout, georeference, dtypes, resampling back, atomicity, early checks, overviews."""
 import contextlib
 import os
 import resource
@@ -11,7 +11,8 @@ import rasterio
 from conftest import stream
 from dinov3_geo.errors import OutputError
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.sinks import COGSink, atomic_output
+from dinov3_geo.io.cog import (STREAM_MAX_BANDS, TEMP_RAW_MAX_BYTES, COGSink, average_down, overview_count,
+                               temp_creation_options)
 
 RGB = "rasterio_RGB.byte.tif"
 SALT = "landsat7_saltlake_truecolor_utm12n.tif"
@@ -159,17 +160,24 @@ def test_overwrite_replaces(sample, tmp_path):
     assert leftovers(tmp_path, {"out.tif"}) == []
 
 
-def test_atomic_output_helper(tmp_path):
-    target = tmp_path / "a.txt"
-    with atomic_output(target) as tmp:
-        tmp.write_text("done")
-        assert not target.exists()
-    assert target.read_text() == "done"
-    with pytest.raises(ValueError):
-        with atomic_output(target, overwrite=True) as tmp:
-            tmp.write_text("half")
-            raise ValueError
-    assert target.read_text() == "done" and leftovers(tmp_path, {"a.txt"}) == []
+def test_one_write_path_chosen_with_its_reason(sample, tmp_path):
+    """What the streamed encoder writes it writes; everything else goes through GDAL's COG copy,
+    and the sink says which and why."""
+    with open_scene(sample(RGB)) as scene, open_scene(sample(RGB), gsd=450) as coarse:
+        cases = [(scene, {}, "streamed", "float32"),
+                 (scene, dict(count=STREAM_MAX_BANDS + 1), "gdal_copy", "bands"),
+                 (scene, dict(dtype="int16", nodata=-1), "gdal_copy", "int16"),
+                 (scene, dict(stream_blocks=False), "gdal_copy", "stream_blocks"),
+                 (coarse, {}, "gdal_copy", "resampled")]
+        for grid, options, name, why in cases:
+            sink = COGSink(tmp_path / "out.tif", grid, **options)
+            sink.open()
+            try:
+                assert (sink.write_path.name, sink.streams_blocks) == (name, name == "streamed")
+                assert why in sink.write_path.reason, sink.write_path
+            finally:
+                sink.abort()
+    assert leftovers(tmp_path, set()) == []
 
 
 def test_streamed_overviews_match_gdal_average_and_values_exact(sample, tmp_path, memory_sink):
@@ -214,8 +222,6 @@ def test_streamed_overviews_match_gdal_average_and_values_exact(sample, tmp_path
 
 
 def test_average_down_nan_aware_odd_edges():
-    from dinov3_geo.io.sinks import average_down, overview_count
-
     x = np.array([[1, 3, 5], [np.nan, 2, np.nan], [4, np.nan, np.nan]], np.float32)
     got = average_down(x[None])[0]
     np.testing.assert_allclose(got, [[2.0, 5.0], [4.0, np.nan]])
@@ -224,18 +230,20 @@ def test_average_down_nan_aware_odd_edges():
     assert overview_count(1025, 1025) == 1  # GDAL: floor(size / 2**k), 1025 -> 512
 
 
-def test_compressed_temp_when_large(sample, tmp_path, monkeypatch):
-    """Past TEMP_RAW_MAX_BYTES the partial file is ZSTD/DEFLATE-compressed; the result is the same COG."""
-    import dinov3_geo.io.sinks as sinks
-
-    monkeypatch.setattr(sinks, "TEMP_RAW_MAX_BYTES", 0)
-    out = tmp_path / "heights.tif"
+def test_temp_past_its_raw_limit_is_compressed_and_the_cog_the_same(sample, tmp_path):
+    """Past ``temp_raw_max_bytes`` GDAL's COG copy compresses its temporary GeoTIFF (ZSTD or
+    DEFLATE, level 1); the result is the same COG, byte for byte."""
     with open_scene(sample(RGB)) as scene:
-        assert not sinks._temp_raw_ok(tmp_path, scene.height, scene.width, 1, 4)
-        with COGSink(out, scene, zstd_level=9, stream_blocks=False) as sink:
-            stream(scene, sink, mean_model, 1, 512, 64)
-    assert_cog(out, sample(RGB), "float32", nodata_nan=True)
-    assert leftovers(tmp_path, {"heights.tif"}) == []
+        size = (tmp_path, scene.height, scene.width, 1, "float32")
+        assert temp_creation_options(*size) == {}
+        assert temp_creation_options(*size, raw_max_bytes=0)["compress"] in ("ZSTD", "DEFLATE")
+        for name, limit in (("raw.tif", TEMP_RAW_MAX_BYTES), ("compressed.tif", 0)):
+            with COGSink(tmp_path / name, scene, zstd_level=9, stream_blocks=False,
+                         temp_raw_max_bytes=limit) as sink:
+                stream(scene, sink, mean_model, 1, 512, 64)
+    assert_cog(tmp_path / "compressed.tif", sample(RGB), "float32", nodata_nan=True)
+    assert (tmp_path / "compressed.tif").read_bytes() == (tmp_path / "raw.tif").read_bytes()
+    assert leftovers(tmp_path, {"raw.tif", "compressed.tif"}) == []
 
 
 @contextlib.contextmanager
@@ -273,8 +281,6 @@ def test_failed_write_fails_the_run_and_cleans_up(sample, tmp_path, limit_mb):
 def test_average_down_same_bits_at_any_nan_share(nan_share, shape, nodata_area):
     """Few NaN cells (redone alone), cells all NaN (a nodata area: kept as summed), or many mixed
     cells (every cell masked): the bits of the masked definition."""
-    from dinov3_geo.io.sinks import average_down
-
     rng = np.random.default_rng(len(shape) + shape[-1])
     x = (rng.normal(size=shape) * 100).astype(np.float32)
     x[rng.random(shape) < nan_share] = np.nan

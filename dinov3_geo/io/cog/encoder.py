@@ -1,4 +1,5 @@
-"""A Cloud-Optimised GeoTIFF whose blocks are encoded while the result streams in.
+"""The block encoder of the streamed write path (:mod:`dinov3_geo.io.cog.streamed`): a Cloud-Optimised
+GeoTIFF whose blocks are encoded while the result streams in.
 
 GDAL's COG driver only copies a finished raster: after the last chip it reads the whole result back
 and compresses every block again, which was the largest host cost per chip at GPU speeds. Here each
