@@ -585,6 +585,9 @@ def main(argv=None) -> dict:
     import torch
 
     from dinov3_geo import RunSettings
+    from dinov3_geo.hostmem import keep_freed_memory
+
+    keep_freed_memory()     # as the dinov3geo command does; library runs leave the allocator alone
 
     t_start = time.perf_counter()
     if a.threads:

@@ -33,6 +33,7 @@ from rasterio.transform import array_bounds
 from rasterio.windows import Window
 
 from dinov3_geo import options as opts
+from dinov3_geo.engine import StopToken
 from dinov3_geo.errors import DinoGeoWarning, InputError, UsageError, WeightsError
 from dinov3_geo.io.features import CHIP_FORMATS, PATCH
 from dinov3_geo.io.georef import vector_transform
@@ -115,7 +116,7 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
           batch_size: int = 8, device: str = "auto", precision: str = "auto", settings=None,
           bands: Optional[Sequence[int]] = None, scale=None, nodata: Optional[float] = None,
           reading: Optional[opts.ReadOptions] = None, overwrite: bool = False, progress: Optional[bool] = None,
-          verify: bool = True) -> AnalysisResult:
+          verify: bool = True, stop: Optional[StopToken] = None) -> AnalysisResult:
     """Embeddings of ``scene`` with ``backbone`` (a Backbone, a path or a registry name; default
     ``dinov3-vitl16-sat493m``).
 
@@ -125,6 +126,8 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
     patch-token map at 16-px cells, blended across chips, as a Zarr store (``.zarr``) or a float32
     COG (``.tif``) on the scene's CRS with the transform scaled by 16; ``pca=K`` keeps K principal
     components (fitted on the scene's cells). The store records the backbone id and ``pca``.
+    ``stop``: a :class:`~dinov3_geo.engine.StopToken`; once requested, the run raises its
+    exception before the next chip and leaves no file (as in every function here).
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -139,8 +142,8 @@ def embed(scene, output: PathLike, *, backbone=None, patch: bool = False, pca: O
         if pca is not None:
             _check_enough_cells(reader, pca, "pca")
         model = request.load_model()
-        written = request.task.write(request, reader, model, output, Job(pca=pca, overwrite=overwrite,
-                                                                        progress=progress))
+        job = Job(pca=pca, overwrite=overwrite, progress=progress, stop=stop)
+        written = request.task.write(request, reader, model, output, job)
     return _result(output, _model_id(model), t0, [written.stats], _scene_path(scene),
                    warnings=list(reader.warnings))
 
@@ -149,7 +152,8 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[i
               overlap: Optional[int] = None, tiling: Optional[opts.Tiling] = None, batch_size: int = 8,
               device: str = "auto", precision: str = "auto", settings=None, bands: Optional[Sequence[int]] = None,
               scale=None, nodata: Optional[float] = None, reading: Optional[opts.ReadOptions] = None,
-              overwrite: bool = False, progress: Optional[bool] = None) -> AnalysisResult:
+              overwrite: bool = False, progress: Optional[bool] = None,
+              stop: Optional[StopToken] = None) -> AnalysisResult:
     """Any per-patch model (normalised ``[B,3,T,T]`` -> ``[B, channels, T/16, T/16]``) over
     ``scene``, stitched seam-free at 16-px cells into a Zarr store or COG (as ``embed(patch=True)``
     does with the backbone's patch tokens). Cell ``(i, j)`` covers pixels ``16i..16i+15`` by
@@ -166,7 +170,7 @@ def patch_map(scene, output: PathLike, model, *, channels: int, tile: Optional[i
     with scene_reader(scene, read) as reader:
         attrs = dict(backbone=f"model:{type(model).__name__}", tile=chips.tile, overlap=chips.overlap, patch_size=PATCH)
         with feature_store(output, CellGrid.of(reader), channels, attrs, overwrite, _scene_path(reader)) as sink:
-            stats = patch_features(reader, sink, model, chips, run, progress, channels)
+            stats = patch_features(reader, sink, model, chips, run, progress, channels, stop=stop)
     return _result(output, "none", t0, [stats], _scene_path(scene))
 
 
@@ -197,7 +201,8 @@ def _check_enough_cells(reader, needed: int, name: str) -> None:
 
 # -- features from a run or a store -------------------------------------------------------------
 @contextlib.contextmanager
-def _cell_features(request: Optional[Request], store, reader, near: Path, progress) -> Iterator[tuple]:
+def _cell_features(request: Optional[Request], store, reader, near: Path, progress,
+                   stop: Optional[StopToken] = None) -> Iterator[tuple]:
     """``(features DataArray, backbone id, stats)`` of the scene: read from the opened ``store``
     (checked to lie on the scene's cell grid) or computed into a scratch store."""
     if store is not None:
@@ -205,7 +210,7 @@ def _cell_features(request: Optional[Request], store, reader, near: Path, progre
         yield store.feats, store.backbone, ()
         return
     model = request.load_model()
-    with scratch_features(reader, model, request.tiling, request.settings, near, progress) as (feats, stats):
+    with scratch_features(reader, model, request.tiling, request.settings, near, progress, stop) as (feats, stats):
         yield feats, _model_id(model), (stats,)
 
 
@@ -296,7 +301,7 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
             overlap: Optional[int] = None, tiling: Optional[opts.Tiling] = None, batch_size: int = 8,
             device: str = "auto", precision: str = "auto", settings=None, bands=None, scale=None,
             nodata: Optional[float] = None, reading: Optional[opts.ReadOptions] = None, overwrite: bool = False,
-            progress: Optional[bool] = None, verify: bool = True) -> AnalysisResult:
+            progress: Optional[bool] = None, verify: bool = True, stop: Optional[StopToken] = None) -> AnalysisResult:
     """Cosine similarity (-1..1, float32 COG, NaN nodata) of every 16-px cell of ``scene`` to the
     mean feature of a reference: the cell under the point ``at=(x, y)`` (scene CRS), or the cells
     covered by the polygons of the vector file ``like`` (reprojected to the scene's CRS). Written on
@@ -315,7 +320,8 @@ def similar(scene, output: PathLike, *, at: Optional[tuple[float, float]] = None
     check_output(output, overwrite, inputs=[_scene_path(scene), like, features])
     with scene_reader(scene, request.reading) as reader:
         cellmask = _point_cells(reader, at) if at is not None else _polygon_cells(reader, like)
-        with _cell_features(None if store else request, store, reader, output, progress) as (feats, made_by, stats):
+        with _cell_features(None if store else request, store, reader, output, progress,
+                            stop) as (feats, made_by, stats):
             reference = _mean_feature(feats, cellmask, at if at is not None else like, store)
             ref = _unit(reference[:, None])[:, 0]
             blocks = ((r0, np.einsum("d,dhw->hw", ref, _unit(block)))
@@ -420,7 +426,8 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
             overlap: Optional[int] = None, tiling: Optional[opts.Tiling] = None, batch_size: int = 8,
             device: str = "auto", precision: str = "auto", settings=None, bands=None, scale=None,
             nodata: Optional[float] = None, reading: Optional[opts.ReadOptions] = None, seed: int = 0,
-            overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True) -> AnalysisResult:
+            overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True,
+            stop: Optional[StopToken] = None) -> AnalysisResult:
     """k-means land units: scikit-learn's MiniBatchKMeans (``k`` clusters, ``seed``) over the unit
     patch features of every 16-px cell, as a uint8 COG on the scene's grid (0..k-1, 255 nodata, a
     colour table); with ``vector``, the units as polygons (layer ``clusters``: ``class``,
@@ -440,7 +447,8 @@ def cluster(scene, output: PathLike, *, k: int = 8, vector: Optional[PathLike] =
     units = [f"unit {i}" for i in range(k)]        # the class names in the COG and the polygons
     with scene_reader(scene, request.reading) as reader:
         _check_enough_cells(reader, k, "k")
-        with _cell_features(None if store else request, store, reader, output, progress) as (feats, made_by, stats):
+        with _cell_features(None if store else request, store, reader, output, progress,
+                            stop) as (feats, made_by, stats):
             kmeans = _fit_kmeans(feats, k, seed, features)
             blocks = ((r0, _predict_block(kmeans, block)) for r0, block in row_blocks(feats, where=features))
             _write_on_scene(output, reader, blocks, "uint8", CLASS_NODATA, overwrite, "cluster", colormap=_palette(k),
@@ -502,7 +510,7 @@ def change(before, after, output: PathLike, *, backbone=None, tile: Optional[int
            overlap: Optional[int] = None, tiling: Optional[opts.Tiling] = None, batch_size: int = 8,
            device: str = "auto", precision: str = "auto", settings=None, bands=None, scale=None,
            nodata: Optional[float] = None, reading: Optional[opts.ReadOptions] = None, overwrite: bool = False,
-           progress: Optional[bool] = None, verify: bool = True) -> AnalysisResult:
+           progress: Optional[bool] = None, verify: bool = True, stop: Optional[StopToken] = None) -> AnalysisResult:
     """Per-cell cosine distance (0 same .. 2 opposite, float32 COG on ``before``'s grid, NaN
     nodata) between the patch features of two dates. ``after`` is read on ``before``'s grid
     (warped when its grid differs); cells either date does not cover are nodata; dates that do not
@@ -518,8 +526,9 @@ def change(before, after, output: PathLike, *, backbone=None, tile: Optional[int
         _check_overlap(first, after)
         with scene_reader(after, request.reading, grid=first.input_profile) as second:
             model = request.load_model()
-            with scratch_features(first, model, request.tiling, request.settings, output, progress) as (f1, s1), \
-                    scratch_features(second, model, request.tiling, request.settings, output, progress) as (f2, s2):
+            with scratch_features(first, model, request.tiling, request.settings, output, progress, stop) as (f1, s1), \
+                    scratch_features(second, model, request.tiling, request.settings, output, progress,
+                                     stop) as (f2, s2):
                 blocks = ((r0, 1.0 - np.sum(_unit(a) * _unit(b), axis=0))
                           for (r0, a), (_, b) in zip(row_blocks(f1), row_blocks(f2)))
                 _write_on_scene(output, first, blocks, "float32", float("nan"), overwrite, "cosine_distance")
