@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (
     Band,
+    SceneJob,
     band_count,
     check_distinct_outputs,
     check_output_folder,
@@ -31,6 +32,7 @@ from dinov3_geo.batch.progress import JobProgress
 from dinov3_geo.batch.work import (
     BatchJob,
     Runtime,
+    SceneOutcome,
     UnitResult,
     assemble,
     guarded,
@@ -46,30 +48,6 @@ from dinov3_geo.models.demo import is_demo
 from dinov3_geo.options import ReadOptions, RunSettings, Tiling
 from dinov3_geo.pipeline import DENSE_DTYPES
 from dinov3_geo.tasks.registry import ModelSource, get_task, request_for, task_names
-
-
-@dataclass
-class SceneJob:
-    """One scene to run: where its output goes and, when split, its bands."""
-
-    scene: Path
-    output: Path
-    chips: int
-    bands: Optional[list[Band]] = None
-
-
-@dataclass
-class SceneOutcome:
-    """What happened to one scene: ``done``, ``skipped`` (complete already) or ``failed``."""
-
-    scene: str
-    output: str
-    status: str
-    reason: str = ""
-    chips: int = 0
-    seconds: float = 0.0
-    bands: int = 1
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from dinov3_geo.io.readers import scene_reader
 from dinov3_geo.io.sinks import BLOCK, atomic_output, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
 from dinov3_geo.pipeline import DenseOutput, output_channels
 from dinov3_geo.tasks import describe
 from dinov3_geo.tasks.registry import Job, Request
@@ -66,6 +67,20 @@ class BatchJob:
         kind = self.request.task.output
         return DenseOutput(kind, "uint8" if kind == "classes" else self.dtype, channels_info.band_names,
                            channels_info.class_names, channels_info.colormap)
+
+
+@dataclass
+class SceneOutcome:
+    """What happened to one scene: ``done``, ``skipped`` (complete already) or ``failed``."""
+
+    scene: str
+    output: str
+    status: str
+    reason: str = ""
+    chips: int = 0
+    seconds: float = 0.0
+    bands: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,8 +203,6 @@ def write_polygons(output: Path, job: BatchJob, class_names) -> None:
     (canopy above the threshold, or one polygon per region of equal class)."""
     if not job.vector:
         return
-    from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
-
     layer = job.request.task.batch.layer
     if job.request.task.output == "classes":
         polygonize_classes(output, vector_path(output), class_names, layer=layer, overwrite=True)
