@@ -33,7 +33,7 @@ _EXPORTS = {
     "load_backbone": "dinov3_geo.models.load",
     "save_backbone": "dinov3_geo.models.backbone",
     "Backbone": "dinov3_geo.models.backbone",
-    "resolve_weights": "dinov3_geo.models.weights",
+    "resolve_weights": "dinov3_geo.models.locate",
     "segment": "dinov3_geo.api",
     "run_batch": "dinov3_geo.batch",
     "BatchResult": "dinov3_geo.batch",

@@ -21,7 +21,7 @@ from dinov3_geo.io.features import PATCH
 from dinov3_geo.io.patchmap import CellGrid
 from dinov3_geo.io.sinks import COGSink
 from dinov3_geo.models import registry
-from dinov3_geo.models.weights import resolve_weights
+from dinov3_geo.models.locate import resolve_weights
 from dinov3_geo.tasks.features import open_store, scratch_features
 from dinov3_geo.tasks.registry import ModelSource, Request, request_for
 

@@ -44,7 +44,7 @@ from dinov3_geo.models.heads.io import load_head
 from dinov3_geo.models.heads.meta import HeadMeta, read_head_meta
 from dinov3_geo.models.load import load_backbone
 from dinov3_geo.models.registry import CHMV2_TRAINING_GSD
-from dinov3_geo.models.weights import resolve_weights, verify_official_hash
+from dinov3_geo.models.locate import resolve_weights, verify_official_hash
 from dinov3_geo.options import ReadOptions, Tiling
 from dinov3_geo.pipeline import DenseOutput, write_dense
 from dinov3_geo.tasks import OUTPUTS, describe
