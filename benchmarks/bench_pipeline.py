@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-# As the dinov3geo command does (dinov3_geo/cli.py): idle OpenMP threads sleep instead of spinning,
+# As the dinov3geo command does (dinov3_geo/cli/__init__.py): idle OpenMP threads sleep instead of spinning,
 # so the reader, writer and GDAL threads get the cores. Must precede the first torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
