@@ -158,7 +158,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    from dinov3_geo.hostmem import usable_cores
+    from dinov3_geo.hostmem import keep_freed_memory, usable_cores
+
+    keep_freed_memory()     # as the dinov3geo command does (and so for its Dask workers); library runs do not
 
     t0 = time.perf_counter()
     result: dict = {"mode": a.mode, "machine": f"{os.cpu_count()} cores, {platform.machine()}",

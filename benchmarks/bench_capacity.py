@@ -26,6 +26,9 @@ def main() -> None:
     import dinov3_geo
     import torch
     from dinov3_geo import predict
+    from dinov3_geo.hostmem import keep_freed_memory
+
+    keep_freed_memory()     # as the dinov3geo command does; library runs leave the allocator alone
 
     class PassThrough(torch.nn.Module):
         """The first channel (or K scores of it, the argmax its level) of the 0..1 chip."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import rasterio
 
 import dinov3_geo
+from dinov3_geo.hostmem import keep_freed_memory
 from dinov3_geo.testing.tiled_scene import tiled_vrt
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--chromium", default=os.environ.get("DINOV3GEO_CHROMIUM") or shutil.which("chromium"))
     parser.add_argument("--screenshot", type=Path, help="save a screenshot of the sample's page here (PNG)")
     args = parser.parse_args()
+    keep_freed_memory()     # as the dinov3geo command does; library runs leave the allocator alone
     warnings.simplefilter("ignore")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

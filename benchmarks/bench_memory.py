@@ -26,6 +26,7 @@ import torch
 from rasterio.windows import Window
 
 from dinov3_geo import predict
+from dinov3_geo.hostmem import keep_freed_memory
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data_samples" / "landsat7_saltlake_truecolor_utm12n.tif"
 BLOCK = 512
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args()
+    keep_freed_memory()     # as the dinov3geo command does; library runs leave the allocator alone
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_memory_"))
     work.mkdir(parents=True, exist_ok=True)
     height = a.height or a.size

@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-# As the dinov3geo command does (dinov3_geo/cli.py): idle OpenMP threads sleep instead of spinning,
+# As the dinov3geo command does (dinov3_geo/cli/__init__.py): idle OpenMP threads sleep instead of spinning,
 # so the reader, writer and GDAL threads get the cores. Must precede the first torch import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -585,6 +585,9 @@ def main(argv=None) -> dict:
     import torch
 
     from dinov3_geo import RunSettings
+    from dinov3_geo.hostmem import keep_freed_memory
+
+    keep_freed_memory()     # as the dinov3geo command does; library runs leave the allocator alone
 
     t_start = time.perf_counter()
     if a.threads:

@@ -17,7 +17,7 @@ Each stage runs alone, one after the other, on the same chips (the pass-through 
 - ``cog_<how>``: what the sink does after the last row (``finalize``): appending the encoded
   blocks, or GDAL's COG conversion.
 
-The allocator is set as a run sets it (:mod:`dinov3_geo.hostmem`). Prints one JSON object (ms of
+The allocator is set as the ``dinov3geo`` command sets it (:mod:`dinov3_geo.hostmem`). Prints one JSON object (ms of
 CPU per chip per stage, wall seconds, the machine, load average;
 ``total_cpu_ms_per_chip_<how>``: read to COG, without ``read`` and ``mask``, which ``scene_read``
 contains).
@@ -142,7 +142,7 @@ def main() -> None:
             bp.make_scene(bp.DEFAULT_SOURCE, scene, h, w)
         result = {"machine": f"{os.cpu_count()} cores, {platform.machine()}", "scene_px": [h, w], "tile": a.tile,
                   "overlap": a.overlap, "batch": a.batch,
-                  "freed_memory_kept": keep_freed_memory(),     # the allocator as a run sets it
+                  "freed_memory_kept": keep_freed_memory(),     # the allocator as the command sets it
                   "load_average_before": [round(v, 2) for v in os.getloadavg()]}
         result.update(run(scene, work, a.tile, a.overlap, a.batch))
         result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]

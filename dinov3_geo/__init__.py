@@ -7,6 +7,8 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 - ``run_batch(["scenes/*.tif"], "out/", task="canopy", dask="local:2")``: many scenes, resumable, on Dask.
 - ``predict(scene, model, output, ...)``: any dense model over a raster into a COG (the one pipeline).
 - ``ChipPlan``, ``RunSettings``, ``run_chips``: the pipeline's parts, for other consumers of chips.
+- ``StopToken``: created by the caller and passed to a run (``stop=``) to stop it from a signal
+  handler or another thread; the run leaves no partial file.
 - ``embed``, ``similar``, ``cluster``, ``change``, ``patch_map``: land analysis with frozen features
   (:mod:`dinov3_geo.analysis`).
 - ``classify(scene, head, output)``: a trained probe's class per chip into a GeoPackage.
@@ -16,7 +18,9 @@ Public API (imported lazily so ``import dinov3_geo`` stays cheap):
 - ``explore(scene, *outputs)``: the scene and its results as one self-contained interactive web page
   (:mod:`dinov3_geo.explorer`), with similarity search on click.
 - ``da.dinov3`` on xarray DataArrays: ``import dinov3_geo.xarray`` registers it (as ``import
-  rioxarray`` registers ``da.rio``); ``import dinov3_geo`` changes nothing in other libraries.
+  rioxarray`` registers ``da.rio``); ``import dinov3_geo`` changes nothing in other libraries, and
+  no run changes the process (the ``dinov3geo`` command alone tunes the allocator:
+  :func:`dinov3_geo.hostmem.keep_freed_memory`).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ _EXPORTS = {
     "load_backbone": "dinov3_geo.models.load",
     "save_backbone": "dinov3_geo.models.backbone",
     "Backbone": "dinov3_geo.models.backbone",
-    "resolve_weights": "dinov3_geo.models.weights",
+    "resolve_weights": "dinov3_geo.models.locate",
     "segment": "dinov3_geo.api",
     "run_batch": "dinov3_geo.batch",
     "BatchResult": "dinov3_geo.batch",
@@ -38,6 +42,7 @@ _EXPORTS = {
     "ChipPlan": "dinov3_geo.pipeline",
     "RunSettings": "dinov3_geo.options",
     "run_chips": "dinov3_geo.pipeline",
+    "StopToken": "dinov3_geo.engine",
     "TaskModel": "dinov3_geo.task_model",
     "open_scene": "dinov3_geo.io.scene",
     "DinoGeoError": "dinov3_geo.errors",

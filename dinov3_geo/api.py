@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .engine import RunStats
+from .engine import RunStats, StopToken
 from .errors import DinoGeoWarning, UsageError
 from .io.atomic import check_output
 from .io.readers import scene_reader
@@ -62,7 +62,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
             reading: Optional[ReadOptions] = None, device: str = "auto", precision: str = "auto",
             batch_size: int = 8, compile: bool = False, readers: Optional[int] = None,
             settings: Optional[RunSettings] = None, overwrite: bool = False, progress: Optional[bool] = None,
-            verify: bool = True) -> SegmentResult:
+            verify: bool = True, stop: Optional[StopToken] = None) -> SegmentResult:
     """Run a dense task over the raster ``scene`` (a path, a rioxarray DataArray or an open scene)
     and write a Cloud-Optimised GeoTIFF on its grid.
 
@@ -78,7 +78,9 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
     reads bands and scaling as it was trained unless given. A ``gsd`` that upsamples more than ``max_upsample``
     times per axis is refused (``None``: no limit). With ``vector``, earlier outputs are replaced only
     once both new ones are complete. Option values ``tiling``, ``reading`` and ``settings``
-    (:mod:`dinov3_geo.options`) may replace their keywords.
+    (:mod:`dinov3_geo.options`) may replace their keywords. ``stop``: a
+    :class:`~dinov3_geo.engine.StopToken` the caller may request from a signal handler or another
+    thread; the run then raises its exception before the next chip and leaves no file.
     """
     t0 = time.perf_counter()
     if head is not None and task == "canopy":
@@ -106,7 +108,7 @@ def segment(scene, task: str = "canopy", output: Optional[PathLike] = None, *, h
             _warn(note, collected)
         model = request.load_model()
         job = Job(dtype=dtype, vector=Path(vector) if vector is not None else None, min_height=min_height,
-                  overwrite=overwrite, progress=progress)
+                  overwrite=overwrite, progress=progress, stop=stop)
         written = request.task.write(request, sc, model, output, job)
         if written.stats.chips_computed == 0:
             _warn(f"{sc.path}: no valid pixel (all nodata): wrote {output} entirely nodata", collected)
@@ -143,10 +145,12 @@ def classify(scene, head: PathLike, output: PathLike, *, backbone=None, tile: Op
              tiling: Optional[Tiling] = None, bands: Optional[Sequence[int]] = None, scale=None,
              nodata: Optional[float] = None, reading: Optional[ReadOptions] = None, device: str = "auto",
              precision: str = "auto", batch_size: int = 8, settings: Optional[RunSettings] = None,
-             overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True) -> ClassifyResult:
+             overwrite: bool = False, progress: Optional[bool] = None, verify: bool = True,
+             stop: Optional[StopToken] = None) -> ClassifyResult:
     """Classify every chip of ``scene`` with a probe head file (``tile`` px, default the probe's
     chip size, no overlap; border chips shifted inward) into a GeoPackage layer ``chips``: one
-    polygon per chip with ``class``, ``probability`` and every class's ``p_<class>``."""
+    polygon per chip with ``class``, ``probability`` and every class's ``p_<class>``. ``stop``: as
+    :func:`segment` takes it."""
     t0 = time.perf_counter()
     request = request_for("classify", ModelSource(head=head, backbone=backbone, verify=verify),
                           tile=tile, tiling=tiling, bands=bands, scale=scale,
@@ -156,7 +160,8 @@ def classify(scene, head: PathLike, output: PathLike, *, backbone=None, tile: Op
     check_output(output, overwrite, inputs=[_path_of(scene)])
     with scene_reader(scene, request.reading) as sc:
         model = request.load_model()
-        written = request.task.write(request, sc, model, output, Job(overwrite=overwrite, progress=progress))
+        job = Job(overwrite=overwrite, progress=progress, stop=stop)
+        written = request.task.write(request, sc, model, output, job)
         notes = list(sc.warnings)
     describe_output(output, _path_of(scene), model, properties={"task": "classify"})     # STAC Item
     return ClassifyResult(output, written.extra["chips"], written.extra["counts"], written.stats,

@@ -8,17 +8,21 @@ every new mapping: on the 2-core benchmark machine that zeroing was 15-18 % of t
 chip. Raising glibc's mmap threshold to its maximum and its trim threshold to 64 MB lets freed
 memory be reused instead (`benchmarks/RESULTS.md`: ~10 % less CPU per chip, peak memory unchanged).
 
-The thresholds are process-wide and stay set once a run has set them (glibc cannot go back to its
-adaptive thresholds); a process keeps up to ``TRIM_THRESHOLD`` of freed memory per malloc arena.
+The thresholds are process-wide and stay set once set (glibc cannot go back to its adaptive
+thresholds); a process keeps up to ``TRIM_THRESHOLD`` of freed memory per malloc arena. So they are
+the program's choice, not the library's: the ``dinov3geo`` command sets them once at its start, and
+a Python program may call :func:`keep_freed_memory` itself; library runs never do. The processes the
+program starts afterwards (a local Dask cluster's workers) get the same thresholds through glibc's
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``, which it reads at their start.
 ``DINOV3GEO_KEEP_FREED_MEMORY=0`` in the environment leaves the allocator alone. Other C libraries
 (musl, macOS) are left alone too.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +34,28 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 ENV = "DINOV3GEO_KEEP_FREED_MEMORY"
 
+_kept: Optional[bool] = None        # what the first call of keep_freed_memory did in this process
 
-@functools.cache
+
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds once per process (see the module); True when they are set. Does
-    nothing when ``DINOV3GEO_KEEP_FREED_MEMORY`` is ``0`` or the C library is not glibc. (Two
-    threads starting runs at once may both set them: the same values, harmless.)"""
+    """Set glibc's thresholds once per process, and for the processes it starts (see the
+    module); True when they are set. Does nothing when ``DINOV3GEO_KEEP_FREED_MEMORY`` is ``0`` or
+    the C library is not glibc. (Two threads calling it at once may both set them: the same
+    values, harmless.)"""
+    global _kept
+    if _kept is None:
+        _kept = _set_thresholds()
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` set the thresholds in this process (a benchmark's record
+    of the allocator it measured)."""
+    return bool(_kept)
+
+
+def _set_thresholds() -> bool:
+    """glibc's mmap and trim thresholds raised (see the module); False when left alone."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if not _glibc():
@@ -47,6 +67,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     log.debug("glibc malloc thresholds: mmap %d, trim %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD, kept)
+    if kept:        # read by glibc when a child process starts; values the user set stay
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(TRIM_THRESHOLD))
     return kept
 
 

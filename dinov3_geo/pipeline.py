@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import options as opts
-from .engine import Engine, RunSettings, RunStats, engine_for, run_chips
+from .engine import Engine, RunSettings, RunStats, StopToken, engine_for, run_chips
 from .errors import UsageError
 from .io.readers import scene_reader
 from .io.scene import Scene
@@ -140,7 +140,7 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
             std: Optional[Sequence[float]] = None, dtype: str = "float32",
             band_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
             colormap: Optional[dict] = None, overwrite: bool = False, progress: Optional[bool] = None,
-            quantum: float = 0.1) -> PredictResult:
+            quantum: float = 0.1, stop: Optional[StopToken] = None) -> PredictResult:
     """Run any dense ``model`` over the raster ``scene`` and write a COG on its grid.
 
     ``model`` maps a normalised float batch ``[B,3,T,T]`` to ``[B,K,T,T]``. Chips are scaled to 0..1
@@ -156,7 +156,8 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
     (:class:`RunSettings`); each is checked before the scene is read.
     Streaming (memory flat in the scene size), atomic (no file at ``output`` unless it succeeded;
     an existing one is kept unless ``overwrite``); the output has the scene's CRS, transform and
-    size. Returns a :class:`PredictResult`.
+    size. ``stop``: a :class:`~dinov3_geo.engine.StopToken`; once it is requested the run raises
+    its exception before the next chip and leaves no file. Returns a :class:`PredictResult`.
     """
     t0 = time.perf_counter()
     info = describe(model)
@@ -171,7 +172,7 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
         check_output(output, overwrite, inputs=[sc.path])
         plan = ChipPlan.build(sc.height, sc.width, chips.tile, chips.overlap)
         stats, channels = write_dense(sc, model, output, plan, settings, spec, info, overwrite=overwrite,
-                                      progress=progress, mean=mean, std=std)
+                                      progress=progress, mean=mean, std=std, stop=stop)
         notes = list(sc.warnings)
     describe_output(output, getattr(sc, "path", None), model)      # QGIS style, STAC Item
     return PredictResult(output, stats, time.perf_counter() - t0, str(settings.device), settings.precision,
@@ -181,10 +182,11 @@ def predict(scene: Union[PathLike, Scene], model: torch.nn.Module, output: PathL
 def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPlan, settings: RunSettings,
                 spec: DenseOutput, info: Optional[TaskInfo] = None, *, overwrite: bool = False,
                 progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
-                std: Optional[Sequence[float]] = None, engine: Optional[Engine] = None) -> tuple[RunStats, int]:
+                std: Optional[Sequence[float]] = None, engine: Optional[Engine] = None,
+                stop: Optional[StopToken] = None) -> tuple[RunStats, int]:
     """Stream ``model`` over ``plan`` on the open ``scene`` into the COG ``output``, blended as
     ``spec`` says; returns the run's stats and the model's output channel count. ``engine``: one
-    kept for many scenes (see :func:`~dinov3_geo.engine.run_chips`)."""
+    kept for many scenes; ``stop``: a stop token (see :func:`~dinov3_geo.engine.run_chips`)."""
     info = info or describe(model)
     engine = engine_for(model, settings, engine, mean=mean, std=std)
     channels = info.channels or output_channels(model, plan.tile, settings, engine=engine)
@@ -192,7 +194,7 @@ def write_dense(scene: Scene, model: torch.nn.Module, output: Path, plan: ChipPl
         raise UsageError("model", f"{channels} classes do not fit uint8 with nodata {CLASS_NODATA}")
     with spec.cog_sink(output, scene, channels, overwrite=overwrite) as sink:
         stitcher = make_stitcher(spec.encoder(sink), plan, channels, kind=spec.kind)
-        stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, engine=engine)
+        stats = run_chips(scene, model, stitcher, plan, settings, progress=progress, engine=engine, stop=stop)
         last_chip = time.perf_counter()
     stats.finalize_seconds = time.perf_counter() - last_chip
     return stats, channels

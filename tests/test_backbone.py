@@ -17,7 +17,8 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 import dinov3_geo
 from dinov3_geo.errors import InputError, WeightsError, WeightsNotFoundError
 from dinov3_geo.models import registry
-from dinov3_geo.models.weights import hf_to_meta_backbone_state, resolve_weights
+from dinov3_geo.models.locate import resolve_weights
+from dinov3_geo.models.weights import hf_to_meta_backbone_state
 
 TOL = 1e-4
 

@@ -3,6 +3,7 @@ an out-of-memory batch is halved and retried with a note, and the result does no
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -290,3 +291,60 @@ def test_out_of_memory_in_the_warm_up_at_batch_one_is_one_clear_error():
     engine = Engine(_RunsOutOfMemory(limit=0), RunSettings.resolve("cpu", "fp32", batch_size=2))
     with pytest.raises(DeviceError, match="out of GPU memory even at batch size 1"):
         engine.warm_up(64)
+
+
+class _Cancelled(Exception):
+    """What a user interface might stop a run with."""
+
+
+class _StopsPartWay(torch.nn.Module):
+    """The first channel of the chip; requests ``stop`` during its ``at``-th batch (a user pressing
+    Stop while the run goes on)."""
+
+    channels = 1
+
+    def __init__(self, stop, at: int):
+        super().__init__()
+        self.stop, self.at, self.calls = stop, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            self.stop.request(_Cancelled())
+        return x[:, :1].clone()
+
+
+def test_a_requested_stop_token_stops_each_route_with_nothing_written(tmp_path):
+    from dinov3_geo import StopToken, embed, run_batch, segment
+
+    scene = tiled_scene(tmp_path / "scene.tif")
+    stop = StopToken()
+    stop.request()
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = dict(tile=128, overlap=32, device="cpu", progress=False, stop=stop)
+    with pytest.raises(KeyboardInterrupt):
+        segment(scene, "canopy", out / "canopy.tif", weights="demo", **fast)
+    with pytest.raises(KeyboardInterrupt):
+        embed(scene, out / "chips.parquet", backbone="demo", **fast)
+    assert list(out.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([str(scene)], tmp_path / "batch", weights="demo", **fast)
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == ["scene_canopy.tif.json"]
+    assert json.loads((tmp_path / "batch" / "scene_canopy.tif.json").read_text())["state"] == "interrupted"
+
+
+def test_a_stop_requested_part_way_is_taken_at_the_next_chip_and_keeps_the_target(tmp_path):
+    from dinov3_geo import StopToken, predict
+
+    scene = tiled_scene(tmp_path / "scene.tif")
+    target = tmp_path / "out.tif"
+    target.write_bytes(b"an earlier output")
+    stop = StopToken()
+    model = _StopsPartWay(stop, at=2)
+    with pytest.raises(_Cancelled):
+        predict(scene, model, target, tile=64, overlap=16, batch_size=2, device="cpu", overwrite=True,
+                progress=False, stop=stop)
+    assert model.calls == 2         # no batch after the one that asked to stop
+    assert target.read_bytes() == b"an earlier output"
+    assert hidden(tmp_path) == []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dinov3_geo.errors import InputError, UsageError
+from dinov3_geo.errors import InputError, UsageError, short_message
 from dinov3_geo.io.tiling import axis_starts
 from dinov3_geo.tasks.registry import get_task
 
@@ -112,8 +112,6 @@ def read_grid(path: Path) -> Grid:
     import rasterio
     from rasterio.errors import RasterioError
 
-    from dinov3_geo.errors import short_message
-
     if not os.path.exists(path) and "://" not in str(path) and not str(path).startswith("/vsi"):
         raise InputError(path, "no such file")
     try:
@@ -134,6 +132,16 @@ class Band:
     own_stop: int
     read_start: int
     read_stop: int
+
+
+@dataclass
+class SceneJob:
+    """One scene to run: where its output goes and, when split, its bands."""
+
+    scene: Path
+    output: Path
+    chips: int
+    bands: Optional[list[Band]] = None
 
 
 #: Most chips a split scene computes beyond the unsplit run's, as a share of them.

@@ -5,13 +5,10 @@ import math
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-from dinov3_geo.batch.plan import Band
-from dinov3_geo.batch.work import UnitResult, unit_name
-
-if TYPE_CHECKING:
-    from dinov3_geo.batch.runner import SceneJob, SceneOutcome
+from dinov3_geo.batch.plan import Band, SceneJob
+from dinov3_geo.batch.work import SceneOutcome, UnitResult, unit_name
 
 
 class JobProgress:

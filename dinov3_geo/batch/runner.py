@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 from dinov3_geo.batch import cluster, mosaic, resume
 from dinov3_geo.batch.plan import (
     Band,
+    SceneJob,
     band_count,
     check_distinct_outputs,
     check_output_folder,
@@ -31,6 +32,7 @@ from dinov3_geo.batch.progress import JobProgress
 from dinov3_geo.batch.work import (
     BatchJob,
     Runtime,
+    SceneOutcome,
     UnitResult,
     assemble,
     guarded,
@@ -38,7 +40,7 @@ from dinov3_geo.batch.work import (
     remove_temporaries,
     vector_path,
 )
-from dinov3_geo.engine import STOP
+from dinov3_geo.engine import StopToken
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan
@@ -46,30 +48,6 @@ from dinov3_geo.models.demo import is_demo
 from dinov3_geo.options import ReadOptions, RunSettings, Tiling
 from dinov3_geo.pipeline import DENSE_DTYPES
 from dinov3_geo.tasks.registry import ModelSource, get_task, request_for, task_names
-
-
-@dataclass
-class SceneJob:
-    """One scene to run: where its output goes and, when split, its bands."""
-
-    scene: Path
-    output: Path
-    chips: int
-    bands: Optional[list[Band]] = None
-
-
-@dataclass
-class SceneOutcome:
-    """What happened to one scene: ``done``, ``skipped`` (complete already) or ``failed``."""
-
-    scene: str
-    output: str
-    status: str
-    reason: str = ""
-    chips: int = 0
-    seconds: float = 0.0
-    bands: int = 1
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -112,7 +90,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
               precision: str = "auto", compile: bool = False, readers: Optional[int] = None,
               settings: Optional[RunSettings] = None, overwrite: bool = False, verify: bool = True,
               dask: Optional[str] = None, split_above: Optional[int] = None,
-              progress: Optional[bool] = None) -> BatchResult:
+              progress: Optional[bool] = None, stop: Optional[StopToken] = None) -> BatchResult:
     """Run ``task`` over every scene of ``inputs`` (globs, paths, ``@list.txt``) into ``out_dir``.
 
     ``task``: ``canopy`` (CHMv2 ``weights``), ``segment`` (the segmentation ``head`` file on its
@@ -131,7 +109,10 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
     several workers, assembled into one COG equal to the unsplit run (bit for bit at
     ``batch_size=1``; other batch sizes group chips differently, which changes values by float
     rounding only). Each scene's warnings are printed once and kept in the summary. Rerunning skips
-    complete outputs and redoes partial, failed or stale ones.
+    complete outputs and redoes partial, failed or stale ones. ``stop``: a
+    :class:`~dinov3_geo.engine.StopToken` (a signal handler requests it): a batch in this process
+    raises its exception at the next chip or scene, keeps the finished scenes, marks the others
+    interrupted and leaves no partial file.
     """
     t0 = time.perf_counter()
     if head is not None and task == "canopy":
@@ -180,7 +161,7 @@ def run_batch(inputs: Sequence[str], out_dir, *, task: str = "canopy", weights=N
 
         try:
             if client is None or not jobs:
-                _run_in_process(jobs, job, report, done)
+                _run_in_process(jobs, job, report, done, stop)
             else:
                 dashboard = cluster.dashboard_link(client)
                 report.say(f"Dask cluster {client.scheduler.address}"
@@ -320,16 +301,19 @@ def _record(job: SceneJob, res: UnitResult, recipe: dict, outcomes: list[SceneOu
 
 # -- executors ---------------------------------------------------------------------------------
 
-def _run_in_process(jobs: list[SceneJob], job: BatchJob, report: JobProgress, done: Callable) -> None:
-    """Scenes one after the other with one model loaded here (only if some scene needs it)."""
+def _run_in_process(jobs: list[SceneJob], job: BatchJob, report: JobProgress, done: Callable,
+                    stop: Optional[StopToken] = None) -> None:
+    """Scenes one after the other with one model loaded here (only if some scene needs it),
+    stopped at the next chip or scene once ``stop`` is requested."""
     try:
-        runtime = Runtime(job) if jobs else None
+        runtime = Runtime(job, stop=stop) if jobs else None
     except DinoGeoError as exc:           # no model, no scene: each one says why
         for scene_job in jobs:
             done(scene_job, UnitResult(False, str(exc)))
         return
     for scene_job in jobs:
-        STOP.raise_if_requested()         # a stop asked for during the last scene's tail
+        if stop is not None:
+            stop.raise_if_requested()     # a stop asked for during the last scene's tail
         if scene_job.bands is None:
             done(scene_job, guarded(runtime.scene, scene_job.scene, scene_job.output, report.chips))
             continue

@@ -26,7 +26,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from dinov3_geo.batch.plan import Band
-from dinov3_geo.engine import keep_engine, run_chips
+from dinov3_geo.engine import StopToken, keep_engine, run_chips
 from dinov3_geo.errors import DinoGeoError, DinoGeoWarning, short_message
 from dinov3_geo.io.georef import georeference_profile
 from dinov3_geo.io.readers import scene_reader
@@ -34,6 +34,7 @@ from dinov3_geo.io.atomic import atomic_output
 from dinov3_geo.io.cog import BLOCK, bounded_gdal_cache
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
+from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
 from dinov3_geo.pipeline import DenseOutput, output_channels
 from dinov3_geo.task_model import describe
 from dinov3_geo.tasks.registry import Job, Request
@@ -54,10 +55,11 @@ class BatchJob:
     min_height: float = 2.0
     torch_threads: Optional[int] = None
 
-    def job(self, output: Path) -> Job:
-        """The writer's choices for one scene's ``output`` (its polygons beside it)."""
+    def job(self, output: Path, stop: Optional[StopToken] = None) -> Job:
+        """The writer's choices for one scene's ``output`` (its polygons beside it), stopped by
+        ``stop`` when given."""
         return Job(dtype=self.dtype, vector=vector_path(output) if self.vector else None,
-                   min_height=self.min_height, overwrite=True, progress=False)
+                   min_height=self.min_height, overwrite=True, progress=False, stop=stop)
 
     def spec(self, channels_info) -> Optional[DenseOutput]:
         """How a dense task's COG is written (for row bands and their assembly)."""
@@ -66,6 +68,20 @@ class BatchJob:
         kind = self.request.task.output
         return DenseOutput(kind, "uint8" if kind == "classes" else self.dtype, channels_info.band_names,
                            channels_info.class_names, channels_info.colormap)
+
+
+@dataclass
+class SceneOutcome:
+    """What happened to one scene: ``done``, ``skipped`` (complete already) or ``failed``."""
+
+    scene: str
+    output: str
+    status: str
+    reason: str = ""
+    chips: int = 0
+    seconds: float = 0.0
+    bands: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -125,9 +141,10 @@ def scene_warnings(notes: list[str]):
 
 
 class Runtime:
-    """One model loaded for the job's request, reused scene after scene through the task's writer."""
+    """One model loaded for the job's request, reused scene after scene through the task's writer;
+    ``stop``: the job's stop token (in the job's process; a Dask worker has none)."""
 
-    def __init__(self, job: BatchJob, gpu_index: Optional[int] = None):
+    def __init__(self, job: BatchJob, gpu_index: Optional[int] = None, stop: Optional[StopToken] = None):
         import torch
 
         if job.torch_threads:
@@ -136,6 +153,7 @@ class Runtime:
         if settings.device.type == "cuda" and settings.device.index is None and gpu_index is not None:
             settings = replace(settings, device=torch.device("cuda", gpu_index % torch.cuda.device_count()))
         self.job = job
+        self.stop = stop
         self.request = replace(job.request, settings=settings)
         self.model = self.request.load_model()
         self.engine = keep_engine(self.model, settings)     # one move, compile and warm-up for every scene
@@ -148,7 +166,7 @@ class Runtime:
         with scene_warnings(notes), scene_reader(scene, self.request.reading) as sc:
             notes.extend(self.request.task.scene_notes(self.request, sc))
             view = SceneRows(sc, 0, sc.height, _unit_reporter(report, unit_name(output)))
-            written = self.request.task.write(self.request, view, self.model, output, self.job.job(output))
+            written = self.request.task.write(self.request, view, self.model, output, self.job.job(output, self.stop))
         stats = written.stats
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=_unique(notes + list(stats.notes)), precision=self.request.settings.precision)
@@ -166,7 +184,8 @@ class Runtime:
             with BandSink(band_path(output, band), sc, band, spec, channels) as sink:
                 stitcher = StreamingStitcher(_Shifted(spec.encoder(sink), band.read_start), plan, channels,
                                              kind=spec.kind)
-                stats = run_chips(view, self.model, stitcher, plan, self.request.settings, progress=False)
+                stats = run_chips(view, self.model, stitcher, plan, self.request.settings, progress=False,
+                                  stop=self.stop)
         return UnitResult(True, chips_total=stats.chips_total, chips_computed=stats.chips_computed,
                           notes=_unique(notes + list(stats.notes)), spec=spec, channels=channels,
                           precision=self.request.settings.precision)
@@ -185,8 +204,6 @@ def write_polygons(output: Path, job: BatchJob, class_names) -> None:
     (canopy above the threshold, or one polygon per region of equal class)."""
     if not job.vector:
         return
-    from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
-
     layer = job.request.task.batch.layer
     if job.request.task.output == "classes":
         polygonize_classes(output, vector_path(output), class_names, layer=layer, overwrite=True)

@@ -59,9 +59,9 @@ def parameters(parser: Parser) -> set[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; returns the exit code. The warning printer and the signal handlers are set
     for the call and restored after it (after a stop the process is ending: later signals stay
-    ignored). A run keeps the memory it frees (:func:`dinov3_geo.hostmem.keep_freed_memory`: the
-    command's choice, set once per process; ``DINOV3GEO_KEEP_FREED_MEMORY=0`` leaves the allocator
-    alone)."""
+    ignored). The command keeps the memory its run frees (:func:`dinov3_geo.hostmem.keep_freed_memory`:
+    the command's choice, not the library's, set once for this process and the workers it starts;
+    ``DINOV3GEO_KEEP_FREED_MEMORY=0`` leaves the allocator alone)."""
     # Idle OpenMP threads must sleep, not spin: spinning starves the reader, writer and GDAL threads
     # on small CPUs (3-4x the CPU per chip on 2 cores). Takes effect if torch is not yet imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

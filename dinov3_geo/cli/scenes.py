@@ -10,7 +10,7 @@ import traceback
 
 from ..api import classify, segment
 from ..batch import is_batch, run_batch
-from ..engine import STOP
+from ..engine import StopToken
 from ..errors import UsageError
 from .messages import text_in_flags
 from .options import RUN, SCENES_HELP, command
@@ -68,11 +68,12 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def run_as_batch(args: argparse.Namespace, **options) -> int:
     """Many scenes into the folder ``-o``: one library call; in this process the first stop signal
-    is taken at the next chip or scene; exit 1 if any scene failed, 130/143 when stopped."""
+    is requested on the run's stop token and taken at the next chip or scene; exit 1 if any scene
+    failed, 130/143 when stopped."""
     in_process = args.dask is None and not os.environ.get("DASK_SCHEDULER_ADDRESS")
     try:
-        with stop_at_the_next_chip(STOP) if in_process else contextlib.nullcontext():
-            result = run_batch(args.scene, args.output, dask=args.dask, **options)
+        with stop_at_the_next_chip(StopToken()) if in_process else contextlib.nullcontext() as stop:
+            result = run_batch(args.scene, args.output, dask=args.dask, stop=stop, **options)
     except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()

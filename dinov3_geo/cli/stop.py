@@ -3,14 +3,16 @@
 A single run stops where the signal lands (:func:`stop_signals`: the first signal raises
 ``KeyboardInterrupt``, later ones are ignored so that an impatient second Ctrl-C cannot cut the
 clean-up short). A batch in this process opens and closes many GDAL datasets, whose set-up must not
-be cut: there the signal is recorded in the run's stop request and raised by the run at its next
-chip or scene (:func:`stop_at_the_next_chip`).
+be cut: there the signal is recorded in the stop token the command passes to the run, which raises
+it at its next chip or scene (:func:`stop_at_the_next_chip`).
 """
 from __future__ import annotations
 
 import contextlib
 import signal
 from typing import Iterator
+
+from ..engine import StopToken
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,10 +48,10 @@ restore = _restore
 
 
 @contextlib.contextmanager
-def stop_at_the_next_chip(stop) -> Iterator[None]:
-    """Within the block, the first stop signal is recorded in ``stop`` (a run's stop request,
-    raised by the run at its next chip or scene); later ones are ignored; the handlers are put back
-    after."""
+def stop_at_the_next_chip(stop: StopToken) -> Iterator[StopToken]:
+    """Within the block, the first stop signal is requested on ``stop`` (the token given to the
+    run, which raises it at its next chip or scene); later ones are ignored; the handlers are put
+    back after. Yields ``stop``."""
     def record(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
@@ -57,7 +59,6 @@ def stop_at_the_next_chip(stop) -> Iterator[None]:
 
     previous = _route(record)
     try:
-        yield
+        yield stop
     finally:
         _restore(previous)
-        stop.clear()

@@ -23,7 +23,7 @@ from .heads.chmv2 import CHMv2Head, CHMv2Weights, build_chmv2_head, read_chmv2_w
 from .heads.dpt import DPTHeadConfig
 from .load import load_backbone
 from .registry import CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, even_layers
-from .weights import search_dirs
+from .locate import search_dirs
 
 PathLike = Union[str, os.PathLike]
 

@@ -15,7 +15,8 @@ from ..errors import DinoGeoWarning
 from . import registry
 from .backbone import Backbone, build_backbone
 from .builtin import builtin_backbone
-from .weights import read_checkpoint, resolve_weights, verify_official_hash
+from .locate import resolve_weights, verify_official_hash
+from .weights import read_checkpoint
 
 
 def load_backbone(weights: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",

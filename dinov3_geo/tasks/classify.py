@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window, bounds
 
+from ..engine import StopToken
 from ..io import styles
 from ..io.atomic import atomic_output
 from ..io.georef import vector_transform
@@ -73,11 +74,12 @@ def chip_frame(collector: ChipCollector, class_names: Sequence[str], transform, 
 
 
 def write_chips(scene, model: ChipClassifier, output: Path, plan, settings, *, overwrite: bool = False,
-                progress: Optional[bool] = None):
+                progress: Optional[bool] = None, stop: Optional[StopToken] = None):
     """Classify the chips of ``plan`` over the open ``scene`` into the GeoPackage ``output`` (layer
-    ``chips``, written atomically); returns the run's stats and the chips' frame."""
+    ``chips``, written atomically; ``stop``: see :func:`~dinov3_geo.engine.run_chips`); returns the
+    run's stats and the chips' frame."""
     collector = ChipCollector()
-    stats = run_chips(scene, model, collector, plan, settings, progress=progress)
+    stats = run_chips(scene, model, collector, plan, settings, progress=progress, stop=stop)
     frame = chip_frame(collector, model.class_names, vector_transform(scene.crs, scene.transform), scene.crs)
     with atomic_output(output, overwrite, inputs=[scene.path]) as tmp:
         os.unlink(tmp)      # the GPKG driver creates the file itself

@@ -12,9 +12,12 @@ Both normalise with the backbone's own mean and std, so the pipeline needs nothi
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from dinov3_geo.engine import StopToken
 from dinov3_geo.io.features import ChipEmbeddingWriter
 from dinov3_geo.models.backbone import Backbone
 from dinov3_geo.models.identity import backbone_id
@@ -66,9 +69,9 @@ class PatchTokens(_BackboneTask):
 
 
 def write_chip_embeddings(scene, model: ChipTokens, output, plan, settings, *, overwrite: bool = False,
-                          progress=None):
+                          progress=None, stop: Optional[StopToken] = None):
     """One GeoParquet row per non-empty chip of ``plan`` over ``scene`` (CLS and mean patch
     embedding, the footprint), stamped with the backbone and tiling; returns the run's stats."""
     attrs = dict(backbone=model.backbone_id, tile=plan.tile, overlap=plan.overlap)
     writer = ChipEmbeddingWriter(output, scene, plan.windows, model.embed_dim, attrs, overwrite)
-    return run_chips(scene, model, writer, plan, settings, progress=progress)
+    return run_chips(scene, model, writer, plan, settings, progress=progress, stop=stop)

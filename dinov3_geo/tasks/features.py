@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from dinov3_geo.engine import StopToken
 from dinov3_geo.errors import InputError, UsageError
 from dinov3_geo.io.features import PATCH
 from dinov3_geo.io.patchmap import (
@@ -42,13 +43,15 @@ def store_attrs(model, tiling, **extra) -> dict:
     return dict(backbone=model.backbone_id, tile=tiling.tile, overlap=tiling.overlap, patch_size=PATCH, **extra)
 
 
-def patch_features(scene, sink, model, tiling, settings, progress: Optional[bool] = None, channels=None):
+def patch_features(scene, sink, model, tiling, settings, progress: Optional[bool] = None, channels=None,
+                   stop: Optional[StopToken] = None):
     """Per-patch outputs ``[C, t, t]`` of ``model`` (a backbone's patch tokens) over ``scene``,
-    stitched at cell resolution into ``sink``; returns the run's stats."""
+    stitched at cell resolution into ``sink`` (``stop``: see :func:`~dinov3_geo.engine.run_chips`);
+    returns the run's stats."""
     padded = CellPaddedScene(scene)
     plan = ChipPlan.build(padded.height, padded.width, tiling.tile, tiling.overlap)
     stitcher = PatchStitcher(sink, plan, channels or model.embed_dim)
-    return run_chips(padded, model, stitcher, plan, settings, progress=progress)
+    return run_chips(padded, model, stitcher, plan, settings, progress=progress, stop=stop)
 
 
 def feature_store(output: Path, grid: CellGrid, channels: int, attrs: dict, overwrite: bool, source=None,
@@ -63,15 +66,16 @@ def feature_store(output: Path, grid: CellGrid, channels: int, attrs: dict, over
 
 
 def write_patch_features(scene, model, output: Path, tiling, settings, *, pca: Optional[int] = None,
-                         overwrite: bool = False, progress: Optional[bool] = None):
+                         overwrite: bool = False, progress: Optional[bool] = None,
+                         stop: Optional[StopToken] = None):
     """The patch-feature map of ``scene`` into the store ``output`` (reduced to ``pca`` principal
     components, fitted on the scene's cells, when given); returns the run's stats."""
     grid = CellGrid.of(scene)
     if pca is None:
         with feature_store(output, grid, model.embed_dim, store_attrs(model, tiling), overwrite,
                            getattr(scene, "path", None)) as sink:
-            return patch_features(scene, sink, model, tiling, settings, progress)
-    with scratch_features(scene, model, tiling, settings, output, progress) as (feats, stats):
+            return patch_features(scene, sink, model, tiling, settings, progress, stop=stop)
+    with scratch_features(scene, model, tiling, settings, output, progress, stop) as (feats, stats):
         components = fit_pca(feats, int(pca))
         names = [f"pc{i + 1}" for i in range(components.n_components_)]
         attrs = store_attrs(model, tiling, pca=int(components.n_components_))
@@ -82,14 +86,15 @@ def write_patch_features(scene, model, output: Path, tiling, settings, *, pca: O
 
 
 @contextlib.contextmanager
-def scratch_features(scene, model, tiling, settings, near: Path, progress: Optional[bool] = None):
+def scratch_features(scene, model, tiling, settings, near: Path, progress: Optional[bool] = None,
+                     stop: Optional[StopToken] = None):
     """``(features, stats)``: the patch features of ``scene`` in a hidden temporary Zarr store
     beside ``near``, opened lazily, and the run's stats; removed on exit."""
     folder = Path(tempfile.mkdtemp(prefix=f".{near.name}.features-", dir=near.parent))
     try:
         store = folder / "features.zarr"
         with ZarrFeatureSink(store, CellGrid.of(scene), model.embed_dim, store_attrs(model, tiling)) as sink:
-            stats = patch_features(scene, sink, model, tiling, settings, progress)
+            stats = patch_features(scene, sink, model, tiling, settings, progress, stop=stop)
         yield open_features(store), stats
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from dinov3_geo import options as opts
-from dinov3_geo.engine import RunSettings
+from dinov3_geo.engine import RunSettings, StopToken
 from dinov3_geo.errors import UsageError, WeightsError, WeightsNotFoundError
 from dinov3_geo.io.atomic import outputs_together
 from dinov3_geo.io.patchmap import check_patch_overlap
@@ -44,7 +44,7 @@ from dinov3_geo.models.heads.io import load_head
 from dinov3_geo.models.heads.meta import HeadMeta, read_head_meta
 from dinov3_geo.models.load import load_backbone
 from dinov3_geo.models.registry import CHMV2_TRAINING_GSD
-from dinov3_geo.models.weights import resolve_weights, verify_official_hash
+from dinov3_geo.models.locate import resolve_weights, verify_official_hash
 from dinov3_geo.options import ReadOptions, Tiling
 from dinov3_geo.pipeline import DenseOutput, write_dense
 from dinov3_geo.task_model import OUTPUTS, describe
@@ -147,7 +147,8 @@ def _rebuild_request(task: str, *values) -> Request:
 
 @dataclass
 class Job:
-    """Per-run choices of a scene task's writer."""
+    """Per-run choices of a scene task's writer (``stop``: the caller's token, never pickled with
+    the request)."""
 
     dtype: str = "float32"          # continuous outputs: float32, float16 or uint16
     vector: Optional[Path] = None   # polygons of a dense output
@@ -155,6 +156,7 @@ class Job:
     pca: Optional[int] = None       # patch features: principal components kept
     overwrite: bool = False
     progress: Optional[bool] = None
+    stop: Optional[StopToken] = None
 
 
 @dataclass
@@ -397,7 +399,8 @@ def write_dense_task(request: Request, scene, model, output: Path, job: Job) -> 
     plan = ChipPlan.build(scene.height, scene.width, request.tiling.tile, request.tiling.overlap)
     with outputs_together(output, job.vector, job.overwrite) as (raster_out, vector_out):
         stats, _ = write_dense(scene, model, raster_out, plan, request.settings, spec, info,
-                               overwrite=job.overwrite or job.vector is not None, progress=job.progress)
+                               overwrite=job.overwrite or job.vector is not None, progress=job.progress,
+                               stop=job.stop)
         polygons = None
         if vector_out is not None:
             layer = request.task.batch.layer
@@ -410,19 +413,19 @@ def write_dense_task(request: Request, scene, model, output: Path, job: Job) -> 
 
 def _write_chip_classes(request: Request, scene, model, output: Path, job: Job) -> Written:
     stats, frame = write_chips(scene, model, output, _plan(request, scene), request.settings,
-                               overwrite=job.overwrite, progress=job.progress)
+                               overwrite=job.overwrite, progress=job.progress, stop=job.stop)
     counts = {name: int((frame["class"] == name).sum()) for name in model.class_names}
     return Written(stats, extra={"chips": len(frame), "counts": counts})
 
 
 def _write_chip_embeddings(request: Request, scene, model, output: Path, job: Job) -> Written:
     return Written(write_chip_embeddings(scene, model, output, _plan(request, scene), request.settings,
-                                         overwrite=job.overwrite, progress=job.progress))
+                                         overwrite=job.overwrite, progress=job.progress, stop=job.stop))
 
 
 def _write_patch_features(request: Request, scene, model, output: Path, job: Job) -> Written:
     return Written(write_patch_features(scene, model, output, request.tiling, request.settings, pca=job.pca,
-                                        overwrite=job.overwrite, progress=job.progress))
+                                        overwrite=job.overwrite, progress=job.progress, stop=job.stop))
 
 
 def _plan(request: Request, scene):

@@ -18,7 +18,7 @@ import torch
 
 from ..models.backbone import Backbone, normalise_rgb
 from ..models.identity import backbone_identity, weights_fingerprint  # noqa: F401  (one identity, see there)
-from ..models.weights import cache_dir
+from ..models.locate import cache_dir
 
 PathLike = Union[str, os.PathLike]
 KINDS = ("vector", "last", "layers")

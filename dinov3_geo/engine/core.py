@@ -1,20 +1,15 @@
-"""The inference engine: reader threads -> device batches -> model -> writer thread -> consumer.
+"""The engine: reader threads -> device batches -> model -> writer thread -> consumer.
 
 Chips of a :class:`~dinov3_geo.io.tiling.ChipPlan` are read ahead in a thread pool (windowed reads
 release the GIL inside GDAL), stacked into pinned host memory as uint8 (or float32 for non-byte
 scenes), copied to the device without blocking, normalised there, run through the model, and copied
 back; a writer thread hands each chip's result to the consumer (a stitcher that streams finished
 row bands to a sink, or a collector of per-chip vectors). Nothing here knows about tasks or files.
-The run settings (device, precision, batch size, compile, readers) are resolved once, in
-:meth:`RunSettings.resolve`, and handed on as a value.
 """
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -25,37 +20,14 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
-from .errors import DeviceError, UsageError
-from .hostmem import keep_freed_memory, usable_cores
-from .io.tiling import ChipPlan, pad_to_tile
-from .models.backbone import normalise_rgb
+from ..errors import DeviceError
+from ..io.tiling import ChipPlan, pad_to_tile
+from .device import compiled, normaliser, not_sharing, to_device, unit_float, use_fp8
+from .settings import RunSettings
+from .stop import StopToken, check
+from .writer import Writer
 
 log = logging.getLogger("dinov3_geo")
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp8")
-
-
-class StopRequest:
-    """A stop asked for from outside a run (a signal handler that must not raise wherever the
-    signal lands, e.g. inside the set-up of a GDAL dataset): :meth:`request` records the exception,
-    and runs raise it at their next chip or scene (:meth:`raise_if_requested`)."""
-
-    def __init__(self) -> None:
-        self._exc: Optional[BaseException] = None
-
-    def request(self, exc: BaseException) -> None:
-        self._exc = self._exc or exc
-
-    def clear(self) -> None:
-        self._exc = None
-
-    def raise_if_requested(self) -> None:
-        if self._exc is not None:
-            raise self._exc
-
-
-#: The process's stop request, checked by every run between chips.
-STOP = StopRequest()
 
 
 @dataclass
@@ -99,95 +71,6 @@ class _Chip:
     valid: np.ndarray               # [h, w]
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a UsageError (exit 2)."""
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("device", f"'{device}' was requested but no CUDA GPU is available (use `device` "
-                                       "cpu or auto)")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UsageError("device", f"unknown device '{device}' (auto, cpu or cuda)")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU (fp32 there is several times slower and DINOv3 runs in bf16) and
-    fp32 on the CPU; other names are checked and returned. DINOv3 does not support fp16."""
-    if precision not in PRECISIONS:
-        raise UsageError("precision", f"unknown precision '{precision}' (auto, fp32, bf16 or fp8; DINOv3 does "
-                                      "not support fp16)")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def dtype_for(precision: str) -> torch.dtype:
-    """Model dtype for a resolved precision name (fp8: bf16, with float8 products in the backbone's
-    linear layers)."""
-    if precision not in PRECISIONS or precision == "auto":
-        raise UsageError("precision", f"unknown precision '{precision}' (fp32, bf16 or fp8)")
-    return torch.float32 if precision == "fp32" else torch.bfloat16
-
-
-def _use_fp8(model: torch.nn.Module, device: torch.device) -> None:
-    """Switch the model's backbone linear layers to float8 products (``--precision fp8``)."""
-    from .models.fp8 import check_fp8_device
-
-    check_fp8_device(device)
-    convert = getattr(model, "use_fp8_matmuls", None)
-    if convert is None:
-        raise UsageError("precision", "fp8 needs a model with a DINOv3 backbone (use_fp8_matmuls)")
-    convert()
-
-
-def default_readers() -> int:
-    """Reader threads: half the cores this process may use, 2 to 8. More readers than that fight
-    the model's own Python thread for the GIL (measured on 2 cores: 2 readers gave a ratio of 0.89,
-    4 gave 0.85)."""
-    return min(8, max(2, usable_cores() // 2))
-
-
-def validate_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise UsageError("batch_size", f"batch size must be a whole number of at least 1, got {batch_size!r}")
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How a run computes, resolved once (:meth:`resolve`) and handed on as a value."""
-
-    device: torch.device
-    precision: str                  # resolved: fp32, bf16 or fp8
-    dtype: torch.dtype              # the model's dtype for that precision
-    batch_size: int = 8
-    compile: bool = False
-    readers: int = 2
-    requested: tuple[str, str] = ("auto", "auto")   # the device and precision as asked (another machine re-resolves them)
-
-    @classmethod
-    def resolve(cls, device: str | torch.device = "auto", precision: str = "auto", batch_size: int = 8,
-                compile: bool = False, readers: Optional[int] = None) -> "RunSettings":
-        """Check and resolve every setting: ``auto`` device and precision, reader threads (default
-        :func:`default_readers`). Errors name the parameter."""
-        validate_batch_size(batch_size)
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
-        resolved = resolve_precision(precision, dev)
-        if readers is not None and (isinstance(readers, bool) or not isinstance(readers, (int, np.integer))
-                                    or readers < 1):
-            raise UsageError("readers", f"reader threads must be a whole number of at least 1, got {readers!r}")
-        return cls(dev, resolved, dtype_for(resolved), int(batch_size), bool(compile),
-                   default_readers() if readers is None else int(readers), (str(device), str(precision)))
-
-    def on_this_machine(self) -> "RunSettings":
-        """These settings resolved again from what was asked, on the machine this runs on (a Dask
-        worker's device: ``auto`` may be a GPU there)."""
-        return RunSettings.resolve(self.requested[0], self.requested[1], self.batch_size, self.compile, self.readers)
-
-
 class Engine:
     """Runs a model (normalised ``[B,3,T,T]`` -> ``[B, ...]``) over the chips of a plan into a consumer.
 
@@ -205,13 +88,13 @@ class Engine:
         self.batch_size = settings.batch_size      # lowered on out-of-memory
         self.readers = settings.readers
         self.compile = settings.compile
-        self.normalise = _normaliser(model, mean, std)
-        _to_device(model, settings.device)
+        self.normalise = normaliser(model, mean, std)
+        to_device(model, settings.device)
         if settings.precision == "fp8":
-            _use_fp8(model, settings.device)
+            use_fp8(model, settings.device)
         self._pending = None        # (batch, results) of the batch in flight on the device
         self._early_notes: list[str] = []   # from warm_up, before any run
-        self._forward = self._compiled(model) if settings.compile else model
+        self._forward = compiled(model) if settings.compile else model
         self._pinned = settings.device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}     # CPU batch buffers reused between batches
         self._tile: Optional[int] = None
@@ -221,19 +104,6 @@ class Engine:
         self._turn = 0
         self.runs = 0               # scenes (or bands) run by this engine
         self.warmups = 0            # warm-up batches run (at most one per tile size)
-
-    @staticmethod
-    def _compiled(model: torch.nn.Module):
-        """``torch.compile`` by regions when the model names them (``compile_regions()``: compiled
-        in place, one by one), else the whole model. The blocks of a ViT share one compiled graph,
-        so the warm-up traces one block instead of all: on a 24-block model (2-core CPU) 30 s
-        instead of 58 s with an empty inductor cache, 3.5 s instead of 8.4 s with a warm one."""
-        regions = getattr(model, "compile_regions", None)
-        if regions is None:
-            return torch.compile(model, dynamic=False)
-        for module in regions():
-            module.compile(dynamic=False)
-        return model
 
     # -- public ---------------------------------------------------------------------------------
     def prepare(self, tile: int) -> float:
@@ -247,22 +117,23 @@ class Engine:
         self._warm_tiles.add(int(tile))
         return time.perf_counter() - t
 
-    def run(self, scene, plan: ChipPlan, consumer: Consumer, progress: Optional[bool] = None) -> RunStats:
+    def run(self, scene, plan: ChipPlan, consumer: Consumer, progress: Optional[bool] = None,
+            stop: Optional[StopToken] = None) -> RunStats:
         """Read and infer every chip of ``plan`` over ``scene`` and hand the results to ``consumer``
-        (closed at the end). An engine runs any number of scenes, one at a time."""
+        (closed at the end). An engine runs any number of scenes, one at a time. ``stop``: a token
+        whose request the run raises before its next chip (the consumer is aborted, not closed)."""
         self._tile = plan.tile
         self.runs += 1
-        keep_freed_memory()     # freed arrays reused, not fresh pages zeroed by the kernel
         windows = plan.windows
         stats = RunStats(chips_total=len(windows), batch_size=self.batch_size, notes=list(self._early_notes))
         t0 = time.perf_counter()
-        writer = _Writer(consumer)
+        writer = Writer(consumer)
         bar = _progress_bar(len(windows), progress)
         chips = self._read_ahead(scene, windows)
         try:
             batch: list[_Chip] = []
             for chip in chips:
-                STOP.raise_if_requested()
+                check(stop)
                 if chip.data is None:
                     writer.put(("skip", chip.window))
                     stats.chips_skipped += 1
@@ -363,7 +234,7 @@ class Engine:
         return _Chip(window, np.ascontiguousarray(padded), valid)
 
     # -- model ----------------------------------------------------------------------------------
-    def _infer(self, batch: list[_Chip], writer: "_Writer", stats: RunStats) -> None:
+    def _infer(self, batch: list[_Chip], writer: Writer, stats: RunStats) -> None:
         """Run one batch, halving it on out-of-memory until it fits (a note says so).
 
         The retry happens after the ``except`` block: inside it, the exception's traceback still
@@ -392,7 +263,7 @@ class Engine:
         self._retire(writer)
         self._pending = (batch, out)
 
-    def _retire(self, writer: "_Writer") -> None:
+    def _retire(self, writer: Writer) -> None:
         """Wait for the batch in flight (on CUDA its results were copied to pinned memory) and hand
         it on."""
         if self._pending is None:
@@ -419,7 +290,7 @@ class Engine:
             host[len(batch):] = 0
             y = self._model_on_device(host)[:len(batch)].float()
             done = self._record_event() if self._record_event is not None else None
-            return _not_sharing(y, (host,)).numpy(), done
+            return not_sharing(y, (host,)).numpy(), done
         host = self._host_batch((n, *first.shape), torch.uint8 if first.dtype == np.uint8 else torch.float32)
         np.stack([c.data for c in batch], out=host.numpy()[:len(batch)])
         host[len(batch):] = 0
@@ -472,126 +343,6 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def unit_float(chip: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """A chip as float32 0..1 into ``out``: uint8 divided by 255 by numpy in one pass on the calling
-    thread (torch's OpenMP workers would spin beside the other threads), the same float32 values
-    as ``torch.from_numpy(chip).float().div_(255)`` (exact conversion, then IEEE division); float32
-    chips (already scaled by the scene) copied."""
-    if chip.dtype != np.uint8:
-        np.copyto(out, chip)
-        return out
-    return np.divide(chip, np.float32(255.0), out=out, dtype=np.float32)
-
-
-def _to_device(model: torch.nn.Module, device: torch.device) -> None:
-    """Move ``model`` (in place, as ``Module.to`` does) to the run's device if its weights are
-    elsewhere: a model loaded on the CPU runs on the GPU the settings chose."""
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    if tensor is not None and tensor.device.type != device.type:
-        model.to(device)
-
-
-def _not_sharing(y: torch.Tensor, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``y``, or a copy of it when its memory overlaps one of ``buffers`` (a model may return a view
-    of its input, e.g. ``x[:, :1]``): results outlive the batch, reused buffers do not."""
-    start = y.untyped_storage().data_ptr()
-    stop = start + y.untyped_storage().nbytes()
-    for buf in buffers:
-        b_start = buf.untyped_storage().data_ptr()
-        if start < b_start + buf.untyped_storage().nbytes() and b_start < stop:
-            return y.clone()
-    return y
-
-
-def _normaliser(model: torch.nn.Module, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
-    """0..1 chips -> the model's input: the given mean/std, else the model's own ``normalise``, else
-    unchanged. Giving only one of ``mean`` and ``std`` is a UsageError."""
-    if (mean is None) != (std is None):
-        raise UsageError("mean" if mean is None else "std", "give both mean and std, or neither")
-    if mean is not None:
-        mean, std = _three(mean, "mean"), _three(std, "std")
-        if min(std) <= 0:
-            raise UsageError("std", f"std must be positive, got {std}")
-        return lambda x01: normalise_rgb(x01, mean, std)
-    own = getattr(model, "normalise", None)
-    return own if callable(own) else (lambda x01: x01)
-
-
-def _three(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    """Three finite floats (one per input channel), or a UsageError naming ``name``."""
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise UsageError(name, f"expected three numbers, got {values!r}") from None
-    if len(out) != 3 or not all(np.isfinite(out)):
-        raise UsageError(name, f"expected three finite numbers (R, G, B), got {values!r}")
-    return out
-
-
-class _Writer:
-    """A thread that hands model outputs to the consumer, so stitching and writing overlap the GPU."""
-
-    def __init__(self, consumer, depth: int = 4):
-        self.consumer = consumer
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._loop, name="dinov3geo-write", daemon=True)
-        self.thread.start()
-
-    def put(self, item) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                self._handle(item)
-            except BaseException as exc:  # reported to the main thread at its next put/finish
-                self.error = exc
-
-    def _handle(self, item) -> None:
-        if item[0] == "skip":
-            self.consumer.skip(item[1])
-            return
-        _, batch, out = item
-        for chip, values in zip(batch, out):
-            self.consumer.add(chip.window, values, chip.valid)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop the thread, dropping what is queued, and the consumer's own threads if it has
-        any (``abort()``), before the sink removes its temporary file."""
-        self.error = self.error or RuntimeError("aborted")
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
-        self.queue.put(None)
-        self.thread.join(timeout=30)
-        stop = getattr(self.consumer, "abort", None)
-        if stop is not None:
-            stop()
-
-
 def _progress_bar(total: int, progress: Optional[bool]):
     """tqdm on a terminal (chips, chips/s, time left); silent when piped unless asked for."""
     from tqdm.auto import tqdm
@@ -599,53 +350,3 @@ def _progress_bar(total: int, progress: Optional[bool]):
     return tqdm(total=total, unit="chip", desc="chips", disable=None if progress is None else not progress,
                 dynamic_ncols=True, leave=False)
 
-
-def run_chips(scene, model: torch.nn.Module, consumer: Consumer, plan: ChipPlan, settings: RunSettings,
-              progress: Optional[bool] = None, mean: Optional[Sequence[float]] = None,
-              std: Optional[Sequence[float]] = None, engine: Optional[Engine] = None) -> RunStats:
-    """Run ``model`` over every chip of ``plan`` on ``scene`` (a :class:`~dinov3_geo.io.scene.Scene`)
-    and hand each chip's float32 output to ``consumer`` (``add``/``skip``, then ``close``).
-
-    Chips without a valid pixel are skipped; others are padded to the tile by reflection, scaled to
-    0..1, normalised (``mean``/``std``, else the model's ``normalise``) and run in batches of
-    ``settings.batch_size`` (halved on out-of-GPU-memory, with a note). A warm-up batch runs first
-    on a GPU or when compiling. ``engine``: an :class:`Engine` of ``model`` kept for many scenes
-    (its settings and statistics are the ones it was built with; it compiles and warms up once);
-    default a new one. Returns the run's :class:`RunStats`.
-    """
-    if (scene.height, scene.width) != (plan.height, plan.width):
-        raise UsageError("plan", f"plan is for a {plan.width} x {plan.height} grid, the scene is "
-                                 f"{scene.width} x {scene.height}")
-    engine = engine_for(model, settings, engine, mean=mean, std=std)
-    warm = engine.prepare(plan.tile)      # compile, kernels, cuBLAS: before the chips
-    stats = engine.run(scene, plan, consumer, progress=progress)
-    stats.warmup_seconds = warm
-    return stats
-
-
-#: Engines kept for their models (:func:`keep_engine`), while the model lives.
-_KEPT: "weakref.WeakKeyDictionary[torch.nn.Module, Engine]" = weakref.WeakKeyDictionary()
-
-
-def keep_engine(model: torch.nn.Module, settings: RunSettings) -> Engine:
-    """An engine of ``model`` that every later run of it with these ``settings`` (and the model's
-    own statistics) uses when given none: a batch worker keeps one, so that the model is moved,
-    compiled and warmed up once for all its scenes whatever writes them."""
-    engine = Engine(model, settings)
-    _KEPT[model] = engine
-    return engine
-
-
-def engine_for(model: torch.nn.Module, settings: RunSettings, engine: Optional[Engine] = None,
-               mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Engine:
-    """``engine`` when given (a UsageError if it runs another model), else the one kept for
-    ``model`` (:func:`keep_engine`) when it has these settings and no other statistics are asked
-    for, else a new engine of ``model``."""
-    if engine is None:
-        kept = _KEPT.get(model)
-        if kept is not None and kept.settings == settings and mean is None and std is None:
-            return kept
-        return Engine(model, settings, mean=mean, std=std)
-    if engine.model is not model:
-        raise UsageError("engine", "the engine was built for another model")
-    return engine
