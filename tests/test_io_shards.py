@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MemorySink
 from dinov3_geo.io.shards import ShardedStitcher, make_stitcher, shard_count
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
-from test_host_exact import arrival_order, bits, feed, reference_blend, window_of
+from helpers import MemorySink, arrival_order, bits, feed, reference_blend, window_of
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -24,6 +24,7 @@ from rasterio.windows import Window
 import dinov3_geo
 from dinov3_geo.errors import OutputError, UsageError
 from dinov3_geo.io.scene import open_scene
+from helpers import leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data_samples"
@@ -52,10 +53,6 @@ def collar_scene(path: Path, geographic: bool = False) -> Path:
                        transform=transform, nodata=0) as ds:
         ds.write(data)
     return path
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from rasterio.windows import Window
 
-from conftest import MemorySink
 from dinov3_geo import predict
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import RunSettings, run_chips
 from dinov3_geo.testing.sleep_device import SleepModel, class_scores
+from helpers import MemorySink, read_raster
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
@@ -60,14 +59,9 @@ class SlowScene:
     def __getattr__(self, name):
         return getattr(self.scene, name)
 
-    def read(self, window: Window):
+    def read_raster(self, window: Window):
         time.sleep(self.seconds)
         return self.scene.read(window)
-
-
-def read(path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
 
 
 @pytest.mark.parametrize("kind", ["continuous", "classes"])
@@ -80,7 +74,7 @@ def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path,
     kw = dict(kind=kind, tile=256, overlap=32, batch_size=3, device="cpu", progress=False)
     predict(path, fast, tmp_path / "sim.tif", **kw)
     predict(path, plain, tmp_path / "sync.tif", **kw)
-    got, expected = read(tmp_path / "sim.tif"), read(tmp_path / "sync.tif")
+    got, expected = read_raster(tmp_path / "sim.tif"), read_raster(tmp_path / "sync.tif")
     assert got.dtype == (np.uint8 if kind == "classes" else np.float32)
     np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
     assert fast.timeline.chips > 0 and fast.timeline.busy_s == 0.0
