@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
 import torch
@@ -141,8 +142,8 @@ def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(random_chmv2,
 
 
 def test_interrupted_vector_step_removes_the_raster(random_chmv2, tmp_path, monkeypatch):
-    """A run stopped while polygonising leaves neither output, so the same command can be rerun."""
-    import dinov3_geo.tasks.registry as tasks    # the dense tasks' writer polygonises through it
+    """A run stopped while polygonising (Ctrl-C as GDAL writes the polygons) leaves neither output,
+    so the same command can be rerun."""
     from dinov3_geo.api import segment
 
     scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
@@ -152,7 +153,7 @@ def test_interrupted_vector_step_removes_the_raster(random_chmv2, tmp_path, monk
         raise KeyboardInterrupt
 
     kw = dict(weights=random_chmv2, vector=vec, device="cpu", tile=64, overlap=16, readers=1)
-    monkeypatch.setattr(tasks, "polygonize_threshold", interrupted)
+    monkeypatch.setattr(pyogrio, "write_dataframe", interrupted)      # inside the vector step
     with pytest.raises(KeyboardInterrupt):
         segment(scene, output=out, **kw)
     assert not out.exists() and not vec.exists() and leftovers(tmp_path) == []
