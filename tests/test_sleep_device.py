@@ -50,6 +50,37 @@ class Scores(torch.nn.Module):
         return torch.from_numpy(class_scores(first, out))
 
 
+class LoggedSleepModel(SleepModel):
+    """The simulated device, logging in order each batch's launch and the engine's wait for it
+    (``("launch", k)``, ``("wait", k)``, batches counted from 1)."""
+
+    def __init__(self, rate: float):
+        super().__init__(rate)
+        self.log: list[tuple[str, int]] = []
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.log.append(("launch", self.timeline.batches))
+        return out
+
+    def record_event(self):
+        return LoggedEvent(super().record_event(), self.timeline.batches, self.log)
+
+
+class LoggedEvent:
+    """A device event whose ``synchronize`` is logged as the wait for batch ``k``."""
+
+    def __init__(self, event, k: int, log: list):
+        self.event, self.k, self.log = event, k, log
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.k))
+        self.event.synchronize()
+
+    def query(self) -> bool:
+        return self.event.query()
+
+
 class SlowScene:
     """A scene whose every chip read takes at least ``seconds`` (a host slower than the device)."""
 
@@ -82,10 +113,11 @@ def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path,
 
 def test_device_time_is_chips_over_rate_and_a_fast_host_keeps_it_busy(sample):
     """A device of 20 chips/s (200 ms a batch of 4) and a host that needs a few ms a batch: the
-    device is busy exactly chips / R seconds, and between its first start and its last end it
-    never waits (the next batch is queued before the last one is collected). End to end, opening
-    the run and its last rows (tens of ms, more on a loaded machine) come on top."""
-    model = SleepModel(20.0)
+    device is busy exactly chips / R seconds, and it is never left without work by the engine's
+    order: each next batch is queued before the last one is waited for (an order, not a timing,
+    so a loaded machine cannot break it). End to end, opening the run and its last rows (tens of
+    ms, more on a loaded machine) come on top."""
+    model = LoggedSleepModel(20.0)
     with open_scene(sample(SCENE), bands=[1, 2, 3]) as scene:
         plan = ChipPlan.build(scene.height, scene.width, 256, 32)
         stitcher = StreamingStitcher(MemorySink(1, scene.height, scene.width), plan, 1)
@@ -95,7 +127,10 @@ def test_device_time_is_chips_over_rate_and_a_fast_host_keeps_it_busy(sample):
     tl = model.timeline
     assert tl.chips == stats.chips_computed > 0
     assert tl.busy_s == pytest.approx(stats.chips_computed / 20.0)
-    assert tl.busy_s / tl.span_s() > 0.95          # the queue never ran dry
+    batches = range(1, tl.batches + 1)
+    assert [k for what, k in model.log if what == "wait"] == list(batches)     # each batch waited for once
+    for k in batches[:-1]:                         # the queue never runs dry: k + 1 queued before k is waited for
+        assert model.log.index(("launch", k + 1)) < model.log.index(("wait", k)), model.log
     assert 0.5 < tl.busy_s / wall <= 1
 
 
