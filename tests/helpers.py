@@ -79,6 +79,17 @@ def run_cli(args: list, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def run_benchmark(script: str, *args, timeout: int = 240,
+                  **env: str) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
+    """``python benchmarks/<script> *args`` from the repository root (unbuffered, ``env`` on top of
+    this environment): the finished process and the JSON of its last line (what a benchmark
+    reports; None when it printed nothing)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, cwd=ROOT)
+    lines = proc.stdout.strip().splitlines()
+    return proc, json.loads(lines[-1]) if lines else None
+
+
 # -------------------------------------------------------------------------------------------------
 # Files in, files out
 

@@ -28,9 +28,9 @@ import rasterio
 import torch
 from affine import Affine
 
-from helpers import ROOT, UTM, child_env, leftovers, rgb_crop, write_raster
+from helpers import ROOT, SAMPLES, UTM, child_env, leftovers, rgb_crop, write_raster
 
-SAMPLE = ROOT / "data_samples" / "rasterio_RGB.byte.tif"
+SAMPLE = SAMPLES / "rasterio_RGB.byte.tif"
 FAST = ["--tile", "64", "--overlap", "16", "--device", "cpu", "--batch-size", "4"]
 
 # -------------------------------------------------------------------------------------------------
@@ -158,8 +158,6 @@ def models(tmp_path_factory):
     out["head"], out["backbone"] = root / "chm_head.pth", root / "chm_backbone.pth"
     out["narrow_backbone"] = root / "narrow_backbone.pth"
     return out
-
-
 
 
 def write(path: Path, array: np.ndarray, **profile) -> Path:

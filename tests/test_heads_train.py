@@ -30,11 +30,8 @@ from dinov3_geo.testing.random_backbone import write_random_backbone
 from dinov3_geo.train.features import backbone_identity, extract_features
 from dinov3_geo.train.geobench_data import RestrictedUnpickler, geobench_task, safe_unpickle, task_specs
 from dinov3_geo.train.metrics import confusion, mean_iou, scores
-from helpers import (CHESAPEAKE, FAST_SEG, run_cli, geobench_classification, geobench_segmentation, label_of,
-                     real_chips)
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
+from helpers import (CHESAPEAKE, FAST_SEG, SAMPLES, geobench_classification, geobench_segmentation, label_of, real_chips,
+                     run_cli)
 
 
 # -- metrics ------------------------------------------------------------------------------------------

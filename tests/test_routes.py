@@ -28,9 +28,8 @@ from dinov3_geo.models.demo import demo_backbone
 from dinov3_geo.models.heads.io import save_head
 from dinov3_geo.models.heads.linear import LinearSegHead
 from dinov3_geo.models.identity import backbone_identity
-from helpers import read_raster
+from helpers import SAMPLES, read_raster
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 TILING = dict(tile=64, overlap=16)
 FLAGS = ["--tile", "64", "--overlap", "16", "--device", "cpu"]
 

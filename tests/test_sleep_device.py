@@ -5,11 +5,7 @@ than the device. Bounds are those the simulation guarantees, so that load cannot
 host that must sleep ``h`` per chip cannot finish N chips in less than ``N h``."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +20,8 @@ from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import RunSettings, run_chips
 from dinov3_geo.testing.sleep_device import SleepModel, class_scores
-from helpers import MemorySink, read_raster
+from helpers import MemorySink, read_raster, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
 
 
@@ -153,12 +148,10 @@ def test_a_host_slower_than_the_device_keeps_it_busy_host_over_r(sample):
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--work", str(tmp_path),
-                           "--tile", "128", "--overlap", "16", "--batch", "4", *args],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    proc, res = run_benchmark("bench_pipeline.py", "--work", tmp_path, "--tile", "128", "--overlap", "16", "--batch", "4",
+                              *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
 
 
 @pytest.mark.parametrize("output", ["continuous", "classes", "patches"])
@@ -179,6 +172,5 @@ def test_bench_pipeline_sleep_reports_the_busy_share(tmp_path, output):
 
 
 def test_bench_pipeline_rejects_a_bad_sleep_rate(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--model", "sleep:fast"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc, _ = run_benchmark("bench_pipeline.py", "--model", "sleep:fast", timeout=60)
     assert proc.returncode == 2 and "sleep:R" in proc.stderr
