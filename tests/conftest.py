@@ -8,10 +8,7 @@ import pytest
 
 from dinov3_geo.testing.random_backbone import write_random_backbone
 from dinov3_geo.testing.random_chmv2 import write_random_chmv2
-from helpers import SAMPLES, MemorySink, stream, write_raster
-
-# ``from conftest import stream``, as test_io_sinks.py still says, keeps working until it imports helpers.
-__all__ = ["stream"]
+from helpers import SAMPLES, MemorySink, stream, write_raster   # stream: test_io_sinks.py imports it from here
 
 
 @pytest.fixture

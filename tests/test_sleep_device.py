@@ -85,7 +85,7 @@ class SlowScene:
     def __getattr__(self, name):
         return getattr(self.scene, name)
 
-    def read_raster(self, window: Window):
+    def read(self, window: Window):
         time.sleep(self.seconds)
         return self.scene.read(window)
 
