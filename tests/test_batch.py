@@ -20,59 +20,25 @@ from rasterio.windows import Window, from_bounds
 from dinov3_geo.batch import expand_inputs, run_batch
 from dinov3_geo.errors import UsageError
 from dinov3_geo.testing.random_chmv2 import write_random_chmv2
+from helpers import CROPS, SAMPLES, cli_subprocess, leftovers, read_raster, write_crop
 
-SAMPLES = Path(__file__).parents[1] / "data_samples"
-CROPS = {   # name: (sample, window); two of them side by side on the Salt Lake grid
-    "a_saltlake": ("landsat7_saltlake_truecolor_utm12n.tif", Window(200, 300, 300, 260)),
-    "b_saltlake": ("landsat7_saltlake_truecolor_utm12n.tif", Window(500, 300, 280, 300)),
-    "c_naip": ("opengeos_naip_m_4709963_se_14_1_20200831.tif", Window(100, 100, 300, 290)),
-}
 FAST = dict(tile=128, overlap=32, device="cpu")
 FAST_ARGS = ["--tile", "128", "--overlap", "32", "--device", "cpu"]
-
-
-def cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, **kw)
-
-
-def crop(sample: str, window: Window, out: Path) -> Path:
-    with rasterio.open(SAMPLES / sample) as src:
-        data = src.read(window=window)
-        profile = src.profile | dict(width=window.width, height=window.height,
-                                     transform=src.window_transform(window))
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
-    return out
-
-
-def read(path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read(1)
-
-
-def hidden_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return write_random_chmv2(tmp_path_factory.mktemp("model") / "chmv2")
 
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scenes")
     for name, (sample, window) in CROPS.items():
-        crop(sample, window, folder / f"{name}.tif")
+        write_crop(sample, window, folder / f"{name}.tif")
     return folder
 
 
 @pytest.fixture(scope="module")
-def reference(scenes, weights, tmp_path_factory) -> Path:
+def reference(scenes, random_chmv2, tmp_path_factory) -> Path:
     """Every scene run in this process, one after the other, without Dask."""
     out = tmp_path_factory.mktemp("reference")
-    result = run_batch([str(scenes / "*.tif")], out, weights=weights, progress=False, **FAST)
+    result = run_batch([str(scenes / "*.tif")], out, weights=random_chmv2, progress=False, **FAST)
     assert [o.status for o in result.outcomes] == ["done"] * len(CROPS)
     return out
 
@@ -100,17 +66,19 @@ def test_inputs_from_globs_paths_and_list_files(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_cluster, tmp_path):
+def test_cluster_run_equals_in_process_run(scenes, random_chmv2, reference, dask_cluster, tmp_path):
     """The command on a two-worker cluster ($DASK_SCHEDULER_ADDRESS): every output identical to the
     run without Dask, a VRT mosaic, one GeoPackage layer with a scene column, a JSON summary."""
     out = tmp_path / "out"
-    run = cli("segment", scenes / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS,
-              "--vector", tmp_path / "all.gpkg", env={"DASK_SCHEDULER_ADDRESS": dask_cluster.scheduler_address})
+    run = cli_subprocess("segment", scenes / "*.tif", "--weights", random_chmv2, "-o", f"{out}/", *FAST_ARGS,
+                         "--vector", tmp_path / "all.gpkg",
+                         env={"DASK_SCHEDULER_ADDRESS": dask_cluster.scheduler_address})
     assert run.returncode == 0, run.stderr
     assert "3 done, 0 skipped (complete), 0 failed" in run.stderr
     assert "chips/s" in run.stderr and "left]" in run.stderr       # job-wide progress
     for name in CROPS:
-        np.testing.assert_array_equal(read(out / f"{name}_canopy.tif"), read(reference / f"{name}_canopy.tif"))
+        np.testing.assert_array_equal(read_raster(out / f"{name}_canopy.tif", 1),
+                                      read_raster(reference / f"{name}_canopy.tif", 1))
     summary = json.loads((out / "summary_canopy.json").read_text())
     assert sorted(Path(d["scene"]).name for d in summary["done"]) == sorted(f"{n}.tif" for n in CROPS)
     assert summary["failed"] == [] and summary["skipped"] == []
@@ -126,79 +94,81 @@ def test_cluster_run_equals_in_process_run(scenes, weights, reference, dask_clus
     per_scene = {n: len(gpd.read_file(out / f"{n}_canopy.gpkg", layer="canopy")) for n in CROPS}
     counts = {**layers["canopy"].groupby("scene").size(), **layers["canopy_EPSG-26914"].groupby("scene").size()}
     assert counts == {f"{n}.tif": k for n, k in per_scene.items() if k}
-    assert hidden_files(out) == []
+    assert leftovers(out) == []
 
 
 @pytest.mark.slow
-def test_split_scene_equals_unsplit_run(scenes, weights, dask_cluster, tmp_path):
+def test_split_scene_equals_unsplit_run(scenes, random_chmv2, dask_cluster, tmp_path):
     """A scene cut into row bands on two workers, assembled into one COG equal to the unsplit run.
 
     At batch size 1 both runs give each chip to the model alone, so the values are bitwise equal;
     at larger batches the chips meet the model in other batch compositions (float rounding only).
     21 chip rows of 64 px: 3 bands recompute 2 of them (a scene of fewer than 10 is not split)."""
-    scene = [str(crop(CROPS["a_saltlake"][0], Window(200, 100, 300, 1000), tmp_path / "tall.tif"))]
+    scene = [str(write_crop(CROPS["a_saltlake"][0], Window(200, 100, 300, 1000), tmp_path / "tall.tif"))]
     tiles = dict(FAST, tile=64, overlap=16)
-    whole = run_batch(scene, tmp_path / "whole", weights=weights, batch_size=1, progress=False, **tiles)
-    split = run_batch(scene, tmp_path / "split", weights=weights, batch_size=1, progress=False,
+    whole = run_batch(scene, tmp_path / "whole", weights=random_chmv2, batch_size=1, progress=False, **tiles)
+    split = run_batch(scene, tmp_path / "split", weights=random_chmv2, batch_size=1, progress=False,
                       dask=dask_cluster.scheduler_address, split_above=300 * 300, **tiles)
     assert whole.ok and split.ok and split.outcomes[0].bands == 3
-    a, b = read(whole.outcomes[0].output), read(split.outcomes[0].output)
+    a, b = read_raster(whole.outcomes[0].output, 1), read_raster(split.outcomes[0].output, 1)
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
-    assert hidden_files(tmp_path / "split") == []
-    batched = run_batch(scene, tmp_path / "batched", weights=weights, batch_size=4, progress=False,
+    assert leftovers(tmp_path / "split") == []
+    batched = run_batch(scene, tmp_path / "batched", weights=random_chmv2, batch_size=4, progress=False,
                         dask=dask_cluster.scheduler_address, split_above=300 * 300, **tiles)
-    np.testing.assert_allclose(read(batched.outcomes[0].output), a, rtol=1e-5)
+    np.testing.assert_allclose(read_raster(batched.outcomes[0].output, 1), a, rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_damaged_scene_fails_alone_and_rerun_skips_complete(scenes, weights, reference, tmp_path):
+def test_damaged_scene_fails_alone_and_rerun_skips_complete(scenes, random_chmv2, reference, tmp_path):
     folder = tmp_path / "in"
     shutil.copytree(scenes, folder)
     good = (scenes / "a_saltlake.tif").read_bytes()
     (folder / "b_saltlake.tif").write_bytes(good[:len(good) // 3])        # a truncated download
     out = tmp_path / "out"
-    first = cli("segment", folder / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS)
+    first = cli_subprocess("segment", folder / "*.tif", "--weights", random_chmv2, "-o", f"{out}/", *FAST_ARGS)
     assert first.returncode == 1
     assert f"failed: {folder / 'b_saltlake.tif'}:" in first.stderr
     assert "Traceback" not in first.stderr
     for name in ("a_saltlake", "c_naip"):
-        np.testing.assert_array_equal(read(out / f"{name}_canopy.tif"), read(reference / f"{name}_canopy.tif"))
-    assert not (out / "b_saltlake_canopy.tif").exists() and hidden_files(out) == []
+        np.testing.assert_array_equal(read_raster(out / f"{name}_canopy.tif", 1),
+                                      read_raster(reference / f"{name}_canopy.tif", 1))
+    assert not (out / "b_saltlake_canopy.tif").exists() and leftovers(out) == []
     summary = json.loads((out / "summary_canopy.json").read_text())
     assert [Path(f["scene"]).name for f in summary["failed"]] == ["b_saltlake.tif"]
     assert "\n" not in summary["failed"][0]["reason"]
 
     shutil.copy(scenes / "b_saltlake.tif", folder / "b_saltlake.tif")    # the file is fixed: rerun
-    second = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    second = run_batch([str(folder / "*.tif")], out, weights=random_chmv2, progress=False, **FAST)
     assert {Path(o.scene).name: o.status for o in second.outcomes} == {
         "a_saltlake.tif": "skipped", "b_saltlake.tif": "done", "c_naip.tif": "skipped"}
-    np.testing.assert_array_equal(read(out / "b_saltlake_canopy.tif"), read(reference / "b_saltlake_canopy.tif"))
+    np.testing.assert_array_equal(read_raster(out / "b_saltlake_canopy.tif", 1),
+                                  read_raster(reference / "b_saltlake_canopy.tif", 1))
 
 
 @pytest.mark.slow
-def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_path):
+def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, random_chmv2, tmp_path):
     folder = tmp_path / "in"
     shutil.copytree(scenes, folder)
     out = tmp_path / "out"
-    assert run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST).ok
+    assert run_batch([str(folder / "*.tif")], out, weights=random_chmv2, progress=False, **FAST).ok
     os.utime(folder / "a_saltlake.tif")                                 # the input changed
-    leftovers = [".a_saltlake_canopy.tif.partial-x1y2.tif", ".c_naip_canopy.tif.band-0001-of-0003.tif",
-                 ".mosaic_canopy.vrt.partial-k3.vrt", ".a_saltlake_canopy.tif.partial1-ab12.bin",
-                 ".a_saltlake_canopy.tif.empty2-cd34.vrt"]             # as a killed run leaves them
-    for name in leftovers:
+    killed_run_files = [".a_saltlake_canopy.tif.partial-x1y2.tif", ".c_naip_canopy.tif.band-0001-of-0003.tif",
+                        ".mosaic_canopy.vrt.partial-k3.vrt", ".a_saltlake_canopy.tif.partial1-ab12.bin",
+                        ".a_saltlake_canopy.tif.empty2-cd34.vrt"]      # as a killed run leaves them
+    for name in killed_run_files:
         (out / name).write_bytes(b"")
     with rasterio.open(out / "b_saltlake_canopy.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:  # edited
         ds.write(np.zeros((1, ds.height, ds.width), np.float32))
-    again = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    again = run_batch([str(folder / "*.tif")], out, weights=random_chmv2, progress=False, **FAST)
     assert [o.status for o in again.outcomes] == ["done", "done", "skipped"]
-    assert np.nanmax(read(out / "b_saltlake_canopy.tif")) > 0
-    assert hidden_files(out) == []
+    assert np.nanmax(read_raster(out / "b_saltlake_canopy.tif", 1)) > 0
+    assert leftovers(out) == []
     # a file of the user's at an output path, without a sidecar, is never replaced
     (out / "c_naip_canopy.tif").unlink()
     (out / "c_naip_canopy.tif.json").unlink()
     (out / "c_naip_canopy.tif").write_bytes(b"mine")
-    third = run_batch([str(folder / "*.tif")], out, weights=weights, progress=False, **FAST)
+    third = run_batch([str(folder / "*.tif")], out, weights=random_chmv2, progress=False, **FAST)
     assert [o.status for o in third.outcomes] == ["skipped", "skipped", "failed"]
     assert "not written by a dinov3geo job" in third.outcomes[2].reason
     assert (out / "c_naip_canopy.tif").read_bytes() == b"mine"
@@ -213,14 +183,14 @@ def test_stale_outputs_are_redone_and_foreign_files_kept(scenes, weights, tmp_pa
 
 
 @pytest.mark.slow
-def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp_path):
+def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(random_chmv2, tmp_path):
     """SIGTERM once the first scene is complete; the rerun skips it, does the rest, leaves nothing partial."""
     folder = tmp_path / "in"
     folder.mkdir()
     for sample in sorted(SAMPLES.glob("*.tif")):
         shutil.copy(sample, folder / sample.name)
     out = tmp_path / "out"
-    args = ["segment", folder / "*.tif", "--weights", weights, "-o", f"{out}/", *FAST_ARGS]
+    args = ["segment", folder / "*.tif", "--weights", random_chmv2, "-o", f"{out}/", *FAST_ARGS]
     proc = subprocess.Popen([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], stderr=subprocess.PIPE, text=True)
     first = out / "landsat7_saltlake_truecolor_utm12n_canopy.tif.json"
     deadline = time.time() + 300
@@ -232,7 +202,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert err.splitlines()[-1].endswith("rerun the same command to resume")
-    assert hidden_files(out) == []
+    assert leftovers(out) == []
     # every scene started says how it ended: complete, or interrupted (none left "running")
     states = {p.name[:-len("_canopy.tif.json")] + ".tif": json.loads(p.read_text())["state"]
               for p in out.glob("*_canopy.tif.json")}
@@ -240,15 +210,15 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(weights, tmp
     assert first.name[:-len("_canopy.tif.json")] + ".tif" in complete
     assert set(states.values()) <= {"complete", "interrupted"} and "interrupted" in states.values()
     assert all((out / n.replace(".tif", "_canopy.tif")).exists() == (n in complete) for n in states)
-    rerun = cli(*args)
+    rerun = cli_subprocess(*args)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads((out / "summary_canopy.json").read_text())
     assert sorted(Path(s["scene"]).name for s in summary["skipped"]) == complete
     assert len(summary["done"]) == len(list(folder.glob("*.tif"))) - len(complete)
-    assert hidden_files(out) == []
+    assert leftovers(out) == []
 
 
-def test_batch_usage_errors_name_the_flag(scenes, weights, tmp_path, capsys):
+def test_batch_usage_errors_name_the_flag(scenes, random_chmv2, tmp_path, capsys):
     from dinov3_geo.cli import main
 
     assert main(["segment", str(scenes / "a_saltlake.tif"), str(scenes / "c_naip.tif"), "-o", "x.tif"]) == 2

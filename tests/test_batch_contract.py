@@ -12,8 +12,8 @@ import rasterio.shutil
 
 from dinov3_geo.batch import run_batch
 from dinov3_geo.cli import main
+from helpers import SAMPLES, leftovers
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 FAST = dict(tile=128, overlap=32, device="cpu", progress=False)
 
 
@@ -61,4 +61,4 @@ def test_a_failed_scene_s_sidecar_says_so_and_the_recipe_is_resolved(tmp_path):
     again = run_batch([str(folder / "*.tif")], tmp_path / "out", weights="demo", **FAST)
     assert sorted(Path(o.scene).name for o in again.of("skipped")) == ["chip.tif", "landsat7.tif"]
     assert [Path(o.scene).name for o in again.of("failed")] == ["truncated.tif"]     # redone, fails again
-    assert len(list(tmp_path.joinpath("out").glob(".*"))) == 0
+    assert leftovers(tmp_path / "out") == []

@@ -15,8 +15,7 @@ import pytest
 from rasterio.windows import Window
 
 from dinov3_geo.cli import main
-from test_batch import CROPS, cli, crop, hidden_files, read
-from test_heads_train import CHESAPEAKE, FAST_SEG, LANDCOVER, backbone_dir  # noqa: F401 (fixture)
+from helpers import CHESAPEAKE, CROPS, FAST_SEG, LANDCOVER, cli_subprocess, label_of, leftovers, read_raster, write_crop
 
 RUN = ["--tile", "64", "--device", "cpu"]
 SEG_RUN = [*RUN, "--overlap", "16"]
@@ -28,7 +27,7 @@ def scenes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scenes")
     for name in ("a_saltlake", "c_naip"):
         sample, window = CROPS[name]
-        crop(sample, window, folder / f"{name}.tif")
+        write_crop(sample, window, folder / f"{name}.tif")
     return folder
 
 
@@ -40,13 +39,13 @@ def heads(backbone_dir, tmp_path_factory) -> dict[str, Path]:
     args = ["train", "segment", "--classes", LANDCOVER, "--decoder", "linear", "--backbone", backbone_dir,
             "-o", folder / "head.safetensors", "--cache", folder / "cache", *FAST_SEG]
     for image in CHESAPEAKE[:4]:
-        args += ["--image", image, "--labels", str(image).replace("_image", "_label")]
+        args += ["--image", image, "--labels", label_of(image)]
     assert main([str(a) for a in args]) == 0
     chips = folder / "chips"
     for label, image in (("north", CHESAPEAKE[0]), ("south", CHESAPEAKE[1])):
         (chips / label).mkdir(parents=True)
         for i in range(3):
-            crop(image, _window(i), chips / label / f"{i}.tif")
+            write_crop(image, _window(i), chips / label / f"{i}.tif")
     assert main([str(a) for a in ["train", "classify", "--chips", chips, "--backbone", backbone_dir, "--chip", "64",
                                   "-o", folder / "probe.safetensors", "--c-grid", "1", "--device", "cpu",
                                   "--cache", folder / "cache"]]) == 0
@@ -70,8 +69,8 @@ def single(scenes, heads, backbone_dir, tmp_path_factory) -> Path:
                                       *SEG_RUN]]) == 0
         assert main([str(a) for a in ["classify", scene, "--head", heads["classify"], "--backbone", backbone_dir,
                                       "-o", out / f"{name}_chips.gpkg", *RUN]]) == 0
-        assert main([str(a) for a in ["embed", scene, "--backbone", backbone_dir, "-o", out / f"{name}_embed.parquet",
-                                      *SEG_RUN]]) == 0
+        assert main([str(a) for a in ["embed", scene, "--backbone", backbone_dir,
+                                      "-o", out / f"{name}_embed.parquet", *SEG_RUN]]) == 0
     return out
 
 
@@ -88,9 +87,9 @@ def every_crs(path: Path, layer: str) -> pd.DataFrame:
 def check_like_single(out: Path, single: Path, combined: Path) -> None:
     """Batch outputs equal to the single-scene ones; combined layers carry every scene's features."""
     for name in ("a_saltlake", "c_naip"):
-        classes = read(single / f"{name}_classes.tif")
+        classes = read_raster(single / f"{name}_classes.tif", 1)
         assert (classes < 7).all()                    # every pixel valid, one of the 7 classes
-        np.testing.assert_array_equal(read(out / f"{name}_classes.tif"), classes)
+        np.testing.assert_array_equal(read_raster(out / f"{name}_classes.tif", 1), classes)
         a, b = chips(out / f"{name}_chips.gpkg"), chips(single / f"{name}_chips.gpkg")
         assert len(b) > 4
         assert a.drop(columns="geometry").equals(b.drop(columns="geometry"))
@@ -105,14 +104,15 @@ def check_like_single(out: Path, single: Path, combined: Path) -> None:
     every = every_crs(out / "mosaic_classify.gpkg", "chips")
     assert every.groupby("scene").size().to_dict() == {
         f"{n}.tif": len(chips(single / f"{n}_chips.gpkg")) for n in ("a_saltlake", "c_naip")}
-    assert (out / "mosaic_segment.vrt").exists() and hidden_files(out) == []
+    assert (out / "mosaic_segment.vrt").exists() and leftovers(out) == []
 
 
 def test_head_batches_equal_single_scene_runs_and_resume(scenes, heads, backbone_dir, single, tmp_path, capsys):
     out = tmp_path / "out"
     seg = ["segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir, "-o", f"{out}/",
            "--vector", out / "all_classes.gpkg", *SEG_RUN]
-    clf = ["classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/", *RUN]
+    clf = ["classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/",
+           *RUN]
     emb = ["embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN]
     for command in (seg, clf, emb):
         assert main([str(a) for a in command]) == 0, capsys.readouterr().err
@@ -136,14 +136,15 @@ def test_head_batches_equal_single_scene_runs_and_resume(scenes, heads, backbone
 def test_head_batches_on_a_two_worker_cluster(scenes, heads, backbone_dir, single, tmp_path):
     """``--dask local:2``: two worker processes, each loading backbone and head once; same files."""
     out = tmp_path / "out"
-    seg = cli("segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir, "-o", f"{out}/",
-              "--vector", out / "all_classes.gpkg", *SEG_RUN, "--dask", "local:2")
+    seg = cli_subprocess("segment", scenes / "*.tif", "--head", heads["segment"], "--backbone", backbone_dir,
+                         "-o", f"{out}/", "--vector", out / "all_classes.gpkg", *SEG_RUN, "--dask", "local:2")
     assert seg.returncode == 0, seg.stderr
-    clf = cli("classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir, "-o", f"{out}/",
-              *RUN, "--dask", "local:2")
+    clf = cli_subprocess("classify", scenes / "*.tif", "--head", heads["classify"], "--backbone", backbone_dir,
+                         "-o", f"{out}/", *RUN, "--dask", "local:2")
     assert clf.returncode == 0, clf.stderr
     assert "2 done, 0 skipped (complete), 0 failed" in clf.stderr
-    emb = cli("embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN, "--dask", "local:2")
+    emb = cli_subprocess("embed", scenes / "*.tif", "--backbone", backbone_dir, "-o", f"{out}/", *SEG_RUN,
+                         "--dask", "local:2")
     assert emb.returncode == 0, emb.stderr
     check_like_single(out, single, out / "all_classes.gpkg")
 
@@ -151,14 +152,15 @@ def test_head_batches_on_a_two_worker_cluster(scenes, heads, backbone_dir, singl
 def test_split_head_scene_equals_the_single_scene_run(scenes, heads, backbone_dir, tmp_path, capsys):
     """A scene cut into row bands (in-process), assembled into one class COG equal to the single-scene
     command's (batch size 1: every chip meets the model alone in both runs). 21 chip rows: 3 bands."""
-    scene = crop(CROPS["a_saltlake"][0], Window(200, 100, 300, 1000), tmp_path / "tall.tif")
+    scene = write_crop(CROPS["a_saltlake"][0], Window(200, 100, 300, 1000), tmp_path / "tall.tif")
     common = ["--head", heads["segment"], "--backbone", backbone_dir, *SEG_RUN, "--batch-size", "1"]
     assert main([str(a) for a in ["segment", scene, "-o", tmp_path / "one.tif", *common]]) == 0
     assert main([str(a) for a in ["segment", scene, "-o", f"{tmp_path}/split/", "--split-above", 300 * 300,
                                   *common]]) == 0
     summary = json.loads((tmp_path / "split" / "summary_segment.json").read_text())
     assert summary["done"][0]["bands"] == 3
-    np.testing.assert_array_equal(read(tmp_path / "split" / "tall_classes.tif"), read(tmp_path / "one.tif"))
+    np.testing.assert_array_equal(read_raster(tmp_path / "split" / "tall_classes.tif", 1),
+                                  read_raster(tmp_path / "one.tif", 1))
     capsys.readouterr()
 
 

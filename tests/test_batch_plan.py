@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MemorySink
 from dinov3_geo.batch.plan import MAX_EXTRA_CHIPS, band_count, plan_bands
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan, axis_starts
+from helpers import MemorySink
 
 
 def chips_of(bands, width: int, tile: int, overlap: int) -> int:

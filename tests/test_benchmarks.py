@@ -6,25 +6,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks" / "bench_pipeline.py"
+from helpers import run_benchmark
+
 HAVE_TERRATORCH = importlib.util.find_spec("terratorch") is not None
 
 
-def _run(tmp_path: Path, *args: str, timeout: int = 240) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--work", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+def _run(tmp_path: Path, *args: str) -> dict:
+    """``bench_pipeline.py`` on the CPU with its work files under ``tmp_path``: its JSON, once it succeeded."""
+    proc, res = run_benchmark("bench_pipeline.py", "--device", "cpu", "--work", tmp_path, *args, TQDM_DISABLE="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    return json.loads(last)
+    return res
 
 
 def _positive(res: dict, keys) -> None:
@@ -71,24 +66,18 @@ def test_bench_pipeline_embeddings_small_cpu(tmp_path):
 
 def test_bench_pipeline_reports_errors_as_json(tmp_path):
     """A failing run still ends with one JSON line (gpu.sh records it) and a non-zero exit."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--work", str(tmp_path),
-                           "--source", str(tmp_path / "missing.tif"), "--peer", "off"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    proc, res = run_benchmark("bench_pipeline.py", "--device", "cpu", "--work", tmp_path,
+                              "--source", tmp_path / "missing.tif", "--peer", "off", timeout=120)
     assert proc.returncode == 1
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "error" in res and res["model"] == "small"
 
 
 def test_bench_model_variants_small_cpu(tmp_path):
     """bench_model.py: each variant (bf16, cuDNN autotuning, channels-last head, fp8) against fp32 on
     real chips: errors and model-only speed."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_model.py"), "--model", "small",
-                           "--device", "cpu", "--tile", "128", "--batch", "2", "--iters", "1", "--work", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    proc, res = run_benchmark("bench_model.py", "--model", "small", "--device", "cpu", "--tile", "128", "--batch", "2",
+                              "--iters", "1", "--work", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
     for variant in ("bf16", "bf16_cudnn_benchmark", "bf16_channels_last", "fp8"):
         _positive(res[variant], ("median_rel_error", "p99_rel_error", "max_rel_error", "model_only_chips_per_s",
                                  "speedup_over_bf16"))

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -13,18 +10,14 @@ import rasterio
 import torch
 from rasterio.windows import Window
 from scipy import ndimage
-from test_heads_chmv2 import oracle, processed, small_chmv2, write_meta_pair
 
 import dinov3_geo
+from helpers import (SAMPLES, cli_subprocess, oracle, processed, read_raster, small_chmv2, write_crop,
+                     write_meta_pair)
 
-SAMPLES = Path(__file__).parents[1] / "data_samples"
 SALTLAKE = SAMPLES / "landsat7_saltlake_truecolor_utm12n.tif"
 BAHAMAS = SAMPLES / "rasterio_RGB.byte.tif"
 NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +36,9 @@ def chmv2(tmp_path_factory):
 def crop512(tmp_path_factory):
     """A 512 x 512 georeferenced crop of the real Salt Lake scene (no nodata inside)."""
     out = tmp_path_factory.mktemp("crop") / "saltlake_512.tif"
-    with rasterio.open(SALTLAKE) as src:
-        window = Window(200, 300, 512, 512)
-        data = src.read(window=window)
-        profile = src.profile | dict(width=512, height=512, transform=src.window_transform(window))
+    write_crop(SALTLAKE.name, Window(200, 300, 512, 512), out)
+    data = read_raster(out)
     assert (data > 0).all(axis=0).mean() > 0.99
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
     return out, data
 
 
@@ -61,8 +50,8 @@ def test_one_chip_matches_transformers(chmv2, crop512, tmp_path):
     model, hf_dir, _, _ = chmv2
     scene, data = crop512
     out = tmp_path / "canopy.tif"
-    run = cli("segment", scene, "--task", "canopy", "--weights", hf_dir, "-o", out, "--tile", 512, "--overlap", 0,
-              "--device", "cpu")
+    run = cli_subprocess("segment", scene, "--task", "canopy", "--weights", hf_dir, "-o", out, "--tile", 512,
+                         "--overlap", 0, "--device", "cpu")
     assert run.returncode == 0, run.stderr
     with rasterio.open(out) as ds:
         ours = ds.read(1)
@@ -79,7 +68,7 @@ def test_official_pth_layout_gives_the_same_output(chmv2, crop512, tmp_path):
     outs = []
     for name, weights in (("hf", ["--weights", hf_dir]), ("meta", ["--weights", head, "--backbone-weights", backbone])):
         out = tmp_path / f"{name}.tif"
-        run = cli("segment", scene, *weights, "-o", out, "--tile", 256, "--overlap", 32, "--device", "cpu")
+        run = cli_subprocess("segment", scene, *weights, "-o", out, "--tile", 256, "--overlap", 32, "--device", "cpu")
         assert run.returncode == 0, run.stderr
         with rasterio.open(out) as ds:
             outs.append(ds.read(1))
@@ -90,8 +79,8 @@ def test_multi_chip_scene_with_nodata_collar(chmv2, tmp_path):
     """Georeferencing, dtype, NaN placement, COG layout and the GeoPackage on a real scene."""
     _, hf_dir, _, _ = chmv2
     out, gpkg = tmp_path / "bahamas.tif", tmp_path / "bahamas.gpkg"
-    run = cli("segment", BAHAMAS, "--weights", hf_dir, "-o", out, "--vector", gpkg, "--min-height", 3,
-              "--tile", 128, "--overlap", 32, "--batch-size", 4, "--device", "cpu")
+    run = cli_subprocess("segment", BAHAMAS, "--weights", hf_dir, "-o", out, "--vector", gpkg, "--min-height", 3,
+                         "--tile", 128, "--overlap", 32, "--batch-size", 4, "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert re.search(r"pixel size is 300\.\d\d m", run.stderr) and "--gsd" in run.stderr
     assert "km²" in run.stderr and str(out) in run.stderr
@@ -135,8 +124,8 @@ def test_explicit_bands_change_the_input(chmv2, tmp_path):
     outs = []
     for bands in ("1,2,3", "3,2,1"):
         out = tmp_path / f"b{bands.replace(',', '')}.tif"
-        run = cli("segment", NAIP, "--weights", hf_dir, "-o", out, "--bands", bands, "--tile", 256,
-                  "--overlap", 32, "--device", "cpu")
+        run = cli_subprocess("segment", NAIP, "--weights", hf_dir, "-o", out, "--bands", bands, "--tile", 256,
+                             "--overlap", 32, "--device", "cpu")
         assert run.returncode == 0, run.stderr
         with rasterio.open(out) as ds:
             outs.append(ds.read(1))
@@ -148,12 +137,12 @@ def test_existing_output_is_kept_without_overwrite(chmv2, crop512, tmp_path):
     scene, _ = crop512
     out = tmp_path / "keep.tif"
     out.write_bytes(b"earlier result")
-    run = cli("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu")
+    run = cli_subprocess("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu")
     assert run.returncode == 1
     assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
     assert out.read_bytes() == b"earlier result"
-    run = cli("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu", "--overwrite",
-              "--tile", 256, "--overlap", 32)
+    run = cli_subprocess("segment", scene, "--weights", hf_dir, "-o", out, "--device", "cpu", "--overwrite",
+                         "--tile", 256, "--overlap", 32)
     assert run.returncode == 0, run.stderr
     with rasterio.open(out) as ds:
         assert ds.width == 512
@@ -163,8 +152,8 @@ def test_gsd_runs_on_another_grid_and_writes_back_on_the_input_grid(chmv2, tmp_p
     _, hf_dir, _, _ = chmv2
     stars = SAMPLES / "stars_L7_ETMs.tif"         # 6 bands, 28.5 m: run at 57 m (half the pixels a side)
     out = tmp_path / "stars.tif"
-    run = cli("segment", stars, "--weights", hf_dir, "-o", out, "--bands", "3,2,1", "--gsd", 57,
-              "--tile", 64, "--overlap", 16, "--device", "cpu")
+    run = cli_subprocess("segment", stars, "--weights", hf_dir, "-o", out, "--bands", "3,2,1", "--gsd", 57,
+                         "--tile", 64, "--overlap", 16, "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "pixel size" not in run.stderr            # the user chose the grid: no warning
     with rasterio.open(stars) as src, rasterio.open(out) as ds:

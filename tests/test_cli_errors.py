@@ -27,10 +27,10 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
-from rasterio.windows import Window
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data_samples" / "rasterio_RGB.byte.tif"
+from helpers import ROOT, SAMPLES, UTM, child_env, leftovers, rgb_crop, write_raster
+
+SAMPLE = SAMPLES / "rasterio_RGB.byte.tif"
 FAST = ["--tile", "64", "--overlap", "16", "--device", "cpu", "--batch-size", "4"]
 
 # -------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ class ForkServer:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=child_env())
         self.n = 0
 
     def run(self, args, cwd: Path, env: dict, timeout: int = 120) -> Result:
@@ -104,14 +104,6 @@ class ForkServer:
         self.proc.wait(timeout=30)
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINOV3GEO_", "PYTEST_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="session")
 def fork_server(tmp_path_factory):
     server = ForkServer(tmp_path_factory.mktemp("forkserver"))
@@ -122,7 +114,7 @@ def fork_server(tmp_path_factory):
 @pytest.fixture
 def cli(fork_server, tmp_path):
     """``cli(*args)`` runs ``dinov3geo`` in a child process (cwd = tmp_path, private weights cache)."""
-    env = _env(DINOV3GEO_CACHE=str(tmp_path / "cache"), DINOV3GEO_WEIGHTS=str(tmp_path / "no-weights"))
+    env = child_env(DINOV3GEO_CACHE=str(tmp_path / "cache"), DINOV3GEO_WEIGHTS=str(tmp_path / "no-weights"))
 
     def run(*args) -> Result:
         return fork_server.run(args, tmp_path, env)
@@ -132,7 +124,7 @@ def cli(fork_server, tmp_path):
 def run_python_m(args, cwd: Path, timeout: int = 120) -> Result:
     p = subprocess.run([sys.executable, "-m", "dinov3_geo.cli", *map(str, args)], cwd=cwd,
                        capture_output=True, text=True, timeout=timeout,
-                       env=_env(DINOV3GEO_CACHE=str(cwd / "cache")))
+                       env=child_env(DINOV3GEO_CACHE=str(cwd / "cache")))
     return Result(p.returncode, p.stdout, p.stderr)
 
 
@@ -168,30 +160,13 @@ def models(tmp_path_factory):
     return out
 
 
-def crop(size: int = 64, row: int = 300, col: int = 350) -> np.ndarray:
-    """A ``[3, size, size]`` uint8 crop of a real scene (all pixels valid)."""
-    with rasterio.open(SAMPLE) as src:
-        return src.read(window=Window(col, row, size, size))
-
-
-UTM = dict(crs="EPSG:32618", transform=Affine(0.6, 0, 500000.0, 0, -0.6, 4000000.0))
-
-
 def write(path: Path, array: np.ndarray, **profile) -> Path:
-    kw = dict(UTM)
-    kw.update(profile)
-    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
-                       count=array.shape[0], dtype=array.dtype.name, **kw) as ds:
-        ds.write(array)
-    return path
+    """``array`` as a GeoTIFF on the UTM grid unless ``profile`` says otherwise."""
+    return write_raster(path, array, **{**UTM, **profile})
 
 
 # -------------------------------------------------------------------------------------------------
 # Checks
-
-
-def hidden_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "partial" in p.name)
 
 
 def assert_failed(res: Result, rc: int, *needles: str, output: Path | None = None) -> str:
@@ -207,7 +182,7 @@ def assert_failed(res: Result, rc: int, *needles: str, output: Path | None = Non
     if output is not None:
         assert not output.exists(), f"{output} was written"
         if output.parent.is_dir():
-            assert hidden_files(output.parent) == [], hidden_files(output.parent)
+            assert leftovers(output.parent) == [], leftovers(output.parent)
     return line
 
 
@@ -215,7 +190,7 @@ def assert_ok(res: Result, output: Path) -> None:
     assert res.rc == 0, res.stderr
     assert "error:" not in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert output.exists()
-    assert hidden_files(output.parent) == [], hidden_files(output.parent)
+    assert leftovers(output.parent) == [], leftovers(output.parent)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -245,7 +220,7 @@ def _vrt_without_source(folder: Path) -> Path:
     """A VRT over a real crop whose source file was deleted afterwards."""
     import rasterio.shutil
 
-    source = write(folder / "tile.tif", crop())
+    source = write(folder / "tile.tif", rgb_crop())
     rasterio.shutil.copy(source, folder / "mosaic.vrt", driver="VRT")
     source.unlink()
     return folder / "mosaic.vrt"
@@ -259,10 +234,10 @@ BAD_INPUTS = {
     "empty file": (lambda d: (d / "empty.tif").write_bytes(b"") or d / "empty.tif", ["empty.tif", "0 bytes"]),
     "truncated": (lambda d: _truncated(d / "half.tif"), ["half.tif", "truncated"]),
     "zero bands": (lambda d: _netcdf_two_variables(d / "two.nc"), ["two.nc", "no raster band"]),
-    "two bands": (lambda d: write(d / "two.tif", crop()[:2]), ["two.tif", "2 bands", "--bands"]),
-    "8x8 px": (lambda d: write(d / "small.tif", crop(8)), ["small.tif", "too small", "8 x 8"]),
-    "complex": (lambda d: write(d / "cplx.tif", crop().astype(np.complex64)), ["cplx.tif", "complex64"]),
-    "boolean (1 bit)": (lambda d: write(d / "mask.tif", (crop()[:1] > 100).astype(np.uint8), nbits=1),
+    "two bands": (lambda d: write(d / "two.tif", rgb_crop()[:2]), ["two.tif", "2 bands", "--bands"]),
+    "8x8 px": (lambda d: write(d / "small.tif", rgb_crop(8)), ["small.tif", "too small", "8 x 8"]),
+    "complex": (lambda d: write(d / "cplx.tif", rgb_crop().astype(np.complex64)), ["cplx.tif", "complex64"]),
+    "boolean (1 bit)": (lambda d: write(d / "mask.tif", (rgb_crop()[:1] > 100).astype(np.uint8), nbits=1),
                         ["mask.tif", "1-bit"]),
     "VRT without its source": (lambda d: _vrt_without_source(d), ["mosaic.vrt", "source file", "tile.tif",
                                                                    "missing"]),
@@ -280,7 +255,7 @@ def test_bad_input(cli, models, tmp_path, case):
 
 
 def test_traceback_only_with_debug(cli, models, tmp_path):
-    scene = write(tmp_path / "cplx.tif", crop().astype(np.complex64))
+    scene = write(tmp_path / "cplx.tif", rgb_crop().astype(np.complex64))
     out = tmp_path / "canopy.tif"
     res = cli("segment", scene, "--weights", models["chm"], "-o", out, *FAST, "--debug")
     assert res.rc == 1
@@ -303,7 +278,7 @@ def test_all_nodata_writes_fully_nodata_output_and_says_so(cli, models, tmp_path
 
 def test_geographic_crs_works_with_pixel_size_note(cli, models, tmp_path):
     deg = 0.6 / 111_000
-    scene = write(tmp_path / "geo.tif", crop(), crs="EPSG:4326", transform=Affine(deg, 0, 10.0, 0, -deg, 45.0))
+    scene = write(tmp_path / "geo.tif", rgb_crop(), crs="EPSG:4326", transform=Affine(deg, 0, 10.0, 0, -deg, 45.0))
     out = tmp_path / "geo_canopy.tif"
     res = cli("segment", scene, "--weights", models["chm"], "-o", out, *FAST)
     assert_ok(res, out)
@@ -316,7 +291,7 @@ def test_geographic_crs_works_with_pixel_size_note(cli, models, tmp_path):
 def plain_scene(path: Path) -> Path:
     """A real crop with no georeference at all (no CRS, no transform)."""
     with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as ds:
-        ds.write(crop())
+        ds.write(rgb_crop())
     return path
 
 
@@ -376,7 +351,7 @@ BAD_OPTIONS = {
 
 @pytest.fixture
 def good_scene(tmp_path):
-    return write(tmp_path / "scene.tif", crop())
+    return write(tmp_path / "scene.tif", rgb_crop())
 
 
 @pytest.mark.parametrize("case", list(BAD_OPTIONS))
@@ -565,7 +540,7 @@ def test_target_exists_without_overwrite(cli, models, tmp_path, good_scene, whic
     assert_failed(res, 1, existing.name, "exists", "overwrite")
     assert existing.read_bytes() == b"earlier result"
     assert not (vec if which == "raster" else out).exists()
-    assert hidden_files(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_target_is_the_input(cli, models, tmp_path, good_scene):
@@ -573,7 +548,7 @@ def test_target_is_the_input(cli, models, tmp_path, good_scene):
     res = cli("segment", good_scene, "--weights", models["chm"], "-o", good_scene, "--overwrite", *FAST)
     assert_failed(res, 1, "scene.tif", "input")
     assert good_scene.read_bytes() == before
-    assert hidden_files(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_vector_same_as_raster(cli, models, tmp_path, good_scene):
@@ -595,7 +570,7 @@ def test_overwrite_replaces(cli, models, tmp_path, good_scene):
 
 
 def test_python_m_entry_point(models, tmp_path):
-    scene = write(tmp_path / "cplx.tif", crop().astype(np.complex64))
+    scene = write(tmp_path / "cplx.tif", rgb_crop().astype(np.complex64))
     res = run_python_m(["segment", scene, "--weights", models["chm"], "-o", tmp_path / "o.tif", *FAST], tmp_path)
     assert_failed(res, 1, "cplx.tif", "complex64", output=tmp_path / "o.tif")
 
@@ -603,5 +578,5 @@ def test_python_m_entry_point(models, tmp_path):
 @pytest.mark.skipif(shutil.which("dinov3geo") is None, reason="console script not installed")
 def test_console_script(tmp_path):
     p = subprocess.run(["dinov3geo", "segment", "none.tif", "-o", "out.tif", "--tile", "60"], capture_output=True, text=True,
-                       cwd=tmp_path, env=_env(), timeout=120)
+                       cwd=tmp_path, env=child_env(), timeout=120)
     assert_failed(Result(p.returncode, p.stdout, p.stderr), 2, "--tile", "60")

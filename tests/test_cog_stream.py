@@ -7,9 +7,9 @@ from rasterio.control import GroundControlPoint
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from conftest import stream
 from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.scene import open_scene
+from helpers import mean_model, stream
 
 RGB = "rasterio_RGB.byte.tif"           # 791 x 718: odd sides
 SALT = "landsat7_saltlake_truecolor_utm12n.tif"
@@ -21,10 +21,6 @@ def flat_scene(path, height, width):
                        crs="EPSG:32633", transform=rasterio.Affine(10, 0, 400000, 0, -10, 5000000)) as ds:
         ds.write(np.full((3, height, width), 7, np.uint8))
     return path
-
-
-def mean_model(x):
-    return x.mean(0, keepdims=True)
 
 
 def three_features(x):

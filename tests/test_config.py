@@ -1,13 +1,12 @@
 """Option files (configs/*.yaml) through the command line."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from dinov3_geo.cli import main, parse
+from helpers import ROOT, SAMPLES
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -33,7 +32,7 @@ def test_command_line_wins_over_the_file(tmp_path):
 def test_bad_config_is_one_usage_error(tmp_path, capsys, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    scene = Path(__file__).parents[1] / "data_samples" / "stars_L7_ETMs.tif"
+    scene = SAMPLES / "stars_L7_ETMs.tif"
     code = main(["segment", str(scene), "-o", str(tmp_path / "o.tif"), "--config", str(cfg)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from rasterio.windows import Window
 
@@ -15,7 +14,7 @@ from dinov3_geo.errors import UsageError
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.pipeline import ChipPlan, DenseOutput, RunSettings, run_chips, write_dense
 from dinov3_geo.tasks.registry import ModelSource, request_for
-from test_batch import crop
+from helpers import read_raster, write_crop
 
 SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
 
@@ -27,15 +26,10 @@ class Doubled(torch.nn.Module):
         return x[:, :1] * 2
 
 
-def read(path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
-
 @pytest.fixture(scope="module")
 def three_scenes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenes")
-    return [crop(SCENE, Window(100 * k, 200, 260, 230), folder / f"s{k}.tif") for k in range(3)]
+    return [write_crop(SCENE, Window(100 * k, 200, 260, 230), folder / f"s{k}.tif") for k in range(3)]
 
 
 def test_a_worker_runs_every_scene_with_one_engine(three_scenes, tmp_path):
@@ -48,7 +42,7 @@ def test_a_worker_runs_every_scene_with_one_engine(three_scenes, tmp_path):
     assert runtime.engine.runs == 3 and runtime.engine.model is runtime.model
     alone = Runtime(job)
     assert alone.scene(three_scenes[2], tmp_path / "alone.tif").ok and alone.engine.runs == 1
-    np.testing.assert_array_equal(read(tmp_path / "out2.tif"), read(tmp_path / "alone.tif"))
+    np.testing.assert_array_equal(read_raster(tmp_path / "out2.tif"), read_raster(tmp_path / "alone.tif"))
 
 
 @pytest.mark.slow

@@ -29,8 +29,8 @@ from dinov3_geo.explorer.render import ramp_colours, ramp_index
 from dinov3_geo.explorer.similarity import reduce_features
 from dinov3_geo.io.patchmap import open_features
 from dinov3_geo.testing.tiled_scene import tiled_vrt
+from helpers import SAMPLES
 
-SAMPLES = Path(__file__).resolve().parents[1] / "data_samples"
 SCENE = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 BEFORE = SAMPLES / "naip_m_4709963_se_14_1_20190904.tif"
 CHIP = SAMPLES / "chesapeake" / "id_000367_image.tif"

@@ -2,7 +2,6 @@
 tests), the real-weights command without weights, and its Python blocks, run as written."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -13,9 +12,10 @@ import pyogrio
 import pytest
 import rasterio
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT, SAMPLES, child_env
+
 README = (ROOT / "README.md").read_text()
-NAIP = ROOT / "data_samples" / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
+NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 # Run as a fresh machine would: transformers (a dev-only test oracle) cannot be imported, nothing
 # can be downloaded, no weights in the cache.
 NO_TRANSFORMERS = "import sys; sys.modules['transformers'] = None; from dinov3_geo.cli import main; sys.exit(main())"
@@ -37,9 +37,7 @@ def run_command(line: str, cwd: Path, tmp_path: Path) -> subprocess.CompletedPro
     """A README ``dinov3geo ...`` line, run through the same ``main`` without transformers."""
     args = shlex.split(line)
     assert args[0] == "dinov3geo", line
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINOV3GEO_", "PYTEST_"))}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               DINOV3GEO_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env = child_env(DINOV3GEO_CACHE=str(tmp_path / "empty-cache"), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-c", NO_TRANSFORMERS, *args[1:]], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -6,20 +6,19 @@ accumulation, bf16 output), so the accuracy is checked here; speed is measured o
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
-from test_heads_chmv2 import small_chmv2
 
 import dinov3_geo
 from dinov3_geo.engine import Engine, RunSettings
 from dinov3_geo.errors import DeviceError
 from dinov3_geo.models.fp8 import Float8Linear, linears_to_fp8
+from helpers import SAMPLES, small_chmv2
 
-NAIP = Path(__file__).parents[1] / "data_samples" / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
+NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 
 
 @pytest.mark.parametrize("rows,bias", [(64, True), (37, False)], ids=["aligned-bias", "padded-rows"])

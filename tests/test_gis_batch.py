@@ -11,8 +11,6 @@ import pystac
 import pytest
 import rasterio
 from pyproj import Geod
-from rasterio.vrt import WarpedVRT
-from rasterio.warp import calculate_default_transform
 from rasterio.windows import Window
 
 import geopandas as gpd
@@ -23,36 +21,12 @@ from dinov3_geo.batch.mosaic import merge_vectors, write_vrts
 from dinov3_geo.io.stac import item_path
 from dinov3_geo.io.styles import class_table, layer_styles, qml_path, write_layer_style
 from dinov3_geo.io.gpkg import write_gpkg_layer
-from test_gis_outputs import CHESAPEAKE, assert_geopackage_12, categories
+from helpers import SAMPLES, assert_geopackage_12, categories, leftovers, write_crop
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+CHESAPEAKE = "chesapeake/id_000051_image.tif"      # no CRS, no geotransform, no GCPs
 SALT_LAKE = "landsat7_saltlake_truecolor_utm12n.tif"          # EPSG:32612, 30 m
 FAST = dict(tile=128, overlap=32, device="cpu", progress=False)
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-
-
-def crop(window: Window, out: Path, crs: str | None = None) -> Path:
-    """A crop of the Salt Lake scene, warped into ``crs`` when given (rasterio's WarpedVRT)."""
-    with rasterio.open(SAMPLES / SALT_LAKE) as src:
-        profile = src.profile | dict(width=window.width, height=window.height, transform=src.window_transform(window))
-        data = src.read(window=window)
-    with rasterio.MemoryFile() as mem:
-        with mem.open(**profile) as part:
-            part.write(data)
-        with mem.open() as part:
-            if crs is None:
-                return _write(out, part.profile, part.read())
-            transform, width, height = calculate_default_transform(part.crs, crs, part.width, part.height,
-                                                                   *part.bounds)
-            with WarpedVRT(part, crs=crs, transform=transform, width=width, height=height, nodata=0) as vrt:
-                return _write(out, part.profile | dict(crs=crs, transform=transform, width=width, height=height,
-                                                       nodata=0), vrt.read())
-
-
-def _write(out: Path, profile: dict, data: np.ndarray) -> Path:
-    with rasterio.open(out, "w", **(profile | dict(driver="GTiff"))) as dst:
-        dst.write(data)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +34,10 @@ def scenes(tmp_path_factory) -> Path:
     """Four real crops in three CRSs (two in UTM 12N, one warped to WGS 84 degrees, one to CONUS
     Albers) and one chip without any georeference."""
     folder = tmp_path_factory.mktemp("scenes")
-    crop(Window(200, 300, 160, 150), folder / "a_utm.tif")
-    crop(Window(400, 300, 150, 160), folder / "b_utm.tif")
-    crop(Window(300, 450, 150, 150), folder / "c_wgs84.tif", "EPSG:4326")
-    crop(Window(500, 450, 160, 150), folder / "d_albers.tif", "EPSG:5070")
+    write_crop(SALT_LAKE, Window(200, 300, 160, 150), folder / "a_utm.tif")
+    write_crop(SALT_LAKE, Window(400, 300, 150, 160), folder / "b_utm.tif")
+    write_crop(SALT_LAKE, Window(300, 450, 150, 150), folder / "c_wgs84.tif", "EPSG:4326")
+    write_crop(SALT_LAKE, Window(500, 450, 160, 150), folder / "d_albers.tif", "EPSG:5070")
     (folder / "e_plain.tif").write_bytes((SAMPLES / CHESAPEAKE).read_bytes())
     return folder
 
@@ -154,7 +128,7 @@ def test_every_output_has_a_stac_item_in_the_collection(job):
     west, south, east, north = collection.extent.spatial.bboxes[0]
     assert all(west <= i.bbox[0] and i.bbox[2] <= east and south <= i.bbox[1] and i.bbox[3] <= north
                for i in items.values() if i.bbox)
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]    # the killed run's temporary too
+    assert leftovers(out) == []         # the killed run's temporary too
 
 
 def test_a_resumed_job_keeps_the_items_of_skipped_scenes(scenes, job):

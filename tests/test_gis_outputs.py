@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -32,6 +31,7 @@ from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.stac import item_path
 from dinov3_geo.io.styles import layer_styles, qml_path
 from dinov3_geo.io.vector import polygonize_classes, polygonize_threshold
+from helpers import assert_geopackage_12, categories, write_crop
 
 CHESAPEAKE = "chesapeake/id_000051_image.tif"      # no CRS, no geotransform, no GCPs
 NAIP = "opengeos_naip_m_4709963_se_14_1_20200831.tif"
@@ -41,41 +41,19 @@ COLOURS = {0: (30, 90, 200), 1: (20, 140, 40), 2: (128, 128, 128)}
 #: GeoTIFF tags that place a raster: pixel scale, tie points, transformation, GeoKeys.
 GEO_TAGS = {33550, 33922, 34264, 34735}
 #: GeoPackage 1.2's R-tree triggers (1.4 replaced update1 and update3 by update5-7).
-RTREE_TRIGGERS_12 = ("insert", "update1", "update2", "update3", "update4", "delete")
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
 
 @pytest.fixture(scope="module")
 def naip(tmp_path_factory) -> Path:
     """A 256 x 256 crop of the NAIP sample (EPSG:26914, 5 m): small enough for quick runs."""
-    window = Window(300, 200, 256, 256)
-    with rasterio.open(Path(__file__).resolve().parent.parent / "data_samples" / NAIP) as src:
-        profile = src.profile | dict(width=256, height=256, transform=src.window_transform(window))
-        data = src.read(window=window)
-    path = tmp_path_factory.mktemp("naip") / "naip.tif"
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    return write_crop(NAIP, Window(300, 200, 256, 256), tmp_path_factory.mktemp("naip") / "naip.tif")
 
 
 def geo_tags(path) -> set[int]:
     """The georeferencing tags of a GeoTIFF's first IFD (empty: GIS tools see no georeference)."""
     with tifffile.TiffFile(path) as tif:
         return {code for code in tif.pages[0].tags.keys() if code in GEO_TAGS}
-
-
-def assert_geopackage_12(path) -> None:
-    """``path`` is a GeoPackage 1.2 (what GDAL 3.6 writes and validates) with 1.2's R-tree triggers
-    on every feature table, and QGIS's layer_styles table among its registered contents."""
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47        # 'GPKG'
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 10200
-        tables = db.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall()
-        triggers = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    assert tables
-    for table, column in tables:
-        ours = {t for t in triggers if t.startswith(f"rtree_{table}_{column}_")}
-        assert ours == {f"rtree_{table}_{column}_{kind}" for kind in RTREE_TRIGGERS_12}, ours
 
 
 def model(channels: int, seed: int = 0) -> torch.nn.Module:
@@ -196,22 +174,6 @@ def palette(qml: str) -> list[tuple[int, str, str]]:
     renderer = root.find("pipe/rasterrenderer")
     assert renderer.get("type") == "paletted" and renderer.get("band") == "1"
     return [(int(e.get("value")), e.get("label"), e.get("color")) for e in renderer.iter("paletteEntry")]
-
-
-def categories(qml: str) -> tuple[str, list[tuple[str, str, tuple]]]:
-    """(attribute, [(value, label, fill colour)]) of a categorised vector style."""
-    root = ET.fromstring(qml.split("\n", 1)[1])
-    renderer = root.find("renderer-v2")
-    assert root.tag == "qgis" and renderer.get("type") == "categorizedSymbol"
-    symbols = {s.get("name"): s for s in renderer.find("symbols")}
-    out = []
-    for cat in renderer.find("categories"):
-        layer = symbols[cat.get("symbol")].find("layer")
-        assert layer.get("class") == "SimpleFill"
-        colour = layer.find("Option/Option[@name='color']").get("value")
-        assert layer.find("prop[@k='color']").get("v") == colour     # both forms QGIS reads
-        out.append((cat.get("value"), cat.get("label"), tuple(int(v) for v in colour.split(",")[:3])))
-    return renderer.get("attr"), out
 
 
 def hex_colour(rgb) -> str:

@@ -9,11 +9,14 @@ import pyogrio
 import pytest
 import rasterio
 from rasterio.features import shapes
+from sklearn.metrics import jaccard_score
 
 from dinov3_geo.io.vector import polygonize_classes
+from dinov3_geo.models.heads.io import load_head
+from dinov3_geo.train.metrics import confusion, mean_iou
+from helpers import (CHESAPEAKE, FAST_SEG, LANDCOVER, SAMPLES, geobench_classification, geobench_segmentation,
+                     label_of, run_cli)
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
 NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 
 
@@ -54,26 +57,6 @@ def test_class_polygons_match_whole_raster_shapes(class_raster, tmp_path, strip_
 
 # -- applying trained heads through the command line -------------------------------------------------
 
-from sklearn.metrics import jaccard_score  # noqa: E402
-
-from dinov3_geo.cli import main  # noqa: E402
-from dinov3_geo.models.heads.io import load_head  # noqa: E402
-from dinov3_geo.testing.random_backbone import write_random_backbone  # noqa: E402
-from dinov3_geo.train.metrics import confusion, mean_iou  # noqa: E402
-from test_heads_train import (CHESAPEAKE, FAST_SEG, LANDCOVER, geobench_classification,  # noqa: E402
-                              geobench_segmentation)
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "dinov3-tiny")
-
-
-def cli(args: list, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
 def test_chesapeake_pairs_train_then_map_another_pair(tmp_path, backbone_dir, capsys):
     """Train on four Chesapeake pairs, map the fifth image: a uint8 class COG with the head's colour
     table and class names (255 nodata) and class polygons; its mIoU against the fifth label is
@@ -82,13 +65,13 @@ def test_chesapeake_pairs_train_then_map_another_pair(tmp_path, backbone_dir, ca
     args = ["train", "segment", "--classes", LANDCOVER, "--decoder", "linear", "--backbone", backbone_dir,
             "-o", tmp_path / "head.safetensors", "--cache", tmp_path / "cache", *FAST_SEG]
     for image in train:
-        args += ["--image", image, "--labels", str(image).replace("_image", "_label")]
-    code, err = cli(args, capsys)
+        args += ["--image", image, "--labels", label_of(image)]
+    code, err = run_cli(args, capsys)
     assert code == 0, err
     target = CHESAPEAKE[4]
     out, vec = tmp_path / "classes.tif", tmp_path / "classes.gpkg"
-    code, err = cli(["segment", target, "--head", tmp_path / "head.safetensors", "--backbone", backbone_dir,
-                     "-o", out, "--vector", vec, "--tile", "128", "--overlap", "32", "--device", "cpu"], capsys)
+    code, err = run_cli(["segment", target, "--head", tmp_path / "head.safetensors", "--backbone", backbone_dir,
+                         "-o", out, "--vector", vec, "--tile", "128", "--overlap", "32", "--device", "cpu"], capsys)
     assert code == 0, err
     head = load_head(tmp_path / "head.safetensors")
     with rasterio.open(out) as ds:
@@ -98,7 +81,7 @@ def test_chesapeake_pairs_train_then_map_another_pair(tmp_path, backbone_dir, ca
         tags = ds.tags()
     assert all(tuple(cmap[i][:3]) == tuple(head.colors[i]) for i in range(7))
     assert [tags[f"CLASS_{i}"] for i in range(7)] == LANDCOVER.split(",")
-    with rasterio.open(str(target).replace("_image", "_label")) as ds:
+    with rasterio.open(label_of(target)) as ds:
         truth = ds.read(1)
     present = np.union1d(np.unique(truth), np.unique(pred))
     assert mean_iou(confusion(truth, pred, 7)) == pytest.approx(
@@ -113,13 +96,13 @@ def test_geobench_dpt_head_maps_a_georeferenced_scene(tmp_path, backbone_dir, ca
     """A DPT head trained on a GEO-Bench-format task maps a real scene of data_samples: the class COG
     is on the scene's grid, nodata where the scene is, polygons carry class names and area_m2."""
     folder = geobench_segmentation(tmp_path / "m-chesapeake-landcover", size=64)
-    code, err = cli(["train", "segment", "--geobench", folder, "--decoder", "dpt", "--backbone", backbone_dir,
-                     "-o", tmp_path / "dpt.safetensors", "--cache", tmp_path / "cache", *FAST_SEG], capsys)
+    code, err = run_cli(["train", "segment", "--geobench", folder, "--decoder", "dpt", "--backbone", backbone_dir,
+                         "-o", tmp_path / "dpt.safetensors", "--cache", tmp_path / "cache", *FAST_SEG], capsys)
     assert code == 0, err
     scene = SAMPLES / "rasterio_RGB.byte.tif"
     out, vec = tmp_path / "c.tif", tmp_path / "c.gpkg"
-    code, err = cli(["segment", scene, "--head", tmp_path / "dpt.safetensors", "--backbone", backbone_dir, "-o", out,
-                     "--vector", vec, "--tile", "256", "--overlap", "32", "--device", "cpu"], capsys)
+    code, err = run_cli(["segment", scene, "--head", tmp_path / "dpt.safetensors", "--backbone", backbone_dir,
+                         "-o", out, "--vector", vec, "--tile", "256", "--overlap", "32", "--device", "cpu"], capsys)
     assert code == 0, err
     with rasterio.open(scene) as src, rasterio.open(out) as ds:
         assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
@@ -134,13 +117,14 @@ def test_classify_scene_chips(tmp_path, backbone_dir, capsys):
     """A probe classifies every 64 px chip of a real scene: one chip polygon per computed chip, the
     class is the most probable, the probabilities sum to one."""
     folder = geobench_classification(tmp_path / "task")
-    code, err = cli(["train", "classify", "--geobench", folder, "--backbone", backbone_dir, "-o",
-                     tmp_path / "probe.safetensors", "--c-grid", "1", "--device", "cpu", "--cache", tmp_path / "c"], capsys)
+    code, err = run_cli(["train", "classify", "--geobench", folder, "--backbone", backbone_dir, "-o",
+                         tmp_path / "probe.safetensors", "--c-grid", "1", "--device", "cpu", "--cache", tmp_path / "c"],
+                        capsys)
     assert code == 0, err
     scene = SAMPLES / "stars_L7_ETMs.tif"
     out = tmp_path / "chips.gpkg"
-    code, err = cli(["classify", scene, "--head", tmp_path / "probe.safetensors", "--backbone", backbone_dir,
-                     "--tile", "64", "-o", out, "--device", "cpu", "--bands", "3,2,1"], capsys)
+    code, err = run_cli(["classify", scene, "--head", tmp_path / "probe.safetensors", "--backbone", backbone_dir,
+                         "--tile", "64", "-o", out, "--device", "cpu", "--bands", "3,2,1"], capsys)
     assert code == 0, err
     chips = pyogrio.read_dataframe(out, layer="chips")
     assert len(chips) == 36                          # 349 x 352 px in 64 px chips: 6 x 6
@@ -157,14 +141,16 @@ def test_apply_refuses_a_file_that_is_not_a_head(tmp_path, backbone_dir, capsys)
     """A raster given as --head, or a head of the other task: one error line, nothing written."""
     scene = SAMPLES / "rasterio_RGB.byte.tif"
     out = tmp_path / "c.tif"
-    code, err = cli(["segment", scene, "--head", scene, "--backbone", backbone_dir, "-o", out], capsys)
+    code, err = run_cli(["segment", scene, "--head", scene, "--backbone", backbone_dir, "-o", out], capsys)
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 1 and len(lines) == 1 and "not a dinov3-geo head file" in lines[0], err
     assert not out.exists()
     folder = geobench_classification(tmp_path / "task")
-    assert cli(["train", "classify", "--geobench", folder, "--backbone", backbone_dir, "-o", tmp_path / "p.safetensors",
-                "--c-grid", "1", "--device", "cpu", "--cache", tmp_path / "c"], capsys)[0] == 0
-    code, err = cli(["segment", scene, "--head", tmp_path / "p.safetensors", "--backbone", backbone_dir, "-o", out], capsys)
+    assert run_cli(["train", "classify", "--geobench", folder, "--backbone", backbone_dir,
+                    "-o", tmp_path / "p.safetensors", "--c-grid", "1", "--device", "cpu", "--cache", tmp_path / "c"],
+                   capsys)[0] == 0
+    code, err = run_cli(["segment", scene, "--head", tmp_path / "p.safetensors", "--backbone", backbone_dir, "-o", out],
+                        capsys)
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 1 and len(lines) == 1 and "a classify head" in lines[0], err
     assert not out.exists()

@@ -7,45 +7,23 @@ oracle's heights on a real Landsat crop preprocessed by ``CHMv2ImageProcessor``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
-from transformers import CHMv2Config, CHMv2ForDepthEstimation, CHMv2ImageProcessor, DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from dinov3_geo.errors import WeightsError
 from dinov3_geo.models.canopy import (CHMV2_LAYERS, CHMV2_MEAN, CHMV2_STD, CanopyModel, even_layers,
                                       load_canopy_model)
-from dinov3_geo.models.heads.chmv2 import OUTPUT_ALIGN_CORNERS, read_chmv2_weights
+from dinov3_geo.models.heads.chmv2 import OUTPUT_ALIGN_CORNERS
 from dinov3_geo.models.heads.dpt import hf_to_meta_head_state
-from dinov3_geo.models.weights import hf_to_meta_backbone_state
+from helpers import SAMPLES, oracle, processed, small_chmv2, write_meta_pair
 
-SCENE = Path("/work/shared/data/imagery/landsat7_saltlake_truecolor_utm12n.tif")
+SCENE = SAMPLES / "landsat7_saltlake_truecolor_utm12n.tif"
 REL_TOL = 1e-3
-
-
-def small_chmv2(key_bias: bool = True, eps: float = 1e-5, readout: str = "project", seed: int = 0):
-    """A tiny random CHMv2 (hidden 64, 4 blocks) with every tensor random, biases included."""
-    bb = dict(model_type="dinov3_vit", hidden_size=64, intermediate_size=256, num_attention_heads=4,
-              num_hidden_layers=4, num_register_tokens=4, key_bias=key_bias, out_indices=[1, 2, 3, 4],
-              reshape_hidden_states=True, apply_layernorm=True, layer_norm_eps=eps, return_class_token=True,
-              patch_size=16, layerscale_value=0.5)
-    cfg = CHMv2Config(backbone_config=bb, post_process_channels=[16, 32, 64, 64], fusion_hidden_size=32,
-                      head_hidden_size=16, number_output_channels=32, readout_type=readout)
-    torch.manual_seed(seed)
-    model = CHMv2ForDepthEstimation(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("backbone."):
-                p.normal_(0.0, 0.2)
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.01)
-            else:                                   # unit-gain init, so heights vary across the image
-                p.normal_(0.0, p[0].numel() ** -0.5)
-    return model
 
 
 @pytest.fixture(scope="module", params=[(True, 1e-5), (False, 1e-6)], ids=["kbias-eps1e-5", "nokbias-eps1e-6"])
@@ -65,31 +43,11 @@ def meta_files(hf_case, tmp_path_factory):
     return write_meta_pair(folder, tmp_path_factory.mktemp("meta"))
 
 
-def write_meta_pair(folder: Path, out: Path) -> tuple[Path, Path]:
-    """Convert an HF CHMv2 folder to (head.pth, backbone.pth) in Meta's key names."""
-    w = read_chmv2_weights(folder)
-    head, backbone = out / "dinov3_vitl16_chmv2_dpt_head-3703d643.pth", out / "backbone.pth"
-    torch.save(w.head_state, head)
-    torch.save(hf_to_meta_backbone_state(w.backbone_state, w.backbone_config), backbone)
-    return head, backbone
-
-
 def scene_crop(height: int, width: int) -> torch.Tensor:
     """uint8 RGB [3,H,W] from the Landsat true-colour scene."""
     with rasterio.open(SCENE) as src:
         arr = src.read([1, 2, 3], window=((300, 300 + height), (200, 200 + width)))
     return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def processed(img: torch.Tensor) -> torch.Tensor:
-    """``pixel_values`` exactly as transformers' CHMv2 processor makes them (normalise, center-pad)."""
-    return CHMv2ImageProcessor()(images=img, return_tensors="pt")["pixel_values"]
-
-
-def oracle(model: CHMv2ForDepthEstimation, pixel_values: torch.Tensor) -> torch.Tensor:
-    """transformers' heights [B,1,h,w] at the network's output size."""
-    with torch.no_grad():
-        return model(pixel_values=pixel_values).predicted_depth[:, None]
 
 
 def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -30,105 +30,17 @@ from dinov3_geo.testing.random_backbone import write_random_backbone
 from dinov3_geo.train.features import backbone_identity, extract_features
 from dinov3_geo.train.geobench_data import RestrictedUnpickler, geobench_task, safe_unpickle, task_specs
 from dinov3_geo.train.metrics import confusion, mean_iou, scores
-
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
-CHESAPEAKE = sorted((SAMPLES / "chesapeake").glob("*_image.tif"))
-LANDCOVER = "unused,water,tree canopy,low vegetation,barren,impervious other,impervious road"
-FAST_SEG = ["--epochs", "1", "--lrs", "1e-3", "--chip", "64", "--batch-size", "4", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory) -> Path:
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "dinov3-tiny")
-
-
-def run_cli(args: list, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def real_chips(scene: Path, size: int, count: int, bands=(1, 2, 3)) -> list[np.ndarray]:
-    """``count`` chips [3,size,size] of a real scene, from fully valid windows along the diagonal."""
-    out = []
-    with rasterio.open(scene) as src:
-        step = max(1, (min(src.width, src.height) - size) // (3 * count))
-        for i in range(10 * count):
-            w = Window(size + i * step, size + i * step, size, size)
-            data = src.read(list(bands), window=w)
-            if (src.read_masks(1, window=w) > 0).all() and data.std() > 0:
-                out.append(data)
-            if len(out) == count:
-                break
-    assert len(out) == count
-    return out
-
-
-def write_geobench_sample(path: Path, bands: dict, label=None, pickle_label=None) -> None:
-    """One sample in GEO-Bench's HDF5 layout: a dataset per band, the label as a dataset
-    (segmentation) or in the ``pickle`` attribute (classification), stored as repr(bytes)."""
-    with h5py.File(path, "w") as h5:
-        for name, arr in bands.items():
-            h5.create_dataset(name, data=arr)
-        if label is not None:
-            h5.create_dataset("label", data=label.astype(np.int64))
-        h5.attrs["pickle"] = repr(pickle.dumps({"label": pickle_label} if pickle_label is not None else {}))
-
-
-def write_band_stats(folder: Path, samples: list[dict]) -> None:
-    stats = {}
-    for name in samples[0]:
-        v = np.concatenate([s[name].ravel() for s in samples]).astype(np.float64)
-        stats[name] = {"min": v.min(), "max": v.max(), "mean": v.mean(), "std": v.std(),
-                       "percentile_0_1": np.percentile(v, 0.1), "percentile_99_9": np.percentile(v, 99.9)}
-    (folder / "band_stats.json").write_text(json.dumps(stats))
-
-
-def geobench_classification(folder: Path) -> Path:
-    """Two classes of real 32 px chips (Bahamas Landsat vs North Dakota NAIP), 8 each, S2 band names."""
-    folder.mkdir(parents=True)
-    chips = [(0, c) for c in real_chips(SAMPLES / "rasterio_RGB.byte.tif", 32, 8)]
-    chips += [(1, c) for c in real_chips(SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif", 32, 8)]
-    names = {"train": [], "valid": [], "test": []}
-    samples = []
-    for i, (label, chip) in enumerate(chips):
-        bands = {"04 - Red": chip[0].astype(np.float64) * 10, "03 - Green": chip[1].astype(np.float64) * 10,
-                 "02 - Blue": chip[2].astype(np.float64) * 10, "08 - NIR": chip[0].astype(np.float64)}
-        write_geobench_sample(folder / f"examples_{i}.hdf5", bands, pickle_label=label)
-        samples.append(bands)
-        names[(("train",) * 4 + ("valid",) * 2 + ("test",) * 2)[i % 8]].append(f"examples_{i}")
-    write_band_stats(folder, samples)
-    (folder / "default_partition.json").write_text(json.dumps(names))
-    return folder
-
-
-def geobench_segmentation(folder: Path, size: int = 256) -> Path:
-    """The five real Chesapeake pairs (top-left ``size`` px) as a GEO-Bench segmentation task
-    (float 0..1 bands + label)."""
-    folder.mkdir(parents=True)
-    samples, ids = [], []
-    for image in CHESAPEAKE:
-        with rasterio.open(image) as src:
-            data = src.read(window=Window(0, 0, size, size)).astype(np.float32) / 255
-        with rasterio.open(str(image).replace("_image", "_label")) as src:
-            label = src.read(1, window=Window(0, 0, size, size))
-        bands = {"Red": data[0], "Green": data[1], "Blue": data[2], "NearInfrared": data[3]}
-        sid = image.name.replace("_image.tif", "")
-        write_geobench_sample(folder / f"{sid}.hdf5", bands, label=label)
-        samples.append(bands)
-        ids.append(sid)
-    write_band_stats(folder, samples)
-    (folder / "default_partition.json").write_text(json.dumps({"train": ids[:3], "valid": ids[3:4], "test": ids[4:]}))
-    return folder
+from helpers import (CHESAPEAKE, FAST_SEG, SAMPLES, geobench_classification, geobench_segmentation, label_of, real_chips,
+                     run_cli)
 
 
 # -- metrics ------------------------------------------------------------------------------------------
 
 def test_metrics_match_scikit_learn():
     """Accuracy and mIoU (ignore label 255, optionally ignoring class 0) equal scikit-learn's."""
-    with rasterio.open(CHESAPEAKE[0].with_name(CHESAPEAKE[0].name.replace("_image", "_label"))) as src:
+    with rasterio.open(label_of(CHESAPEAKE[0])) as src:
         truth = src.read(1)
-    with rasterio.open(CHESAPEAKE[1].with_name(CHESAPEAKE[1].name.replace("_image", "_label"))) as src:
+    with rasterio.open(label_of(CHESAPEAKE[1])) as src:
         pred = src.read(1)
     truth = truth.copy()
     truth[:10] = 255
@@ -287,7 +199,7 @@ def _one_error(code: int, err: str, out: Path, pattern: str) -> None:
 
 def test_bad_label_values(tmp_path, backbone_dir, capsys):
     out = tmp_path / "h.safetensors"
-    label = str(CHESAPEAKE[0]).replace("_image", "_label")
+    label = str(label_of(CHESAPEAKE[0]))
     code, err = run_cli(["train", "segment", "--image", CHESAPEAKE[0], "--labels", label, "--classes", "a,b",
                          "--backbone", backbone_dir, "-o", out, *FAST_SEG], capsys)
     _one_error(code, err, out, "label values 2, 3, 4, 6 are not in the class list (0 a, 1 b)")
@@ -491,7 +403,7 @@ def test_label_grid_reprojected_onto_the_image(tmp_path, backbone_dir, capsys):
 
 def test_label_grid_without_georeference_refused(tmp_path, backbone_dir, capsys):
     """A label raster of another size than its un-georeferenced image cannot be placed: refused."""
-    label = str(CHESAPEAKE[0]).replace("_image", "_label")
+    label = str(label_of(CHESAPEAKE[0]))
     with rasterio.open(label) as src:
         small = src.read(1)[:128, :128]
     with rasterio.open(tmp_path / "small.tif", "w", driver="GTiff", width=128, height=128, count=1,

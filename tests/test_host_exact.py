@@ -11,12 +11,12 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from conftest import MemorySink
 from dinov3_geo import predict
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.stitch import CLASS_NODATA, StreamingStitcher
+from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import RunSettings, run_chips
+from helpers import MemorySink, arrival_order, bits, feed, reference_blend, window_of
 
 SCENES = ["rasterio_RGB.byte.tif", "landsat7_saltlake_truecolor_utm12n.tif", "stars_L7_ETMs.tif"]
 
@@ -39,10 +39,6 @@ def mix_numpy(x: np.ndarray) -> np.ndarray:
     return np.stack([x[1] * x[2] + x[0], x[2] - x[0]])
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a).view(np.uint32 if a.dtype == np.float32 else np.uint8)
-
-
 def gdal_inputs(path) -> tuple[np.ndarray, np.ndarray]:
     """RGB (the first three bands) as float32 0..1 (uint8 / 255, invalid pixels 0) and GDAL's
     dataset mask (valid where any of the three bands is unmasked)."""
@@ -52,61 +48,6 @@ def gdal_inputs(path) -> tuple[np.ndarray, np.ndarray]:
     x = np.divide(data.astype(np.float32), np.float32(255))
     x[:, ~valid] = 0
     return x, valid
-
-
-def reference_blend(plan: ChipPlan, order, values, valid: np.ndarray, skipped=(), kind="continuous"):
-    """The stitcher's result computed on whole-scene arrays: for each chip in ``order`` (windows),
-    ``acc += values(chip) * weights`` and ``wsum += weights`` with weights 0 where the chip's
-    ``valid`` is false; then ``acc / wsum`` (argmax for classes) and nodata where no chip was valid."""
-    first = values(order[0])
-    acc = np.zeros((first.shape[0], plan.height, plan.width), np.float32)
-    wsum = np.zeros((plan.height, plan.width), np.float32)
-    seen = np.zeros((plan.height, plan.width), bool)
-    for win in order:
-        if win in skipped:
-            continue
-        r, c, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
-        ok = valid[r:r + h, c:c + w]
-        weights = np.where(ok, plan.weights(win), np.float32(0))
-        with np.errstate(invalid="ignore", over="ignore"):
-            acc[:, r:r + h, c:c + w] += values(win)[:, :h, :w] * weights
-        wsum[r:r + h, c:c + w] += weights
-        seen[r:r + h, c:c + w] |= ok
-    if kind == "classes":
-        out = np.argmax(acc, axis=0).astype(np.uint8)
-        out[~seen] = CLASS_NODATA
-        return out[None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = acc / wsum
-    out[:, ~seen] = np.float32(np.nan)
-    return out
-
-
-def window_of(array: np.ndarray, win: Window) -> np.ndarray:
-    r, c, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
-    return array[:, r:r + h, c:c + w]
-
-
-def arrival_order(plan: ChipPlan, seed: int, rng) -> list:
-    """The plan's windows in plan order, reversed or shuffled (by ``seed`` modulo 3)."""
-    order = list(plan.windows)
-    if seed % 3 == 1:
-        order.reverse()
-    elif seed % 3 == 2:
-        order = [order[i] for i in rng.permutation(len(order))]
-    return order
-
-
-def feed(stitcher, order, values: np.ndarray, valid: np.ndarray, skipped) -> None:
-    """Every chip of ``order`` (windows) into ``stitcher``: its part of the whole-scene ``values``
-    and ``valid``, or a skip; then close."""
-    for win in order:
-        if win in skipped:
-            stitcher.skip(win)
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                stitcher.add(win, window_of(values, win), window_of(valid[None], win)[0])
-    stitcher.close()
 
 
 # -- the whole path: Scene.read -> engine (CPU) -> stitcher ------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,50 +14,22 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
 import torch
-from affine import Affine
-from rasterio.windows import Window
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "data_samples" / "rasterio_RGB.byte.tif"
-UTM = dict(crs="EPSG:32618", transform=Affine(0.6, 0, 500000.0, 0, -0.6, 4000000.0))
+from helpers import UTM, child_env, leftovers, rgb_crop, write_raster
 
 
 def tiled_scene(path: Path, crop: int = 128, reps: int = 3) -> Path:
     """A real crop tiled ``reps`` x ``reps`` into one GeoTIFF."""
-    with rasterio.open(SAMPLE) as src:
-        a = src.read(window=Window(350, 300, crop, crop))
-    big = np.tile(a, (1, reps, reps))
-    with rasterio.open(path, "w", driver="GTiff", width=big.shape[2], height=big.shape[1], count=3,
-                       dtype="uint8", **UTM) as ds:
-        ds.write(big)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chm(tmp_path_factory):
-    from dinov3_geo.testing.random_chmv2 import write_random_chmv2
-
-    return write_random_chmv2(tmp_path_factory.mktemp("chm") / "chm")
-
-
-def _env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINOV3GEO_", "PYTEST_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["DINOV3GEO_CACHE"] = str(tmp / "cache")
-    return env
+    return write_raster(path, np.tile(rgb_crop(crop), (1, reps, reps)), **UTM)
 
 
 def _default_sigint():
     # A child of a process that ignores SIGINT would inherit SIG_IGN; a terminal's Ctrl-C does not.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "partial" in p.name)
 
 
 @contextlib.contextmanager
@@ -67,7 +38,8 @@ def started(cmd: list[str], cwd: Path, err_file: Path) -> Iterator[subprocess.Po
     still running when the block ends."""
     with open(err_file, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=cwd, env=_env(cwd), preexec_fn=_default_sigint)
+                                cwd=cwd, env=child_env(DINOV3GEO_CACHE=str(cwd / "cache")),
+                                preexec_fn=_default_sigint)
         try:
             yield proc
         finally:
@@ -96,15 +68,15 @@ def _chips_done(text: str) -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_part_way_then_rerun(chm, tmp_path, sig):
+def test_interrupt_part_way_then_rerun(random_chmv2, tmp_path, sig):
     scene = tiled_scene(tmp_path / "big.tif", crop=96)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = out_dir / "canopy.tif"
     unrelated = out_dir / "earlier_result.tif"
     unrelated.write_bytes(b"an earlier output")
-    cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(chm), "-o", str(target),
-           "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress"]
+    cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(random_chmv2),
+           "-o", str(target), "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress"]
     if sig == signal.SIGTERM:      # an earlier result at the target, replaced only by a finished run
         target.write_bytes(b"previous canopy")
         cmd.append("--overwrite")
@@ -127,20 +99,21 @@ def test_interrupt_part_way_then_rerun(chm, tmp_path, sig):
         assert target.read_bytes() == b"previous canopy"
     else:
         assert not target.exists()
-    assert hidden(out_dir) == []
+    assert leftovers(out_dir) == []
     assert unrelated.read_bytes() == b"an earlier output"
 
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                           env=child_env(DINOV3GEO_CACHE=str(tmp_path / "cache")))
     assert again.returncode == 0, again.stderr
     assert "error" not in again.stderr
     with rasterio.open(target) as ds:
         assert (ds.width, ds.height) == (288, 288)
         assert np.isfinite(ds.read(1)).all()
-    assert hidden(out_dir) == []
+    assert leftovers(out_dir) == []
     assert unrelated.read_bytes() == b"an earlier output"
 
 
-def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(chm, tmp_path):
+def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(random_chmv2, tmp_path):
     """An impatient user keeps pressing Ctrl-C (every 5 ms) once the run has started cleaning up:
     the clean-up still finishes, no temporary file is left, the earlier output is kept, and the
     message that nothing was written is true."""
@@ -149,8 +122,9 @@ def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(chm, tmp_path
     out_dir.mkdir()
     target = out_dir / "canopy.tif"
     target.write_bytes(b"previous canopy")
-    cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(chm), "-o", str(target),
-           "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress", "--overwrite"]
+    cmd = [sys.executable, "-m", "dinov3_geo.cli", "segment", str(scene), "--weights", str(random_chmv2),
+           "-o", str(target), "--tile", "64", "--overlap", "16", "--batch-size", "4", "--device", "cpu", "--progress",
+           "--overwrite"]
     err_file = tmp_path / "stderr.txt"
     with started(cmd, tmp_path, err_file) as proc:
         wait_until(lambda: partial_exists(out_dir) and _chips_done(err_file.read_text()) >= 4, proc, err_file)
@@ -164,13 +138,13 @@ def test_ctrl_c_again_and_again_during_the_clean_up_leaves_nothing(chm, tmp_path
     assert rc == 130, (rc, text)
     assert lines[-1] == "error: interrupted; no output was written", text
     assert "Traceback" not in text and sum(ln.startswith("error:") for ln in lines) == 1, text
-    assert hidden(out_dir) == [], hidden(out_dir)
+    assert leftovers(out_dir) == [], leftovers(out_dir)
     assert target.read_bytes() == b"previous canopy"
 
 
-def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
-    """A run stopped while polygonising leaves neither output, so the same command can be rerun."""
-    import dinov3_geo.tasks.registry as tasks    # the dense tasks' writer polygonises through it
+def test_interrupted_vector_step_removes_the_raster(random_chmv2, tmp_path, monkeypatch):
+    """A run stopped while polygonising (Ctrl-C as GDAL writes the polygons) leaves neither output,
+    so the same command can be rerun."""
     from dinov3_geo.api import segment
 
     scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
@@ -179,11 +153,11 @@ def test_interrupted_vector_step_removes_the_raster(chm, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    kw = dict(weights=chm, vector=vec, device="cpu", tile=64, overlap=16, readers=1)
-    monkeypatch.setattr(tasks, "polygonize_threshold", interrupted)
+    kw = dict(weights=random_chmv2, vector=vec, device="cpu", tile=64, overlap=16, readers=1)
+    monkeypatch.setattr(pyogrio, "write_dataframe", interrupted)      # inside the vector step
     with pytest.raises(KeyboardInterrupt):
         segment(scene, output=out, **kw)
-    assert not out.exists() and not vec.exists() and hidden(tmp_path) == []
+    assert not out.exists() and not vec.exists() and leftovers(tmp_path) == []
     monkeypatch.undo()
     result = segment(scene, output=out, **kw)
     assert out.exists() and vec.exists() and result.polygons is not None
@@ -247,7 +221,7 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path):
     assert all(s <= 2 for s in flaky.sizes[3:]), flaky.sizes                  # no retry above the size that fits
     with rasterio.open(tmp_path / "ok.tif") as a, rasterio.open(tmp_path / "oom.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
-    assert hidden(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path):
@@ -256,7 +230,7 @@ def test_out_of_memory_at_batch_one_is_one_clear_error(tmp_path):
     scene = tiled_scene(tmp_path / "s.tif", crop=64, reps=1)
     with pytest.raises(DinoGeoError, match="out of GPU memory.*`tile`"):
         _run_segment(_RunsOutOfMemory(limit=0), scene, tmp_path / "oom.tif", batch_size=2)
-    assert not (tmp_path / "oom.tif").exists() and hidden(tmp_path) == []
+    assert not (tmp_path / "oom.tif").exists() and leftovers(tmp_path) == []
 
 
 def test_out_of_memory_in_the_warm_up_lowers_the_batch_for_the_run(tmp_path, memory_sink):
@@ -347,4 +321,4 @@ def test_a_stop_requested_part_way_is_taken_at_the_next_chip_and_keeps_the_targe
                 progress=False, stop=stop)
     assert model.calls == 2         # no batch after the one that asked to stop
     assert target.read_bytes() == b"an earlier output"
-    assert hidden(tmp_path) == []
+    assert leftovers(tmp_path) == []

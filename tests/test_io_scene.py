@@ -201,6 +201,7 @@ def test_gsd_resamples_working_grid(sample):
 
 
 def test_reads_from_threads_match_serial(sample):
+    before = opened(sample(NAIP))                       # held elsewhere in this process (other tests' objects)
     with open_scene(sample(NAIP)) as s:
         wins = plan_chips(s.height, s.width, 128, 32)
         serial = [s.read(w) for w in wins]
@@ -214,11 +215,11 @@ def test_reads_from_threads_match_serial(sample):
 
         with ThreadPoolExecutor(4) as pool:
             parallel = list(pool.map(read, range(len(wins))))
-        assert opened(sample(NAIP)) >= 5                # this thread's handle and one per pool thread
+        assert opened(sample(NAIP)) >= before + 5       # this thread's handle and one per pool thread
         for (a, va), (b, vb) in zip(serial, parallel):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(va, vb)
-    assert opened(sample(NAIP)) == 0                    # every thread's handle closed with the scene
+    assert opened(sample(NAIP)) == before               # every thread's handle closed with the scene
     with pytest.raises(InputError):
         s.read(wins[0])
 

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 from scipy import ndimage
 
-from conftest import MemorySink, stream, write_raster
 from dinov3_geo.errors import UsageError
 from dinov3_geo.io.cog import COGSink
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan, plan_chips
 from dinov3_geo.testing.peer import load_tiled_inference
+from helpers import MemorySink, stream, write_raster
 
 
 def analytic(x: np.ndarray) -> np.ndarray:

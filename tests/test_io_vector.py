@@ -9,9 +9,9 @@ from affine import Affine
 from pyproj import Geod
 from scipy import ndimage
 
-from conftest import write_raster
 from dinov3_geo.errors import InputError, OutputError
 from dinov3_geo.io.vector import polygonize_threshold
+from helpers import write_raster
 
 RGB = "rasterio_RGB.byte.tif"
 

@@ -16,16 +16,11 @@ import dinov3_geo.xarray  # noqa: F401  (registers da.dinov3)
 from dinov3_geo import segment
 from dinov3_geo.analysis import change, cluster, embed, similar   # importing dinov3_geo registers da.dinov3
 from dinov3_geo.io.patchmap import open_features
-from dinov3_geo.testing.random_backbone import write_random_backbone
+from helpers import label_of
 
 OPTS = dict(tile=128, overlap=32, device="cpu")
 NAIP_2020 = "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 NAIP_2019 = "naip_m_4709963_se_14_1_20190904.tif"
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy")
 
 
 def same_grid(path_a, path_b) -> None:
@@ -38,11 +33,11 @@ def cell_centre(path, i: int, j: int) -> tuple[float, float]:
         return ds.transform @ (16 * j + 8, 16 * i + 8)
 
 
-def test_similarity_peaks_at_the_point(sample, tmp_path, backbone_file):
+def test_similarity_peaks_at_the_point(sample, tmp_path, backbone_dir):
     scene = sample("stars_L7_ETMs.tif")
     x, y = cell_centre(scene, 9, 13)
     out = tmp_path / "sim.tif"
-    similar(scene, out, at=(x, y), backbone=backbone_file, **OPTS)
+    similar(scene, out, at=(x, y), backbone=backbone_dir, **OPTS)
     same_grid(scene, out)
     with rasterio.open(out) as ds:
         sim = ds.read(1)
@@ -53,7 +48,7 @@ def test_similarity_peaks_at_the_point(sample, tmp_path, backbone_file):
     assert np.nanmin(sim) < 0.9
 
 
-def test_similarity_from_polygons_in_another_crs(sample, tmp_path, backbone_file):
+def test_similarity_from_polygons_in_another_crs(sample, tmp_path, backbone_dir):
     scene = sample("stars_L7_ETMs.tif")
     with rasterio.open(scene) as ds:
         crs, t = ds.crs, ds.transform
@@ -64,17 +59,17 @@ def test_similarity_from_polygons_in_another_crs(sample, tmp_path, backbone_file
                      crs="EPSG:4326").to_file(lonlat)
     a, b = tmp_path / "a.tif", tmp_path / "b.tif"
     feats = tmp_path / "feats.zarr"
-    embed(scene, feats, backbone=backbone_file, patch=True, **OPTS)
-    similar(scene, a, like=native, backbone=backbone_file, features=feats, **OPTS)
-    similar(scene, b, like=lonlat, backbone=backbone_file, **OPTS)
+    embed(scene, feats, backbone=backbone_dir, patch=True, **OPTS)
+    similar(scene, a, like=native, backbone=backbone_dir, features=feats, **OPTS)
+    similar(scene, b, like=lonlat, backbone=backbone_dir, **OPTS)
     with rasterio.open(a) as da_, rasterio.open(b) as db_:
         np.testing.assert_allclose(da_.read(1), db_.read(1), atol=1e-5)
 
 
-def test_clusters_on_the_scene_grid(sample, tmp_path, backbone_file):
+def test_clusters_on_the_scene_grid(sample, tmp_path, backbone_dir):
     scene = sample("rasterio_RGB.byte.tif")
     out, vec = tmp_path / "clusters.tif", tmp_path / "clusters.gpkg"
-    cluster(scene, out, k=4, vector=vec, backbone=backbone_file, **OPTS)
+    cluster(scene, out, k=4, vector=vec, backbone=backbone_dir, **OPTS)
     same_grid(scene, out)
     with rasterio.open(out) as ds, rasterio.open(scene) as src:
         labels, valid = ds.read(1), src.dataset_mask() > 0
@@ -88,11 +83,11 @@ def test_clusters_on_the_scene_grid(sample, tmp_path, backbone_file):
 
 
 @pytest.mark.slow
-def test_change_between_two_dates(sample, tmp_path, backbone_file):
+def test_change_between_two_dates(sample, tmp_path, backbone_dir):
     before, after = sample(NAIP_2020), sample(NAIP_2019)
     out, same = tmp_path / "change.tif", tmp_path / "same.tif"
-    change(before, after, out, backbone=backbone_file, **OPTS)
-    change(before, before, same, backbone=backbone_file, **OPTS)
+    change(before, after, out, backbone=backbone_dir, **OPTS)
+    change(before, before, same, backbone=backbone_dir, **OPTS)
     same_grid(before, out)
     with rasterio.open(out) as ds, rasterio.open(same) as ds_same:
         dist, zero = ds.read(1), ds_same.read(1)
@@ -102,7 +97,7 @@ def test_change_between_two_dates(sample, tmp_path, backbone_file):
 
 
 @pytest.mark.slow
-def test_change_warps_the_second_date_and_leaves_the_rest_nodata(sample, tmp_path, backbone_file):
+def test_change_warps_the_second_date_and_leaves_the_rest_nodata(sample, tmp_path, backbone_dir):
     before = sample(NAIP_2020)
     part = tmp_path / "after_part.tif"      # the 2019 image cut to its top-left part, in longitude/latitude
     with rasterio.open(sample(NAIP_2019)) as src:
@@ -118,7 +113,7 @@ def test_change_warps_the_second_date_and_leaves_the_rest_nodata(sample, tmp_pat
                 with rasterio.open(part, "w", **profile) as dst:
                     dst.write(lonlat.read())
     out = tmp_path / "change.tif"
-    change(before, part, out, backbone=backbone_file, **OPTS)
+    change(before, part, out, backbone=backbone_dir, **OPTS)
     same_grid(before, out)
     with rasterio.open(out) as ds:
         dist = ds.read(1)
@@ -126,15 +121,15 @@ def test_change_warps_the_second_date_and_leaves_the_rest_nodata(sample, tmp_pat
     assert np.isnan(dist[320:, :]).all() and np.isnan(dist[:, 416:]).all()
 
 
-def test_accessor_gives_the_commands_numbers(sample, tmp_path, backbone_file):
+def test_accessor_gives_the_commands_numbers(sample, tmp_path, backbone_dir):
     scene = sample("stars_L7_ETMs.tif")
     da = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": 100, "x": 100})   # dask-backed
     x, y = cell_centre(scene, 12, 8)
     sim_file, feats_file = tmp_path / "sim.tif", tmp_path / "feats.zarr"
-    similar(scene, sim_file, at=(x, y), backbone=backbone_file, **OPTS)
-    embed(scene, feats_file, patch=True, backbone=backbone_file, **OPTS)
-    sim = da.dinov3.similar(at=(x, y), backbone=backbone_file, **OPTS)
-    feats = da.dinov3.embed(patch=True, backbone=backbone_file, **OPTS)
+    similar(scene, sim_file, at=(x, y), backbone=backbone_dir, **OPTS)
+    embed(scene, feats_file, patch=True, backbone=backbone_dir, **OPTS)
+    sim = da.dinov3.similar(at=(x, y), backbone=backbone_dir, **OPTS)
+    feats = da.dinov3.embed(patch=True, backbone=backbone_dir, **OPTS)
     with rasterio.open(sim_file) as ds:
         np.testing.assert_array_equal(sim.values, ds.read(1))
         assert sim.rio.crs == ds.crs and sim.rio.transform() == ds.transform
@@ -157,18 +152,18 @@ def test_accessor_canopy_is_the_segment_commands(sample, tmp_path):
 
 
 @pytest.mark.slow
-def test_accessor_segment_with_a_trained_head_is_the_commands(sample, tmp_path, backbone_file):
+def test_accessor_segment_with_a_trained_head_is_the_commands(sample, tmp_path, backbone_dir):
     from dinov3_geo.api import segment_with_head
     from dinov3_geo.train.run import train_segmenter
 
     chips = sorted(sample("chesapeake").glob("*_image.tif"))[:2]
     head = tmp_path / "head.safetensors"
-    train_segmenter(head, images=chips, labels=[p.with_name(p.name.replace("_image", "_label")) for p in chips],
-                    backbone=backbone_file, decoder="linear", lrs=[1e-3], epochs=2, device="cpu")
+    train_segmenter(head, images=chips, labels=[label_of(p) for p in chips],
+                    backbone=backbone_dir, decoder="linear", lrs=[1e-3], epochs=2, device="cpu")
     scene, out = sample("stars_L7_ETMs.tif"), tmp_path / "classes.tif"
-    segment_with_head(scene, head, out, backbone=backbone_file, device="cpu")
+    segment_with_head(scene, head, out, backbone=backbone_dir, device="cpu")
     da = rioxarray.open_rasterio(scene, chunks={"band": -1, "y": 128, "x": 128})
-    classes = da.dinov3.segment(head=head, backbone=backbone_file, device="cpu")
+    classes = da.dinov3.segment(head=head, backbone=backbone_dir, device="cpu")
     with rasterio.open(out) as ds:
         np.testing.assert_array_equal(classes.values, ds.read(1))
         assert classes.rio.crs == ds.crs and classes.rio.nodata == 255

@@ -21,14 +21,8 @@ from dinov3_geo.analysis import embed, patch_map
 from dinov3_geo.io.patchmap import open_features
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.tasks.embed import backbone_id
-from dinov3_geo.testing.random_backbone import write_random_backbone
 
 TILE, OVERLAP = 128, 32
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    return write_random_backbone(tmp_path_factory.mktemp("bb") / "toy")
 
 
 def non_empty_windows(path, tile, overlap):
@@ -40,13 +34,13 @@ def non_empty_windows(path, tile, overlap):
             if mask[int(w.row_off):int(w.row_off + w.height), int(w.col_off):int(w.col_off + w.width)].any()]
 
 
-def test_chip_embeddings_geoparquet(sample, tmp_path, backbone_file):
+def test_chip_embeddings_geoparquet(sample, tmp_path, backbone_dir):
     scene = sample("rasterio_RGB.byte.tif")          # a third of it is a nodata collar
     out = tmp_path / "emb.parquet"
-    result = embed(scene, out, backbone=backbone_file, tile=TILE, overlap=OVERLAP, device="cpu")
+    result = embed(scene, out, backbone=backbone_dir, tile=TILE, overlap=OVERLAP, device="cpu")
     frame = gpd.read_parquet(out)
     expected = non_empty_windows(scene, TILE, OVERLAP)
-    backbone = load_backbone(backbone_file)
+    backbone = load_backbone(backbone_dir)
     with rasterio.open(scene) as ds:
         crs, transform, total = ds.crs, ds.transform, len(ChipPlan.build(ds.height, ds.width, TILE, OVERLAP))
     assert len(expected) < total                      # some chips are empty and have no row
@@ -64,12 +58,12 @@ def test_chip_embeddings_geoparquet(sample, tmp_path, backbone_file):
     np.testing.assert_allclose(first.geometry.bounds, window_bounds(window, transform), rtol=0, atol=1e-6)
 
 
-def test_chip_embedding_values_match_the_backbone(sample, tmp_path, backbone_file):
+def test_chip_embedding_values_match_the_backbone(sample, tmp_path, backbone_dir):
     scene = sample("stars_L7_ETMs.tif")               # no nodata: every cell counts in the mean
     out = tmp_path / "emb.parquet"
-    embed(scene, out, backbone=backbone_file, tile=TILE, overlap=OVERLAP, device="cpu")
+    embed(scene, out, backbone=backbone_dir, tile=TILE, overlap=OVERLAP, device="cpu")
     row = gpd.read_parquet(out).iloc[0]
-    backbone = load_backbone(backbone_file)
+    backbone = load_backbone(backbone_dir)
     with rasterio.open(scene) as ds:
         chip = ds.read([1, 2, 3], window=Window(int(row.col_off), int(row.row_off), TILE, TILE))
     x = backbone.normalise(torch.from_numpy(chip[None].astype(np.float32) / 255))
@@ -126,13 +120,13 @@ def test_patch_map_is_seam_free_and_georeferenced(sample, tmp_path, suffix):
     assert float(feats.x[j]) == pytest.approx(x) and float(feats.y[i]) == pytest.approx(y)
 
 
-def test_patch_embeddings_and_pca(sample, tmp_path, backbone_file):
+def test_patch_embeddings_and_pca(sample, tmp_path, backbone_dir):
     scene = sample("stars_L7_ETMs.tif")
     full, reduced = tmp_path / "f.zarr", tmp_path / "pca.zarr"
-    embed(scene, full, backbone=backbone_file, patch=True, tile=TILE, overlap=OVERLAP, device="cpu")
-    embed(scene, reduced, backbone=backbone_file, patch=True, pca=3, tile=TILE, overlap=OVERLAP, device="cpu")
+    embed(scene, full, backbone=backbone_dir, patch=True, tile=TILE, overlap=OVERLAP, device="cpu")
+    embed(scene, reduced, backbone=backbone_dir, patch=True, pca=3, tile=TILE, overlap=OVERLAP, device="cpu")
     feats, pcs = open_features(full).load(), open_features(reduced).load()
-    backbone = load_backbone(backbone_file)
+    backbone = load_backbone(backbone_dir)
     d = backbone.embed_dim
     assert feats.shape == (d, 22, 22) and pcs.shape == (3, 22, 22)
     assert feats.attrs["backbone"] == backbone_id(backbone)

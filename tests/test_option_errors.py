@@ -13,13 +13,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import rasterio
 from rasterio.windows import Window
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
+from helpers import SAMPLES
+
 SCENE = SAMPLES / "rasterio_RGB.byte.tif"
 
 CHILD = textwrap.dedent('''

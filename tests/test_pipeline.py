@@ -14,9 +14,8 @@ import torch
 import dinov3_geo
 from dinov3_geo import ChipPlan, RunSettings, predict
 from dinov3_geo.errors import UsageError
+from helpers import ROOT, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
 BAHAMAS = SAMPLES / "rasterio_RGB.byte.tif"          # uint8, rotated nodata collar
 SALTLAKE = SAMPLES / "landsat7_saltlake_truecolor_utm12n.tif"
 

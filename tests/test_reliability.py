@@ -24,9 +24,8 @@ from rasterio.windows import Window
 import dinov3_geo
 from dinov3_geo.errors import OutputError, UsageError
 from dinov3_geo.io.scene import open_scene
+from helpers import ROOT, SAMPLES, leftovers
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
 BAHAMAS = SAMPLES / "rasterio_RGB.byte.tif"       # 300 m, rotated nodata collar
 STARS = SAMPLES / "stars_L7_ETMs.tif"             # Landsat 7 bands 1,2,3,4,5,7: blue, green, red, ...
 FAST = dict(weights="demo", device="cpu", tile=64, overlap=16, progress=False)
@@ -52,10 +51,6 @@ def collar_scene(path: Path, geographic: bool = False) -> Path:
                        transform=transform, nodata=0) as ds:
         ds.write(data)
     return path
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from dinov3_geo.models.demo import demo_backbone
 from dinov3_geo.models.heads.io import save_head
 from dinov3_geo.models.heads.linear import LinearSegHead
 from dinov3_geo.models.identity import backbone_identity
+from helpers import SAMPLES, read_raster
 
-SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 TILING = dict(tile=64, overlap=16)
 FLAGS = ["--tile", "64", "--overlap", "16", "--device", "cpu"]
 
@@ -104,10 +104,8 @@ def head(tmp_path_factory) -> Path:
 
 
 def read(path: Path) -> np.ndarray:
-    if path.suffix == ".zarr":
-        return open_features(path).values
-    with rasterio.open(path) as src:
-        return src.read()
+    """The values of an output: a Zarr store's features or a raster's bands."""
+    return open_features(path).values if path.suffix == ".zarr" else read_raster(path)
 
 
 def same(a: np.ndarray, b: np.ndarray, route: str = "") -> None:

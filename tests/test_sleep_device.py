@@ -5,29 +5,23 @@ than the device. Bounds are those the simulation guarantees, so that load cannot
 host that must sleep ``h`` per chip cannot finish N chips in less than ``N h``."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from rasterio.windows import Window
 
-from conftest import MemorySink
 from dinov3_geo import predict
 from dinov3_geo.io.scene import open_scene
 from dinov3_geo.io.stitch import StreamingStitcher
 from dinov3_geo.io.tiling import ChipPlan
 from dinov3_geo.pipeline import RunSettings, run_chips
 from dinov3_geo.testing.sleep_device import SleepModel, class_scores
+from helpers import MemorySink, read_raster, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 SCENE = "landsat7_saltlake_truecolor_utm12n.tif"
 
 
@@ -51,6 +45,37 @@ class Scores(torch.nn.Module):
         return torch.from_numpy(class_scores(first, out))
 
 
+class LoggedSleepModel(SleepModel):
+    """The simulated device, logging in order each batch's launch and the engine's wait for it
+    (``("launch", k)``, ``("wait", k)``, batches counted from 1)."""
+
+    def __init__(self, rate: float):
+        super().__init__(rate)
+        self.log: list[tuple[str, int]] = []
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.log.append(("launch", self.timeline.batches))
+        return out
+
+    def record_event(self):
+        return LoggedEvent(super().record_event(), self.timeline.batches, self.log)
+
+
+class LoggedEvent:
+    """A device event whose ``synchronize`` is logged as the wait for batch ``k``."""
+
+    def __init__(self, event, k: int, log: list):
+        self.event, self.k, self.log = event, k, log
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.k))
+        self.event.synchronize()
+
+    def query(self) -> bool:
+        return self.event.query()
+
+
 class SlowScene:
     """A scene whose every chip read takes at least ``seconds`` (a host slower than the device)."""
 
@@ -65,11 +90,6 @@ class SlowScene:
         return self.scene.read(window)
 
 
-def read(path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read()
-
-
 @pytest.mark.parametrize("kind", ["continuous", "classes"])
 def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path, kind):
     """Asynchronous batches (the output filled on the device's thread, the next batch stacked into
@@ -80,7 +100,7 @@ def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path,
     kw = dict(kind=kind, tile=256, overlap=32, batch_size=3, device="cpu", progress=False)
     predict(path, fast, tmp_path / "sim.tif", **kw)
     predict(path, plain, tmp_path / "sync.tif", **kw)
-    got, expected = read(tmp_path / "sim.tif"), read(tmp_path / "sync.tif")
+    got, expected = read_raster(tmp_path / "sim.tif"), read_raster(tmp_path / "sync.tif")
     assert got.dtype == (np.uint8 if kind == "classes" else np.float32)
     np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
     assert fast.timeline.chips > 0 and fast.timeline.busy_s == 0.0
@@ -88,10 +108,11 @@ def test_simulated_device_gives_the_synchronous_models_results(sample, tmp_path,
 
 def test_device_time_is_chips_over_rate_and_a_fast_host_keeps_it_busy(sample):
     """A device of 20 chips/s (200 ms a batch of 4) and a host that needs a few ms a batch: the
-    device is busy exactly chips / R seconds, and between its first start and its last end it
-    never waits (the next batch is queued before the last one is collected). End to end, opening
-    the run and its last rows (tens of ms, more on a loaded machine) come on top."""
-    model = SleepModel(20.0)
+    device is busy exactly chips / R seconds, and it is never left without work by the engine's
+    order: each next batch is queued before the last one is waited for (an order, not a timing,
+    so a loaded machine cannot break it). End to end, opening the run and its last rows (tens of
+    ms, more on a loaded machine) come on top."""
+    model = LoggedSleepModel(20.0)
     with open_scene(sample(SCENE), bands=[1, 2, 3]) as scene:
         plan = ChipPlan.build(scene.height, scene.width, 256, 32)
         stitcher = StreamingStitcher(MemorySink(1, scene.height, scene.width), plan, 1)
@@ -101,7 +122,10 @@ def test_device_time_is_chips_over_rate_and_a_fast_host_keeps_it_busy(sample):
     tl = model.timeline
     assert tl.chips == stats.chips_computed > 0
     assert tl.busy_s == pytest.approx(stats.chips_computed / 20.0)
-    assert tl.busy_s / tl.span_s() > 0.95          # the queue never ran dry
+    batches = range(1, tl.batches + 1)
+    assert [k for what, k in model.log if what == "wait"] == list(batches)     # each batch waited for once
+    for k in batches[:-1]:                         # the queue never runs dry: k + 1 queued before k is waited for
+        assert model.log.index(("launch", k + 1)) < model.log.index(("wait", k)), model.log
     assert 0.5 < tl.busy_s / wall <= 1
 
 
@@ -124,12 +148,10 @@ def test_a_host_slower_than_the_device_keeps_it_busy_host_over_r(sample):
 
 
 def _bench(tmp_path: Path, *args: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--work", str(tmp_path),
-                           "--tile", "128", "--overlap", "16", "--batch", "4", *args],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    proc, res = run_benchmark("bench_pipeline.py", "--work", tmp_path, "--tile", "128", "--overlap", "16", "--batch", "4",
+                              *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
 
 
 @pytest.mark.parametrize("output", ["continuous", "classes", "patches"])
@@ -150,6 +172,5 @@ def test_bench_pipeline_sleep_reports_the_busy_share(tmp_path, output):
 
 
 def test_bench_pipeline_rejects_a_bad_sleep_rate(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_pipeline.py"), "--model", "sleep:fast"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc, _ = run_benchmark("bench_pipeline.py", "--model", "sleep:fast", timeout=60)
     assert proc.returncode == 2 and "sleep:R" in proc.stderr

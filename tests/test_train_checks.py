@@ -17,23 +17,15 @@ import torch
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from dinov3_geo.cli import main
 from dinov3_geo.errors import WeightsError
 from dinov3_geo.models.heads.io import load_head, save_head
 from dinov3_geo.models.heads.linear import LinearProbe
 from dinov3_geo.train.datasets import vector_labels
+from helpers import CHESAPEAKE, ROOT, SAMPLES, label_of, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
-CHESAPEAKE = sorted((SAMPLES / "chesapeake").glob("*_image.tif"))
 NAIP = SAMPLES / "opengeos_naip_m_4709963_se_14_1_20200831.tif"
 NO_BACKBONE = "/nonexistent/backbone.pth"       # a check that loads it first fails on this, not on its subject
 FAST = ["--decoder", "linear", "--epochs", "1", "--lrs", "1e-3", "--chip", "64", "--batch-size", "4", "--device", "cpu"]
-
-
-def cli(args: list, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
 
 
 def one_error(code: int, err: str, out: Path, *patterns: str) -> str:
@@ -42,10 +34,6 @@ def one_error(code: int, err: str, out: Path, *patterns: str) -> str:
     assert all(p in lines[0] for p in patterns), lines[0]
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
     return lines[0]
-
-
-def label_of(image: Path) -> Path:
-    return image.with_name(image.name.replace("_image", "_label"))
 
 
 def write_label(path: Path, values: np.ndarray, nodata=None) -> Path:
@@ -87,7 +75,7 @@ def test_bad_options_refused_before_any_work(tmp_path, capsys, args, flag):
     """Each bad option is one line naming it (exit 2), before the (missing) backbone is looked up."""
     out = tmp_path / "h.safetensors"
     extra = ["-o", out] if args[0] == "train" else []
-    code, err = cli([*args, *extra, "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli([*args, *extra, "--backbone", NO_BACKBONE], capsys)
     line = one_error(code, err, out, flag)
     assert code == 2 and "backbone" not in line
 
@@ -98,8 +86,8 @@ def test_one_class_labels_refused(tmp_path, capsys):
     """Labels of a single class would train a useless head with a perfect score: refused."""
     label = write_label(tmp_path / "one.tif", np.ones((256, 256)))
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--image", CHESAPEAKE[0], "--labels", label, "-o", out,
-                     "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli(["train", "segment", "--image", CHESAPEAKE[0], "--labels", label, "-o", out,
+                         "--backbone", NO_BACKBONE], capsys)
     one_error(code, err, out, "only class 'class_1' has training examples", "at least two classes")
 
 
@@ -109,8 +97,8 @@ def test_label_nodata_that_removes_a_class_is_named(tmp_path, capsys):
         water = (src.read(1) == 4).astype(np.uint8)
     label = write_label(tmp_path / "mask.tif", water, nodata=0)
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--image", CHESAPEAKE[0], "--labels", label, "-o", out,
-                     "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli(["train", "segment", "--image", CHESAPEAKE[0], "--labels", label, "-o", out,
+                         "--backbone", NO_BACKBONE], capsys)
     removed = int((water == 0).sum())
     one_error(code, err, out, "only class 'class_1'", f"nodata value 0 removes {removed:,} of 65,536 pixels")
 
@@ -122,9 +110,9 @@ def test_counts_nodata_and_empty_named_classes_shown_before_training(tmp_path, c
         values = src.read(1)
     label = write_label(tmp_path / "l.tif", values, nodata=5)
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--image", CHESAPEAKE[1], "--labels", label, "--classes",
-                     "unused,water,tree canopy,low vegetation,barren,impervious other,impervious road",
-                     "-o", out, "--backbone", "standin", "--cache", tmp_path / "c", *FAST], capsys)
+    code, err = run_cli(["train", "segment", "--image", CHESAPEAKE[1], "--labels", label, "--classes",
+                         "unused,water,tree canopy,low vegetation,barren,impervious other,impervious road",
+                         "-o", out, "--backbone", "standin", "--cache", tmp_path / "c", *FAST], capsys)
     assert code == 0, err
     lines = err.splitlines()
     first_feature = next(i for i, line in enumerate(lines) if line.startswith("features:"))
@@ -163,9 +151,9 @@ def test_text_column_in_the_order_classes_gives(tmp_path, capsys):
     alphabetical = vector_labels(gpkg, "cover", NAIP, chip=64)
     assert alphabetical.class_names == ["land", "water"]
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--labels", gpkg, "--label-column", "cover", "--image", NAIP,
-                     "--classes", "water,land", "-o", out, "--backbone", "standin", "--cache", tmp_path / "c",
-                     *FAST], capsys)
+    code, err = run_cli(["train", "segment", "--labels", gpkg, "--label-column", "cover", "--image", NAIP,
+                         "--classes", "water,land", "-o", out, "--backbone", "standin", "--cache", tmp_path / "c",
+                         *FAST], capsys)
     assert code == 0, err
     head = load_head(out)
     assert head.class_names == ["water", "land"]
@@ -182,8 +170,8 @@ def test_useless_label_columns_refused(tmp_path, capsys, column, message):
     frame["kind"] = "field"
     frame.to_file(gpkg, driver="GPKG")
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--labels", gpkg, "--label-column", column, "--image", NAIP, "-o", out,
-                     "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli(["train", "segment", "--labels", gpkg, "--label-column", column, "--image", NAIP, "-o", out,
+                         "--backbone", NO_BACKBONE], capsys)
     one_error(code, err, out, message)
 
 
@@ -196,7 +184,8 @@ def test_chips_folder_of_one_class_refused(tmp_path, capsys):
                                dtype="uint8") as dst:
                 dst.write(src.read((1, 2, 3), window=Window(200 + 32 * i, 200, 32, 32)))
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "classify", "--chips", tmp_path / "chips", "-o", out, "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli(["train", "classify", "--chips", tmp_path / "chips", "-o", out, "--backbone", NO_BACKBONE],
+                        capsys)
     one_error(code, err, out, "only class 'water' has training examples")
 
 
@@ -223,8 +212,8 @@ def test_torchgeo_dataset_without_the_task_key_refused(tmp_path, capsys):
     dataset and the key, before any backbone loads."""
     root = resisc45_folder(tmp_path / "resisc45")
     out = tmp_path / "h.safetensors"
-    code, err = cli(["train", "segment", "--torchgeo", "RESISC45", "--root", root, "-o", out,
-                     "--backbone", NO_BACKBONE], capsys)
+    code, err = run_cli(["train", "segment", "--torchgeo", "RESISC45", "--root", root, "-o", out,
+                         "--backbone", NO_BACKBONE], capsys)
     one_error(code, err, out, "torchgeo RESISC45 samples have no 'mask'", "train classify")
 
 
@@ -240,8 +229,8 @@ def trained_probe(tmp_path: Path, capsys) -> Path:
                                    dtype="uint8") as dst:
                     dst.write(src.read((1, 2, 3), window=Window(100 + 40 * i, row, 32, 32)))
     out = tmp_path / "probe.safetensors"
-    code, err = cli(["train", "classify", "--chips", folder, "--chip", "32", "--c-grid", "1", "-o", out,
-                     "--backbone", "standin", "--device", "cpu", "--cache", tmp_path / "c"], capsys)
+    code, err = run_cli(["train", "classify", "--chips", folder, "--chip", "32", "--c-grid", "1", "-o", out,
+                         "--backbone", "standin", "--device", "cpu", "--cache", tmp_path / "c"], capsys)
     assert code == 0, err
     return out
 
@@ -259,8 +248,8 @@ def test_head_with_flipped_payload_bytes_does_not_load(tmp_path, capsys):
         with pytest.raises(WeightsError, match="damaged head file"):
             load_head(damaged)
     out = tmp_path / "chips.gpkg"
-    code, err = cli(["classify", NAIP, "--head", damaged, "--backbone", "standin", "-o", out, "--device", "cpu"],
-                    capsys)
+    code, err = run_cli(["classify", NAIP, "--head", damaged, "--backbone", "standin", "-o", out, "--device", "cpu"],
+                        capsys)
     one_error(code, err, out, str(damaged), "damaged head file")
 
 
@@ -311,7 +300,7 @@ def test_readme_heads_example_runs_and_maps_more_than_one_class(tmp_path, capsys
     commands = readme_heads_commands()
     assert [c[:2] for c in commands] == [["train", "segment"], ["segment", "data_samples/chesapeake/id_000051_image.tif"]]
     for args in commands:
-        code, err = cli(args, capsys)
+        code, err = run_cli(args, capsys)
         assert code == 0, err
     with rasterio.open(tmp_path / "landcover.tif") as ds:
         classes = np.bincount(ds.read(1).ravel(), minlength=256)

@@ -24,9 +24,8 @@ from dinov3_geo.models.standin import standin_backbone
 from dinov3_geo.train.features import extract_features
 from dinov3_geo.train.geobench_data import geobench_task
 from dinov3_geo.train.labels import CHESAPEAKE_LEGEND
+from helpers import ROOT, SAMPLES
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
 REFERENCE = ROOT / "tests" / "reference"
 
 

@@ -23,28 +23,15 @@ from rasterio.windows import Window
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
 
-from dinov3_geo.cli import main
 from dinov3_geo.models.heads.io import load_head
 from dinov3_geo.models.standin import standin_backbone
 from dinov3_geo.train.datasets import chips_from_folder
 from dinov3_geo.train.features import extract_features
 from dinov3_geo.train.fit import predict_segmentation
 from dinov3_geo.train.metrics import IGNORE
+from helpers import CHESAPEAKE, LANDCOVER, SAMPLES, label_of, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT / "data_samples"
-CHESAPEAKE = sorted((SAMPLES / "chesapeake").glob("*_image.tif"))
 HELD_OUT = SAMPLES / "chesapeake" / "id_000051_image.tif"
-LANDCOVER = "unused,water,tree canopy,low vegetation,barren,impervious other,impervious road"
-
-
-def cli(args: list, capsys) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def label_of(image: Path) -> Path:
-    return image.with_name(image.name.replace("_image", "_label"))
 
 
 def miou_by_sklearn(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
@@ -70,11 +57,11 @@ def test_segmentation_head_beats_the_majority_class_on_a_held_out_pair(tmp_path,
             "--device", "cpu", "--cache", tmp_path / "cache"]
     for image in train:
         args += ["--image", image, "--labels", label_of(image)]
-    code, err = cli(args, capsys)
+    code, err = run_cli(args, capsys)
     assert code == 0, err
     out = tmp_path / "classes.tif"
-    code, err = cli(["segment", HELD_OUT, "--head", head_path, "--backbone", "standin", "-o", out, "--tile", "128",
-                     "--overlap", "32", "--device", "cpu"], capsys)
+    code, err = run_cli(["segment", HELD_OUT, "--head", head_path, "--backbone", "standin", "-o", out, "--tile", "128",
+                         "--overlap", "32", "--device", "cpu"], capsys)
     assert code == 0, err
     with rasterio.open(out) as ds:
         pred = ds.read(1)
@@ -132,8 +119,9 @@ def test_probe_beats_chance_and_is_scikit_learns_logistic_regression(tmp_path, c
     held = water_land_chips(SAMPLES / "naip_m_4709963_se_14_1_20190904.tif", tmp_path / "held")
     assert min(made.values()) >= 30 and min(held.values()) >= 30, (made, held)
     head_path = tmp_path / "probe.safetensors"
-    code, err = cli(["train", "classify", "--chips", tmp_path / "train", "--chip", "32", "--backbone", "standin",
-                     "-o", head_path, "--c-grid", "0.01,0.1,1,10", "--device", "cpu", "--cache", tmp_path / "c"], capsys)
+    code, err = run_cli(["train", "classify", "--chips", tmp_path / "train", "--chip", "32", "--backbone", "standin",
+                         "-o", head_path, "--c-grid", "0.01,0.1,1,10", "--device", "cpu", "--cache", tmp_path / "c"],
+                        capsys)
     assert code == 0, err
     head = load_head(head_path)
     assert head.class_names == ["land", "water"]
@@ -171,8 +159,8 @@ def test_standin_similarity_groups_water_with_water(tmp_path, capsys):
     x, y = t * (16 * j + 8, 16 * i + 8)
     sim_path, units_path = tmp_path / "similar.tif", tmp_path / "units.tif"
     common = ["--backbone", "standin", "--device", "cpu", "--tile", "256", "--overlap", "32"]
-    assert cli(["similar", scene, "--at", f"{x},{y}", "-o", sim_path, *common], capsys)[0] == 0
-    assert cli(["cluster", scene, "-k", "6", "-o", units_path, *common], capsys)[0] == 0
+    assert run_cli(["similar", scene, "--at", f"{x},{y}", "-o", sim_path, *common], capsys)[0] == 0
+    assert run_cli(["cluster", scene, "-k", "6", "-o", units_path, *common], capsys)[0] == 0
     with rasterio.open(sim_path) as ds:
         sim = ds.read(1)[:16 * h, :16 * w].reshape(h, 16, w, 16)[:, 0, :, 0]
     with rasterio.open(units_path) as ds:

@@ -17,8 +17,9 @@ from dinov3_geo.cli import main
 from dinov3_geo.models.heads.meta import read_head_meta
 from dinov3_geo.tasks.registry import ModelSource, request_for
 from dinov3_geo.train.datasets import chips_from_folder, dataset_scaling
+from helpers import SAMPLES
 
-LANDSAT = Path(__file__).resolve().parent.parent / "data_samples" / "stars_L7_ETMs.tif"
+LANDSAT = SAMPLES / "stars_L7_ETMs.tif"
 
 
 def write_chip(path: Path, window: Window, bands=(3, 2, 1), gain: float = 40.0, offset: float = 0.0) -> Path:
