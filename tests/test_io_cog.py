@@ -7,12 +7,18 @@ import signal
 import numpy as np
 import pytest
 import rasterio
+from helpers import stream
 
-from conftest import stream
 from dinov3_geo.errors import OutputError
+from dinov3_geo.io.cog import (
+    STREAM_MAX_BANDS,
+    TEMP_RAW_MAX_BYTES,
+    COGSink,
+    average_down,
+    overview_count,
+    temp_creation_options,
+)
 from dinov3_geo.io.scene import open_scene
-from dinov3_geo.io.cog import (STREAM_MAX_BANDS, TEMP_RAW_MAX_BYTES, COGSink, average_down, overview_count,
-                               temp_creation_options)
 
 RGB = "rasterio_RGB.byte.tif"
 SALT = "landsat7_saltlake_truecolor_utm12n.tif"
