@@ -8,7 +8,7 @@ import pytest
 
 from dinov3_geo.testing.random_backbone import write_random_backbone
 from dinov3_geo.testing.random_chmv2 import write_random_chmv2
-from helpers import SAMPLES, MemorySink, write_raster
+from helpers import SAMPLES, MemorySink, stream, write_raster
 
 
 @pytest.fixture
