@@ -40,7 +40,7 @@ from dinov3_geo.batch.work import (
     remove_temporaries,
     vector_path,
 )
-from dinov3_geo.engine import StopToken
+from dinov3_geo.engine.stop import StopToken, check
 from dinov3_geo.errors import DinoGeoError, OutputError, UsageError
 from dinov3_geo.io.scene import MAX_UPSAMPLE
 from dinov3_geo.io.tiling import ChipPlan
@@ -312,8 +312,7 @@ def _run_in_process(jobs: list[SceneJob], job: BatchJob, report: JobProgress, do
             done(scene_job, UnitResult(False, str(exc)))
         return
     for scene_job in jobs:
-        if stop is not None:
-            stop.raise_if_requested()     # a stop asked for during the last scene's tail
+        check(stop)       # a stop asked for during the last scene's tail
         if scene_job.bands is None:
             done(scene_job, guarded(runtime.scene, scene_job.scene, scene_job.output, report.chips))
             continue
